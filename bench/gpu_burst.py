@@ -1,0 +1,113 @@
+"""One-call GPU training burst for a lent GPU machine (see DEVELOPERS.md and README "Training").
+
+Probes CUDA with one episode (falling back to PyTorch's own kernels if cuDNN refuses the
+150k-sequence LSTM batch), times episodes, meta-trains for a time budget from scratch or from a
+run directory, evaluates briefly, and copies the run's checkpoint files to $OUT so a later session
+on CPU resumes them with `metanet train --resume`.
+
+    python3 bench/gpu_burst.py --seconds 450 [--resume-from DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from model.config import TrainConfig  # noqa: E402
+from model.data import EpisodeSampler, load_split, train_val_split  # noqa: E402
+from model.evaluate import evaluate  # noqa: E402
+from model.metanet import MetaNet  # noqa: E402
+from model.train import train  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_episodes(splits, n: int, device: str) -> float:
+    model = MetaNet().to(device)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    sampler = EpisodeSampler(splits[0], rotate=True, device=device)
+    rng = np.random.default_rng(0)
+    for i in range(n + 3):
+        if i == 3:
+            _sync(device)
+            start = time.perf_counter()
+        ep = sampler.sample(rng, 20, 1, 5)
+        loss, _ = model.episode_loss(ep.support_x, ep.support_y, ep.query_x, ep.query_y, 20, rng)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return (time.perf_counter() - start) / n
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=450)
+    parser.add_argument("--run-dir", default="/tmp/metanet-run")
+    parser.add_argument("--resume-from", help="a run directory to continue")
+    parser.add_argument("--eval-seconds", type=float, default=60)
+    parser.add_argument("--eval-episodes", type=int, default=200)
+    parser.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
+    args = parser.parse_args()
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    device = args.device
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print("torch", torch.__version__, "device", name, flush=True)
+    splits = train_val_split(load_split(None, "background"))
+    try:
+        per_episode = time_episodes(splits, 10, device)
+    except RuntimeError as exc:
+        print("cuDNN path failed, falling back to native kernels:", exc, flush=True)
+        torch.backends.cudnn.enabled = False
+        per_episode = time_episodes(splits, 10, device)
+    print(f"20-way 1-shot training episode: {1000 * per_episode:.1f} ms", flush=True)
+
+    run = Path(args.run_dir)
+    if args.resume_from:
+        shutil.copytree(args.resume_from, run, dirs_exist_ok=True)
+    saved = run / "train_config.json"
+    cfg = TrainConfig.from_dict(json.loads(saved.read_text())) if saved.is_file() else TrainConfig()
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "episodes": 200_000, "val_every": 1000,
+                                 "val_episodes": 100, "checkpoint_every": 500})
+    started = time.time()
+    state = train(cfg, run, device=device, resume=bool(args.resume_from), max_seconds=args.seconds,
+                  progress=False, splits=splits)
+    print(f"trained to step {state.step} in {time.time() - started:.0f}s; best val {state.best_val:.4f}")
+    print((run / "history.jsonl").read_text(), flush=True)
+
+    for sub in ("last", "best"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for f in (run / sub).iterdir():
+            if not f.name.endswith(".tmp"):
+                shutil.copy(f, out / sub / f.name)
+    shutil.copy(run / "history.jsonl", out / "history.jsonl")
+    shutil.copy(run / "train_config.json", out / "train_config.json")
+
+    from model.checkpoint import load_model
+
+    model = load_model(run / "best", device)
+    test = load_split(None, "evaluation")
+    deadline = time.time() + args.eval_seconds
+    for way in (5, 20):
+        if time.time() > deadline:
+            break
+        r = evaluate(model, test, way=way, shot=1, episodes=args.eval_episodes, seed=0)
+        print(json.dumps({**r.to_dict(), "note": "GPU quick check"}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Weights on disk: safetensors plus a JSON config, never pickles.
+
+A weights directory holds `metanet.safetensors` and `config.json` ({"model": MetaNetConfig, ...}).
+`load_model()` with no path loads the shipped weights in `model/weights/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.config import MetaNetConfig
+from model.errors import CheckpointError
+from model.metanet import MetaNet
+
+WEIGHTS_FILE = "metanet.safetensors"
+CONFIG_FILE = "config.json"
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+def save_weights(model: MetaNet, directory: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+    """Write the model's weights and config; returns the directory. Atomic per file."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic(out / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    meta = {"model": model.config.to_dict(), **(extra or {})}
+    _atomic(out / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    return out
+
+
+def load_model(
+    path: str | os.PathLike[str] | None = None, device: torch.device | str = "cpu"
+) -> MetaNet:
+    """Build a MetaNet from a weights directory (default: the shipped weights), in eval mode.
+
+    Refuses, with a CheckpointError naming the problem, a missing file, a config that is not
+    valid JSON, and tensors whose names, shapes or dtypes do not match the config.
+    """
+    directory = Path(path) if path is not None else SHIPPED_WEIGHTS
+    weights_path, config_path = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+    for required in (weights_path, config_path):
+        if not required.is_file():
+            raise CheckpointError(f"checkpoint file {required} is missing")
+    try:
+        meta = json.loads(config_path.read_text())
+        config = MetaNetConfig.from_dict(meta["model"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{config_path} is not a valid MetaNet config: {exc}") from exc
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
+    model = MetaNet(config)
+    _check_state_matches(model, state, weights_path)
+    model.load_state_dict(state)
+    model.version = weights_version(weights_path)
+    return model.to(device).eval()
+
+
+def weights_version(weights_path: Path) -> str:
+    """Model version: a short content hash of the weights file, so equal bytes = equal version."""
+    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    return f"metanet-{digest[:12]}"
+
+
+def _check_state_matches(model: MetaNet, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match its config: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
+    for name, tensor in expected.items():
+        got = state[name]
+        if got.shape != tensor.shape or got.dtype != tensor.dtype:
+            raise CheckpointError(
+                f"{path}: tensor {name} is {got.dtype} {tuple(got.shape)}, "
+                f"the config needs {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        if not torch.isfinite(got).all():
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
+
+
+def _atomic(target: Path, write: Any) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, target)

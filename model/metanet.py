@@ -1,0 +1,419 @@
+"""Meta Networks (Munkhdalai & Yu, ICML 2017) for few-shot image classification.
+
+Two phases with no hidden state: `register(support) -> TaskMemory` (Algorithm 1, steps 1-2: Q*, R
+and M) and `classify(memory, queries)` (step 3: attention over R reads W* from M). `episode_loss` is
+step 4, used by meta-training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import grad, vmap
+
+from model.config import MetaNetConfig
+from model.errors import InvalidTaskError
+from model.layers import CoordinateLSTM, CoordinateMLP, conv_trunk, conv_trunk_per_sample
+from model.layers import preprocess_grad
+
+# Coordinates handed to `m` in one go at registration: bounds its (coords, 20) hidden activations.
+_M_BLOCK_COORDS = 4_000_000
+# Queries through `b` in one go at classification: bounds the (n_query, P) mixed fast weights.
+_QUERY_BLOCK = 64
+# Initial scale of the meta learners' output layers (see `reset_parameters`).
+_FAST_INIT_SCALE = 0.02
+
+
+@dataclass(frozen=True)
+class TaskMemory:
+    """Everything a registered task needs at query time; immutable once built.
+
+    Attributes:
+        labels: class names; class id k is labels[k] (order of first appearance in the support set).
+        support_labels: class id of each support example, of shape (n_support,).
+        Q_fast: task-level fast weights Q* of u, one tensor per layer on the path to r.
+        R: memory of representations r'_i, of shape (n_support, rep_dim).
+        M: memory of example-level fast weights W*_i (all of b's layers, flattened),
+            of shape (n_support, P).
+    """
+
+    labels: tuple[str, ...]
+    support_labels: Tensor
+    Q_fast: tuple[Tensor, ...]
+    R: Tensor
+    M: Tensor
+
+    @property
+    def n_way(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_support(self) -> int:
+        return int(self.R.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.R.device
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.support_labels, self.R, self.M, *self.Q_fast]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device | str) -> TaskMemory:
+        return TaskMemory(
+            labels=self.labels,
+            support_labels=self.support_labels.to(device),
+            Q_fast=tuple(q.to(device) for q in self.Q_fast),
+            R=self.R.to(device),
+            M=self.M.to(device),
+        )
+
+    def with_m_dtype(self, dtype: torch.dtype) -> TaskMemory:
+        """The same memory with M held in `dtype` (float16/bfloat16 halve the footprint)."""
+        return TaskMemory(self.labels, self.support_labels, self.Q_fast, self.R, self.M.to(dtype))
+
+
+class ClassifyOutput(NamedTuple):
+    probs: Tensor  # (n_query, n_way)
+    attention: Tensor | None  # (n_query, n_support): softmax(cosine(R, r)), the read of M
+
+
+class MetaNet(nn.Module):
+    """The Omniglot MetaNet: u (Q, Q*), b (W, W*), meta learners d (G) and m (Z)."""
+
+    def __init__(self, config: MetaNetConfig | None = None) -> None:
+        super().__init__()
+        cfg = self.config = config or MetaNetConfig()
+        self.version = "untrained"  # set by model.checkpoint.load_model from the weights' hash
+        conv_shapes = [(cfg.channels, 1, 3, 3)] + [(cfg.channels, cfg.channels, 3, 3)] * (
+            cfg.n_blocks - 1
+        )
+        # Slow weights Q of u: conv kernels, FC to r, and the auxiliary head of the representation
+        # loss. W of b: conv kernels, FC + ReLU, softmax layer. No biases anywhere (authors' code).
+        self.u_convs = nn.ParameterList([nn.Parameter(torch.empty(s)) for s in conv_shapes])
+        self.u_fc = nn.Parameter(torch.empty(cfg.rep_dim, cfg.channels))
+        # The auxiliary head only shapes the gradients fed to d; the query loss cannot reach it
+        # (meta information is first-order), so it is a fixed random projection, not trained.
+        self.register_buffer("u_aux", torch.empty(cfg.max_way, cfg.rep_dim))
+        self.b_convs = nn.ParameterList([nn.Parameter(torch.empty(s)) for s in conv_shapes])
+        self.b_fc = nn.Parameter(torch.empty(cfg.hidden_dim, cfg.channels))
+        self.b_out = nn.Parameter(torch.empty(cfg.max_way, cfg.hidden_dim))
+        # Meta learners, one for conv-kernel coordinates and one for FC coordinates (authors' code).
+        self.m_conv = CoordinateMLP(cfg.meta_hidden)  # Z
+        self.m_fc = CoordinateMLP(cfg.meta_hidden)
+        self.d_conv = CoordinateLSTM(cfg.meta_hidden)  # G
+        self.d_fc = CoordinateLSTM(cfg.meta_hidden)
+
+        # The meta learners emit O(1) values per coordinate; scaling them by 1/sqrt(fan_in) of
+        # their layer keeps a fast branch's activations on the scale of the slow branch's. (Our
+        # choice: the paper and code leave the scale to the meta learner alone, which made the
+        # untrained 5-layer fast branch overflow in our runs.)
+        self.register_buffer("u_gain", self._gain_vector(self.u_path_params()), persistent=False)
+        self.register_buffer("b_gain", self._gain_vector(self.b_params()), persistent=False)
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------- parameters
+
+    def reset_parameters(self) -> None:
+        for w in [*self.u_convs, self.u_fc, self.u_aux, *self.b_convs, self.b_fc, self.b_out]:
+            nn.init.kaiming_normal_(w, nonlinearity="relu")
+        for module in (self.m_conv, self.m_fc, self.d_conv, self.d_fc):
+            for layer in module.modules():
+                if isinstance(layer, (nn.Linear, nn.LSTM)):
+                    layer.reset_parameters()
+            # Start the fast branches small: the meta learners' outputs are nearly the same for
+            # every coordinate at first, and such coherent kernels would swamp the slow branch.
+            last = module.net[-1] if isinstance(module, CoordinateMLP) else module.out
+            with torch.no_grad():
+                last.weight.mul_(_FAST_INIT_SCALE)
+                last.bias.mul_(_FAST_INIT_SCALE)
+
+    def u_path_params(self) -> tuple[Tensor, ...]:
+        """Q on the path to r; these get task-level fast twins Q*.
+
+        The auxiliary head's fast twin would never touch an output (the representation loss runs
+        on slow weights only), so d does not produce one.
+        """
+        return (*self.u_convs, self.u_fc)
+
+    def b_params(self) -> tuple[Tensor, ...]:
+        """W, all seven layers of b; each support example gets fast twins W*_i (a row of M)."""
+        return (*self.b_convs, self.b_fc, self.b_out)
+
+    def param_groups(self) -> dict[str, list[Tensor]]:
+        """Slow weights by the paper's names: Q (u), W (b), G (d), Z (m)."""
+        return {
+            "Q": list(self.u_path_params()),
+            "W": list(self.b_params()),
+            "G": [*self.d_conv.parameters(), *self.d_fc.parameters()],
+            "Z": [*self.m_conv.parameters(), *self.m_fc.parameters()],
+        }
+
+    @property
+    def n_fast_b(self) -> int:
+        """P: floats per row of M."""
+        return sum(p.numel() for p in self.b_params())
+
+    @staticmethod
+    def _gain_vector(params: Sequence[Tensor]) -> Tensor:
+        gains = [torch.full((p.numel(),), 1.0 / math.sqrt(p[0].numel())) for p in params]
+        return torch.cat(gains)
+
+    def _n_conv_coords(self, params: Sequence[Tensor]) -> int:
+        return sum(p.numel() for p in params if p.dim() == 4)
+
+    @staticmethod
+    def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+        """(..., P) -> tensors of shapes (..., *p.shape) for p in like."""
+        out, start = [], 0
+        for p in like:
+            out.append(flat[..., start : start + p.numel()].reshape(*flat.shape[:-1], *p.shape))
+            start += p.numel()
+        return out
+
+    # ---------------------------------------------------------------------------- networks
+
+    def u(self, x: Tensor, Q_fast: Sequence[Tensor] | None) -> Tensor:
+        """Representation r of images (n, 1, S, S) -> (n, rep_dim); Q_fast None = slow only."""
+        h = conv_trunk(x, self.u_convs, None if Q_fast is None else Q_fast[:-1])
+        r = h @ self.u_fc.T
+        if Q_fast is not None:
+            r = r + h @ Q_fast[-1].T
+        return r
+
+    def b(self, x: Tensor, W_fast: Sequence[Tensor] | None, n_way: int) -> Tensor:
+        """Logits of images (n, 1, S, S) -> (n, max_way), classes >= n_way masked to -inf.
+
+        W_fast holds per-image fast weights, each of shape (n, *w.shape), or None for slow only.
+        """
+        if W_fast is None:
+            h = conv_trunk(x, self.b_convs, None)
+            h1 = F.relu(h @ self.b_fc.T)
+            logits = h1 @ self.b_out.T
+        else:
+            fast_convs, fast_fc, fast_out = W_fast[:-2], W_fast[-2], W_fast[-1]
+            h = conv_trunk_per_sample(x, self.b_convs, fast_convs)
+            h1 = F.relu(h @ self.b_fc.T) + F.relu(torch.einsum("noc,nc->no", fast_fc, h))
+            logits = h1 @ self.b_out.T + torch.einsum("nko,no->nk", fast_out, h1)
+        return _mask_classes(logits, n_way)
+
+    # ------------------------------------------------------------------------ meta information
+
+    def _per_example_grads(self, x: Tensor, y: Tensor, n_way: int) -> tuple[Tensor, Tensor]:
+        """First-order meta information: per-example loss gradients w.r.t. the slow weights.
+
+        Forward passes use slow weights only and the results are constants (no gradient flows back
+        through them). One vmap, no Python loop over examples.
+        Returns:
+            grads of u's representation loss w.r.t. Q (path to r), of shape (n, P_u), and of b's
+            task loss w.r.t. W, of shape (n, P_b).
+        """
+        q = tuple(p.detach() for p in self.u_path_params())
+        aux = self.u_aux.detach()
+        w = tuple(p.detach() for p in self.b_params())
+
+        def u_loss(q_params: tuple[Tensor, ...], xi: Tensor, yi: Tensor) -> Tensor:
+            h = conv_trunk(xi[None], q_params[:-1], None)
+            logits = _mask_classes((h @ q_params[-1].T) @ aux.T, n_way)
+            return F.cross_entropy(logits, yi[None])
+
+        def b_loss(w_params: tuple[Tensor, ...], xi: Tensor, yi: Tensor) -> Tensor:
+            h = conv_trunk(xi[None], w_params[:-2], None)
+            logits = _mask_classes(F.relu(h @ w_params[-2].T) @ w_params[-1].T, n_way)
+            return F.cross_entropy(logits, yi[None])
+
+        with torch.no_grad():
+            gu = vmap(grad(u_loss), in_dims=(None, 0, 0))(q, x, y)
+            gb = vmap(grad(b_loss), in_dims=(None, 0, 0))(w, x, y)
+        flat_u = torch.cat([g.flatten(1) for g in gu], dim=1)
+        flat_b = torch.cat([g.flatten(1) for g in gb], dim=1)
+        return flat_u, flat_b
+
+    def _task_fast_weights(self, grads_u: Tensor, chunks: Sequence[Tensor]) -> list[Tensor]:
+        """Q* = d(G, [grad_1 .. grad_T]), grad_t the mean representation-loss gradient of chunk t."""
+        n = grads_u.shape[0]
+        avg = torch.zeros(len(chunks), n, device=grads_u.device, dtype=grads_u.dtype)
+        for t, idx in enumerate(chunks):
+            avg[t, idx] = 1.0 / len(idx)
+        seq = preprocess_grad(avg @ grads_u, self.config.grad_p)  # (T, P_u, 2)
+        n_conv = self._n_conv_coords(self.u_path_params())
+        flat = torch.cat([self.d_conv(seq[:, :n_conv]), self.d_fc(seq[:, n_conv:])])
+        return self._unflatten(flat * self.u_gain, self.u_path_params())
+
+    def _example_fast_weights(self, grads_b: Tensor) -> Tensor:
+        """M: row i is W*_i = m(Z, grad_i), of shape (n_support, P)."""
+        n_conv = self._n_conv_coords(self.b_params())
+        rows_per_block = max(1, _M_BLOCK_COORDS // grads_b.shape[1])
+        blocks = []
+        for g in grads_b.split(rows_per_block):  # blocks of examples, only to bound memory
+            feats = preprocess_grad(g, self.config.grad_p)  # (n, P, 2)
+            blocks.append(
+                torch.cat([self.m_conv(feats[:, :n_conv]), self.m_fc(feats[:, n_conv:])], dim=1)
+            )
+        return torch.cat(blocks) * self.b_gain
+
+    def _build_memory(
+        self, x: Tensor, y: Tensor, n_way: int, chunks: Sequence[Tensor]
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Algorithm 1 steps 1-2 on class ids y: returns (Q*, R, M), differentiable in G, Z, Q."""
+        grads_u, grads_b = self._per_example_grads(x, y, n_way)
+        Q_fast = self._task_fast_weights(grads_u, chunks)
+        M = self._example_fast_weights(grads_b)
+        R = self.u(x, Q_fast)
+        return Q_fast, R, M
+
+    def _read(
+        self, x: Tensor, Q_fast: Sequence[Tensor], R: Tensor, M: Tensor, n_way: int
+    ) -> tuple[Tensor, Tensor]:
+        """Algorithm 1 step 3: logits (n, max_way) and attention (n, n_support) for queries x."""
+        r = self.u(x, Q_fast)
+        attention = torch.softmax(_cosine(r, R), dim=1)
+        W_fast_flat = attention @ M.to(attention.dtype)  # (n, P): a per-query mix of the rows of M
+        W_fast = self._unflatten(W_fast_flat, self.b_params())
+        return self.b(x, W_fast, n_way), attention
+
+    # ------------------------------------------------------------------------------ public API
+
+    def register(self, images: Tensor, labels: Sequence[str]) -> TaskMemory:
+        """Build a task's memories from its support set.
+
+        Args:
+            images: support images of shape (n_support, 1, S, S) (or (n_support, S, S)), float,
+                ink = 1, background = 0, S = config.image_size.
+            labels: one non-empty string per image; 2..max_way distinct, any number per class.
+        Returns:
+            the task's immutable memory, on the model's device. Deterministic: the chunking of the
+            support set is seeded from its own content.
+        """
+        images = self._check_images(images, field="images", limit=self.config.max_examples)
+        class_names, y = self._check_labels(labels, len(images))
+        chunks = content_chunks(images, y, self.config.n_chunks)
+        with torch.inference_mode():
+            Q_fast, R, M = self._build_memory(images, y, len(class_names), chunks)
+        return TaskMemory(tuple(class_names), y, tuple(Q_fast), R, M)
+
+    def classify(
+        self, memory: TaskMemory, images: Tensor, *, return_attention: bool = False
+    ) -> ClassifyOutput:
+        """Class probabilities for a batch of queries, of shape (n_query, n_way).
+
+        Args:
+            memory: a task from `register` (on this model's device).
+            images: query images of shape (n_query, 1, S, S) or (n_query, S, S).
+            return_attention: also return the attention over the support examples.
+        """
+        images = self._check_images(images, field="images", limit=None)
+        probs, attentions = [], []
+        with torch.inference_mode():
+            for block in images.split(_QUERY_BLOCK):
+                logits, attention = self._read(block, memory.Q_fast, memory.R, memory.M, memory.n_way)
+                probs.append(torch.softmax(logits[:, : memory.n_way], dim=1))
+                attentions.append(attention)
+        return ClassifyOutput(torch.cat(probs), torch.cat(attentions) if return_attention else None)
+
+    def episode_loss(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, n_way: int,
+        generator: np.random.Generator,
+    ) -> tuple[Tensor, Tensor]:
+        """Algorithm 1 step 4: summed query cross-entropy and the number of correct queries."""
+        perm = torch.as_tensor(generator.permutation(len(support_x)), device=support_x.device)
+        chunks = list(perm.tensor_split(min(self.config.n_chunks, len(support_x))))
+        Q_fast, R, M = self._build_memory(support_x, support_y, n_way, chunks)
+        logits, _ = self._read(query_x, Q_fast, R, M, n_way)
+        loss = F.cross_entropy(logits, query_y, reduction="sum")
+        correct = (logits.argmax(1) == query_y).sum()
+        return loss, correct
+
+    # -------------------------------------------------------------------------------- guards
+
+    def _check_images(self, images: Tensor, *, field: str, limit: int | None) -> Tensor:
+        s = self.config.image_size
+        if not isinstance(images, Tensor):
+            raise InvalidTaskError(f"{field} must be a tensor, got {type(images).__name__}", field=field)
+        if images.dim() == 3:
+            images = images.unsqueeze(1)
+        if images.dim() != 4 or tuple(images.shape[1:]) != (1, s, s):
+            raise InvalidTaskError(
+                f"{field} must have shape (n, 1, {s}, {s}), got {tuple(images.shape)}", field=field
+            )
+        if len(images) == 0:
+            raise InvalidTaskError(f"{field} is empty: give at least one image", field=field)
+        if limit is not None and len(images) > limit:
+            raise InvalidTaskError(
+                f"{field} holds {len(images)} examples, more than max_examples={limit}", field=field
+            )
+        if not images.is_floating_point():
+            raise InvalidTaskError(f"{field} must be floating point, got {images.dtype}", field=field)
+        bad = ~torch.isfinite(images).flatten(1).all(1)
+        bad |= ((images < 0) | (images > 1)).flatten(1).any(1)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise InvalidTaskError(
+                f"{field}[{i}] has pixels that are NaN, infinite or outside [0, 1]",
+                field=field, index=i,
+            )
+        device = self.u_fc.device
+        return images.to(device=device, dtype=self.u_fc.dtype)
+
+    def _check_labels(self, labels: Sequence[str], n_images: int) -> tuple[list[str], Tensor]:
+        if isinstance(labels, str) or not isinstance(labels, Sequence):
+            raise InvalidTaskError("labels must be a sequence of strings", field="labels")
+        if len(labels) != n_images:
+            raise InvalidTaskError(
+                f"got {len(labels)} labels for {n_images} images: give one label per image",
+                field="labels",
+            )
+        index: dict[str, int] = {}
+        for i, label in enumerate(labels):
+            if not isinstance(label, str) or not label:
+                raise InvalidTaskError(
+                    f"labels[{i}] must be a non-empty string", field="labels", index=i
+                )
+            index.setdefault(label, len(index))
+        if len(index) < 2:
+            raise InvalidTaskError(
+                f"a task needs at least 2 distinct labels, got {len(index)}", field="labels"
+            )
+        if len(index) > self.config.max_way:
+            raise InvalidTaskError(
+                f"a task may have at most max_way={self.config.max_way} distinct labels, "
+                f"got {len(index)}",
+                field="labels",
+            )
+        y = torch.tensor([index[label] for label in labels], device=self.u_fc.device)
+        return list(index), y
+
+
+def content_chunks(images: Tensor, y: Tensor, n_chunks: int) -> list[Tensor]:
+    """Split the support set into T chunks in an order seeded from its own content.
+
+    Sorted-by-class uploads would otherwise give chunks of one class each; seeding from the bytes
+    makes a task rebuilt from its stored support set get the same chunks, hence the same Q*.
+    """
+    digest = hashlib.sha256(images.detach().cpu().numpy().tobytes())
+    digest.update(y.cpu().numpy().astype(np.int64).tobytes())
+    rng = np.random.default_rng(int.from_bytes(digest.digest()[:8], "little"))
+    perm = torch.as_tensor(rng.permutation(len(images)), device=images.device)
+    return list(perm.tensor_split(min(n_chunks, len(images))))
+
+
+def _mask_classes(logits: Tensor, n_way: int) -> Tensor:
+    """Logits for class ids >= n_way become -inf: the heads are sized for max_way."""
+    if n_way >= logits.shape[-1]:
+        return logits
+    keep = torch.arange(logits.shape[-1], device=logits.device) < n_way
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _cosine(r: Tensor, R: Tensor) -> Tensor:
+    """(n, d) x (N, d) -> (n, N) cosine similarities."""
+    return F.normalize(r, dim=-1, eps=1e-8) @ F.normalize(R, dim=-1, eps=1e-8).T

@@ -1,0 +1,106 @@
+"""`metanet`: the command line for meta-training, evaluation and serving."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="meta-train MetaNet on Omniglot background alphabets")
+    p.add_argument("--data-dir", help="Omniglot directory (default: $METANET_OMNIGLOT_DIR)")
+    p.add_argument("--run-dir", default="runs/metanet", help="checkpoints, history and curve go here")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last")
+    p.add_argument("--episodes", type=int, help="total training episodes")
+    p.add_argument("--max-seconds", type=float, help="stop (with a checkpoint) after this long")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--val-every", type=int)
+    p.add_argument("--val-episodes", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--channels", type=int, help="conv width (64 in the paper; smaller for smoke tests)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.config import TrainConfig
+    from model.train import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    saved = Path(args.run_dir) / "train_config.json"
+    cfg = TrainConfig.from_dict(json.loads(saved.read_text())) if args.resume and saved.is_file() else TrainConfig()
+    overrides = {
+        k: getattr(args, k)
+        for k in ("episodes", "seed", "val_every", "val_episodes", "checkpoint_every")
+        if getattr(args, k) is not None
+    }
+    cfg = dataclasses.replace(cfg, **overrides)
+    if args.channels:
+        model_cfg = dataclasses.replace(cfg.model, channels=args.channels, rep_dim=args.channels,
+                                        hidden_dim=args.channels)
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+    state = train(cfg, args.run_dir, data_dir=args.data_dir, device=args.device, resume=args.resume,
+                  max_seconds=args.max_seconds, progress=not args.no_progress)
+    print(json.dumps({"step": state.step, "best_val": state.best_val, "run_dir": args.run_dir}))
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="N-way K-shot accuracy on the evaluation alphabets")
+    p.add_argument("--weights", help="weights directory (default: the shipped weights)")
+    p.add_argument("--data-dir", help="Omniglot directory (default: $METANET_OMNIGLOT_DIR)")
+    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--queries", type=int, default=5, help="queries per class per episode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_model
+    from model.data import load_split
+    from model.evaluate import evaluate
+
+    model = load_model(args.weights, args.device)
+    split = load_split(args.data_dir, "evaluation", model.config.image_size)
+    result = evaluate(model, split, way=args.way, shot=args.shot, episodes=args.episodes,
+                      seed=args.seed, queries_per_class=args.queries, progress=not args.json)
+    out = {**result.to_dict(), "model_version": model.version}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.way}-way {args.shot}-shot over {args.episodes} episodes: "
+              f"{100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f} (95% CI)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metanet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"metanet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""White-box tests of model/checkpoint.py: weights round-trip through safetensors + JSON, and loading
+refuses, with a CheckpointError, anything it cannot trust (never falling back to pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import CheckpointError, MetaNet, MetaNetConfig
+from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, save_weights
+
+
+@pytest.fixture
+def saved(tmp_path, model):
+    return save_weights(model, tmp_path / "weights", extra={"step": 7})
+
+
+def test_save_weights_writes_safetensors_and_a_json_config(saved, model):
+    assert sorted(p.name for p in saved.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    meta = json.loads((saved / CONFIG_FILE).read_text())
+    assert meta["step"] == 7
+    assert MetaNetConfig.from_dict(meta["model"]) == model.config
+    assert set(load_file(str(saved / WEIGHTS_FILE))) == set(model.state_dict())
+
+
+def test_a_model_rebuilt_from_saved_weights_registers_and_classifies_identically(saved, model, support, queries):
+    rebuilt = load_model(saved)
+    assert not rebuilt.training
+    assert rebuilt.config == model.config
+    first, second = model.register(*support), rebuilt.register(*support)
+    for a, b in zip((first.R, first.M, *first.Q_fast), (second.R, second.M, *second.Q_fast), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(model.classify(first, queries).probs, rebuilt.classify(second, queries).probs)
+
+
+def test_the_version_is_a_hash_of_the_weights_bytes(saved, tmp_path, model):
+    version = load_model(saved).version
+    assert re.fullmatch(r"metanet-[0-9a-f]{12}", version)
+    assert load_model(save_weights(model, tmp_path / "again")).version == version
+    with torch.no_grad():
+        model.b_out.add_(1.0)
+    assert load_model(save_weights(model, tmp_path / "changed")).version != version
+
+
+def test_load_model_without_a_path_loads_the_shipped_weights():
+    shipped = load_model()
+    assert isinstance(shipped, MetaNet) and shipped.version.startswith("metanet-")
+
+
+@pytest.mark.parametrize("missing", [WEIGHTS_FILE, CONFIG_FILE])
+def test_load_model_refuses_a_missing_file(saved, missing):
+    (saved / missing).unlink()
+    with pytest.raises(CheckpointError, match=f"{missing} is missing"):
+        load_model(saved)
+
+
+def test_load_model_refuses_a_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="is missing"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_load_model_refuses_a_config_that_does_not_match_the_tensor_shapes(saved):
+    meta = json.loads((saved / CONFIG_FILE).read_text())
+    meta["model"]["channels"] = 16  # the weights have 8
+    (saved / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as info:
+        load_model(saved)
+    assert str(saved / WEIGHTS_FILE) in str(info.value)
+    # e.g. "tensor u_fc is torch.float32 (8, 8), the config needs torch.float32 (8, 16)"
+    needs = re.search(r"tensor \S+ is torch\.float32 \(([0-9, ]+)\), the config needs torch\.float32 \(([0-9, ]+)\)",
+                      str(info.value))
+    assert needs and "16" not in needs[1] and "16" in needs[2]
+
+
+def test_load_model_refuses_weights_with_missing_or_extra_tensors(saved):
+    state = load_file(str(saved / WEIGHTS_FILE))
+    del state["b_out"]
+    state["surprise"] = torch.zeros(1)
+    save_file(state, str(saved / WEIGHTS_FILE))
+    with pytest.raises(CheckpointError, match=r"missing \['b_out'\], unexpected \['surprise'\]"):
+        load_model(saved)
+
+
+def test_load_model_refuses_weights_of_another_dtype(saved):
+    state = {k: v.double() for k, v in load_file(str(saved / WEIGHTS_FILE)).items()}
+    save_file(state, str(saved / WEIGHTS_FILE))
+    with pytest.raises(CheckpointError, match="float64"):
+        load_model(saved)
+
+
+def test_load_model_refuses_weights_holding_nan(saved):
+    state = load_file(str(saved / WEIGHTS_FILE))
+    state["b_fc"][0, 0] = float("nan")
+    save_file(state, str(saved / WEIGHTS_FILE))
+    with pytest.raises(CheckpointError, match="b_fc holds NaN"):
+        load_model(saved)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda blob: blob[: len(blob) // 2],  # truncated
+        lambda blob: b"\xff" * 16 + blob[16:],  # header length and header overwritten
+        lambda blob: b"",
+    ],
+    ids=["truncated", "bad-header", "empty"],
+)
+def test_load_model_refuses_a_corrupted_safetensors_file(saved, corrupt):
+    path = saved / WEIGHTS_FILE
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
+        load_model(saved)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{not json", "", "[1, 2]", '{"no_model": {}}', '{"model": {"channels": 8, "colour": "red"}}',
+     '{"model": {"image_size": 64}}'],
+    ids=["garbage", "empty", "list", "no-model-key", "unknown-field", "invalid-geometry"],
+)
+def test_load_model_refuses_a_config_that_is_not_a_valid_metanet_config(saved, text):
+    (saved / CONFIG_FILE).write_text(text)
+    with pytest.raises(CheckpointError, match="is not a valid MetaNet config"):
+        load_model(saved)
+
+
+def test_load_model_refuses_a_pickle_in_place_of_safetensors(saved, model):
+    (saved / WEIGHTS_FILE).write_bytes(pickle.dumps(model.state_dict()))
+    with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
+        load_model(saved)
+
+
+def test_load_model_never_unpickles(saved, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_model must not unpickle")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    assert isinstance(load_model(saved), MetaNet)

@@ -1,0 +1,73 @@
+"""White-box tests of model/evaluate.py: N-way K-shot accuracy with a 95% confidence interval, run
+through the public register/classify API with string labels."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from model import ClassifyOutput
+from model.data import OmniglotSplit
+from model.evaluate import evaluate
+
+
+def test_evaluate_reports_way_shot_episodes_accuracy_and_ci95(model, tiny_split):
+    result = evaluate(model, tiny_split, way=4, shot=1, episodes=3, seed=5)
+    assert (result.way, result.shot, result.episodes, result.queries_per_class, result.seed) == (4, 1, 3, 5, 5)
+    assert 0.0 <= result.accuracy <= 1.0
+    assert math.isfinite(result.ci95) and result.ci95 >= 0.0
+    assert set(result.to_dict()) == {"way", "shot", "episodes", "queries_per_class", "accuracy", "ci95", "seed"}
+
+
+def test_evaluate_is_reproducible_from_its_seed(model, tiny_split):
+    first = evaluate(model, tiny_split, way=3, shot=2, episodes=2, seed=1, queries_per_class=2)
+    second = evaluate(model, tiny_split, way=3, shot=2, episodes=2, seed=1, queries_per_class=2)
+    assert first == second
+
+
+def test_evaluate_refuses_zero_episodes(model, tiny_split):
+    with pytest.raises(ValueError, match="at least 1"):
+        evaluate(model, tiny_split, way=2, shot=1, episodes=0)
+
+
+class LookupModel(nn.Module):
+    """A stand-in with the register/classify API that recognises a character by its pixel value.
+
+    With `always_first` it predicts the first registered label for every query.
+    """
+
+    def __init__(self, always_first: bool = False) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))  # evaluate finds the device from the parameters
+        self.always_first = always_first
+
+    def register(self, images, labels):
+        names = list(dict.fromkeys(labels))
+        by_value = {float(x.max()): names.index(lab) for x, lab in zip(images, labels, strict=True)}
+        return type("Memory", (), {"labels": tuple(names), "by_value": by_value})()
+
+    def classify(self, memory, images):
+        ids = [0 if self.always_first else memory.by_value[float(x.max())] for x in images]
+        return ClassifyOutput(torch.eye(len(memory.labels))[ids], None)
+
+
+@pytest.fixture
+def flat_split() -> OmniglotSplit:
+    """6 characters whose 6 drawings are all the same flat image of value (c + 1) / 10."""
+    images = np.repeat(((np.arange(6) + 1) / 10).astype(np.float32)[:, None, None, None], 6, axis=1)
+    images = np.broadcast_to(images, (6, 6, 28, 28)).copy()
+    return OmniglotSplit(images, np.array(["A"] * 6), np.array([f"c{i}" for i in range(6)]))
+
+
+def test_evaluate_scores_a_perfect_classifier_at_one_with_no_spread(flat_split):
+    result = evaluate(LookupModel(), flat_split, way=5, shot=1, episodes=4)
+    assert result.accuracy == 1.0 and result.ci95 == 0.0
+
+
+def test_evaluate_scores_a_constant_guess_at_one_over_way(flat_split):
+    result = evaluate(LookupModel(always_first=True), flat_split, way=4, shot=2, episodes=3, queries_per_class=3)
+    assert result.accuracy == pytest.approx(1 / 4) and result.ci95 == pytest.approx(0.0)

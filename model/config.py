@@ -27,6 +27,13 @@ class MetaNetConfig:
     grad_p: float = 7.0  # p of the log/sign gradient preprocessing (Andrychowicz et al. 2016)
 
     def __post_init__(self) -> None:
+        # A config read from a checkpoint's JSON must fail here, as a ValueError, rather than deep
+        # inside tensor construction (load_model turns ValueError into CheckpointError).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kinds = (int, float) if f.name == "grad_p" else (int,)
+            if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+                raise ValueError(f"{f.name} must be a positive {kinds[-1].__name__}, got {value!r}")
         side = self.image_size
         for _ in range(self.n_blocks):
             side = -(-side // 2)  # ceil-mode 2x2 pooling

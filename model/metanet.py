@@ -297,7 +297,9 @@ class MetaNet(nn.Module):
         images = self._check_images(images, field="images", limit=self.config.max_examples)
         class_names, y = self._check_labels(labels, len(images))
         chunks = content_chunks(images, y, self.config.n_chunks)
-        with torch.inference_mode():
+        # no_grad, not inference_mode: torch.func.grad inside inference_mode silently yields
+        # no meta information on some builds (seen with torch 2.11 on CUDA: chance accuracy).
+        with torch.no_grad():
             Q_fast, R, M = self._build_memory(images, y, len(class_names), chunks)
         return TaskMemory(tuple(class_names), y, tuple(Q_fast), R, M)
 

@@ -85,11 +85,35 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the HTTP API (flags override the METANET_* environment)")
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    p.add_argument("--data-dir", help="where the task store lives (default ./var)")
+    p.add_argument("--checkpoint", help="weights directory (default: the shipped weights)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto: CUDA when present)")
+    p.add_argument("--cache-bytes", type=int, help="budget of the task-memory cache")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body accepted")
+    p.add_argument("--torch-threads", type=int, help="torch CPU threads")
+    p.add_argument("--log-level", help="debug, info, warning, error")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.app import serve
+    from service.settings import Settings
+
+    names = ("host", "port", "data_dir", "checkpoint", "device", "cache_bytes", "max_body_bytes",
+             "torch_threads", "log_level")
+    return serve(Settings(**{k: getattr(args, k) for k in names if getattr(args, k) is not None}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metanet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_serve(sub)
     return parser
 
 

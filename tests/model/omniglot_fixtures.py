@@ -24,9 +24,7 @@ def draw_strokes(rng: np.random.Generator, size: int, n_strokes: int = 3, width:
     return canvas
 
 
-def draw_characters(
-    rng: np.random.Generator, n_chars: int, n_drawings: int, size: int = 105
-) -> np.ndarray:
+def draw_characters(rng: np.random.Generator, n_chars: int, n_drawings: int, size: int = 105) -> np.ndarray:
     """(n_chars, n_drawings, size, size) uint8 drawings, ink = 1; drawings of a character share a
     skeleton (its first stroke) so a character is a class, not noise."""
     out = np.empty((n_chars, n_drawings, size, size), dtype=np.uint8)
@@ -44,8 +42,9 @@ def layout_names(n_alphabets: int, chars_per_alphabet: int) -> tuple[list[str], 
     return alphabets, characters
 
 
-def write_npz(path: Path, ink: np.ndarray, alphabets: list[str], characters: list[str],
-              first_id: int = 1) -> Path:
+def write_npz(
+    path: Path, ink: np.ndarray, alphabets: list[str], characters: list[str], first_id: int = 1
+) -> Path:
     """The packed layout of /work/shared/data/omniglot/README.md: packbits along the width."""
     n_chars, n_draw, height, width = ink.shape
     char_id = np.arange(first_id, first_id + n_chars, dtype=np.int32)
@@ -69,8 +68,9 @@ def png_bytes(ink: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def png_files(top: str, ink: np.ndarray, alphabets: list[str], characters: list[str],
-              first_id: int = 1) -> dict[str, bytes]:
+def png_files(
+    top: str, ink: np.ndarray, alphabets: list[str], characters: list[str], first_id: int = 1
+) -> dict[str, bytes]:
     """{'images_<split>/<alphabet>/<character>/XXXX_NN.png': bytes} for every drawing."""
     files = {}
     for c, (alphabet, character) in enumerate(zip(alphabets, characters, strict=True)):
@@ -96,8 +96,15 @@ def write_zip(path: Path, files: dict[str, bytes]) -> Path:
     return path
 
 
-def write_omniglot_npz_dir(root: Path, *, seed: int, background: tuple[int, int], evaluation: tuple[int, int],
-                           n_drawings: int = 20, size: int = 105) -> Path:
+def write_omniglot_npz_dir(
+    root: Path,
+    *,
+    seed: int,
+    background: tuple[int, int],
+    evaluation: tuple[int, int],
+    n_drawings: int = 20,
+    size: int = 105,
+) -> Path:
     """A data directory with omniglot_background.npz and omniglot_evaluation.npz.
 
     background / evaluation: (n_alphabets, characters per alphabet).

@@ -29,7 +29,9 @@ def test_save_weights_writes_safetensors_and_a_json_config(saved, model):
     assert set(load_file(str(saved / WEIGHTS_FILE))) == set(model.state_dict())
 
 
-def test_a_model_rebuilt_from_saved_weights_registers_and_classifies_identically(saved, model, support, queries):
+def test_a_model_rebuilt_from_saved_weights_registers_and_classifies_identically(
+    saved, model, support, queries
+):
     rebuilt = load_model(saved)
     assert not rebuilt.training
     assert rebuilt.config == model.config
@@ -73,8 +75,10 @@ def test_load_model_refuses_a_config_that_does_not_match_the_tensor_shapes(saved
         load_model(saved)
     assert str(saved / WEIGHTS_FILE) in str(info.value)
     # e.g. "tensor u_fc is torch.float32 (8, 8), the config needs torch.float32 (8, 16)"
-    needs = re.search(r"tensor \S+ is torch\.float32 \(([0-9, ]+)\), the config needs torch\.float32 \(([0-9, ]+)\)",
-                      str(info.value))
+    needs = re.search(
+        r"tensor \S+ is torch\.float32 \(([0-9, ]+)\), the config needs torch\.float32 \(([0-9, ]+)\)",
+        str(info.value),
+    )
     assert needs and "16" not in needs[1] and "16" in needs[2]
 
 
@@ -120,9 +124,28 @@ def test_load_model_refuses_a_corrupted_safetensors_file(saved, corrupt):
 
 @pytest.mark.parametrize(
     "text",
-    ["{not json", "", "[1, 2]", '{"no_model": {}}', '{"model": {"channels": 8, "colour": "red"}}',
-     '{"model": {"image_size": 64}}'],
-    ids=["garbage", "empty", "list", "no-model-key", "unknown-field", "invalid-geometry"],
+    [
+        "{not json",
+        "",
+        "[1, 2]",
+        '{"no_model": {}}',
+        '{"model": {"channels": 8, "colour": "red"}}',
+        '{"model": {"image_size": 64}}',
+        '{"model": {"channels": "8"}}',
+        '{"model": {"channels": -1}}',
+        '{"model": {"n_chunks": 0}}',
+    ],
+    ids=[
+        "garbage",
+        "empty",
+        "list",
+        "no-model-key",
+        "unknown-field",
+        "invalid-geometry",
+        "string-width",
+        "negative-width",
+        "no-chunks",
+    ],
 )
 def test_load_model_refuses_a_config_that_is_not_a_valid_metanet_config(saved, text):
     (saved / CONFIG_FILE).write_text(text)

@@ -8,10 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import DATA_DIR_ENV, EpisodeSampler, OmniglotSplit, load_split, to_model_input
-from model.data import train_val_split
-from tests.model.omniglot_fixtures import draw_characters, layout_names, png_files, write_npz
-from tests.model.omniglot_fixtures import write_png_folder, write_zip
+from model.data import (
+    DATA_DIR_ENV,
+    EpisodeSampler,
+    OmniglotSplit,
+    load_split,
+    to_model_input,
+    train_val_split,
+)
+from tests.model.omniglot_fixtures import (
+    draw_characters,
+    layout_names,
+    png_files,
+    write_npz,
+    write_png_folder,
+    write_zip,
+)
 
 N_ALPHABETS, CHARS_PER_ALPHABET, N_DRAWINGS = 2, 2, 3
 

@@ -17,10 +17,24 @@ from model.evaluate import evaluate
 
 def test_evaluate_reports_way_shot_episodes_accuracy_and_ci95(model, tiny_split):
     result = evaluate(model, tiny_split, way=4, shot=1, episodes=3, seed=5)
-    assert (result.way, result.shot, result.episodes, result.queries_per_class, result.seed) == (4, 1, 3, 5, 5)
+    assert (result.way, result.shot, result.episodes, result.queries_per_class, result.seed) == (
+        4,
+        1,
+        3,
+        5,
+        5,
+    )
     assert 0.0 <= result.accuracy <= 1.0
     assert math.isfinite(result.ci95) and result.ci95 >= 0.0
-    assert set(result.to_dict()) == {"way", "shot", "episodes", "queries_per_class", "accuracy", "ci95", "seed"}
+    assert set(result.to_dict()) == {
+        "way",
+        "shot",
+        "episodes",
+        "queries_per_class",
+        "accuracy",
+        "ci95",
+        "seed",
+    }
 
 
 def test_evaluate_is_reproducible_from_its_seed(model, tiny_split):
@@ -69,5 +83,7 @@ def test_evaluate_scores_a_perfect_classifier_at_one_with_no_spread(flat_split):
 
 
 def test_evaluate_scores_a_constant_guess_at_one_over_way(flat_split):
-    result = evaluate(LookupModel(always_first=True), flat_split, way=4, shot=2, episodes=3, queries_per_class=3)
+    result = evaluate(
+        LookupModel(always_first=True), flat_split, way=4, shot=2, episodes=3, queries_per_class=3
+    )
     assert result.accuracy == pytest.approx(1 / 4) and result.ci95 == pytest.approx(0.0)

@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from model.layers import CoordinateLSTM, CoordinateMLP, conv_trunk, conv_trunk_per_sample, pool
-from model.layers import preprocess_grad
+from model.layers import (
+    CoordinateLSTM,
+    CoordinateMLP,
+    conv_trunk,
+    conv_trunk_per_sample,
+    pool,
+    preprocess_grad,
+)
 
 C = 8
 

@@ -50,7 +50,9 @@ def test_memory_to_moves_every_tensor_and_keeps_labels(model, support, queries):
     memory = model.register(*support)
     on_meta = memory.to("meta")
     assert on_meta.labels == memory.labels
-    assert all(t.device.type == "meta" for t in (on_meta.support_labels, on_meta.R, on_meta.M, *on_meta.Q_fast))
+    assert all(
+        t.device.type == "meta" for t in (on_meta.support_labels, on_meta.R, on_meta.M, *on_meta.Q_fast)
+    )
     back = memory.to("cpu")
     assert back.device == torch.device("cpu")
     torch.testing.assert_close(model.classify(back, queries).probs, model.classify(memory, queries).probs)
@@ -130,7 +132,9 @@ def test_attention_has_shape_n_query_by_n_support_and_rows_sum_to_one(model, sup
 
 def test_classify_accepts_images_without_the_channel_axis(model, support, queries):
     memory = model.register(*support)
-    torch.testing.assert_close(model.classify(memory, queries[:, 0]).probs, model.classify(memory, queries).probs)
+    torch.testing.assert_close(
+        model.classify(memory, queries[:, 0]).probs, model.classify(memory, queries).probs
+    )
 
 
 def test_each_query_is_classified_independently_of_its_batch(model, support):
@@ -314,4 +318,10 @@ def test_classify_takes_more_queries_than_max_examples(model, support):
 
 
 def test_a_task_memory_is_a_plain_value_that_names_its_parts():
-    assert {f.name for f in dataclasses.fields(TaskMemory)} == {"labels", "support_labels", "Q_fast", "R", "M"}
+    assert {f.name for f in dataclasses.fields(TaskMemory)} == {
+        "labels",
+        "support_labels",
+        "Q_fast",
+        "R",
+        "M",
+    }

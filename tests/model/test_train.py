@@ -43,15 +43,21 @@ def test_one_training_step_changes_every_tensor_of_every_slow_weight_group(tiny_
 
     for name, params in groups.items():
         for i, (p, old) in enumerate(zip(params, before[name], strict=True)):
-            assert not torch.equal(p.detach(), old), f"slow weight {name}[{i}] {tuple(p.shape)} did not change"
+            assert not torch.equal(p.detach(), old), (
+                f"slow weight {name}[{i}] {tuple(p.shape)} did not change"
+            )
     assert torch.equal(model.u_aux, aux_before)  # a fixed projection, not a slow weight
 
 
 def test_episode_loss_is_a_summed_cross_entropy_over_queries(tiny_split):
     torch.manual_seed(0)
     model = MetaNet(TINY)
-    ep = EpisodeSampler(tiny_split, rotate=False).sample(np.random.default_rng(1), n_way=3, n_shot=1, n_query=4)
-    loss, _ = model.episode_loss(ep.support_x, ep.support_y, ep.query_x, ep.query_y, 3, np.random.default_rng(2))
+    ep = EpisodeSampler(tiny_split, rotate=False).sample(
+        np.random.default_rng(1), n_way=3, n_shot=1, n_query=4
+    )
+    loss, _ = model.episode_loss(
+        ep.support_x, ep.support_y, ep.query_x, ep.query_y, 3, np.random.default_rng(2)
+    )
     # An untrained model is near chance: the sum over 12 queries is about 12 * log(3).
     assert 0.5 * 12 * np.log(3) < loss.item() < 2.0 * 12 * np.log(3)
 
@@ -70,8 +76,18 @@ def test_sample_episode_size_stays_within_the_recipe():
 
 
 def _tiny_train_config(episodes: int) -> TrainConfig:
-    return TrainConfig(model=TINY, episodes=episodes, min_way=2, max_train_way=4, max_shot=2, query_per_class=2,
-                       val_every=2, val_episodes=2, val_way=4, checkpoint_every=2)
+    return TrainConfig(
+        model=TINY,
+        episodes=episodes,
+        min_way=2,
+        max_train_way=4,
+        max_shot=2,
+        query_per_class=2,
+        val_every=2,
+        val_episodes=2,
+        val_way=4,
+        checkpoint_every=2,
+    )
 
 
 def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, tiny_split):
@@ -100,12 +116,28 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_run(tmp_path):
     env = {**os.environ, "METANET_OMNIGLOT_DIR": str(data), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 
     def cli(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
-    common = ["--val-every", "2", "--val-episodes", "2", "--checkpoint-every", "2", "--threads", "1", "--no-progress"]
+    common = [
+        "--val-every",
+        "2",
+        "--val-episodes",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     out = cli("train", "--run-dir", str(run), "--episodes", "4", "--channels", "8", *common)
     assert json.loads(out.splitlines()[-1])["step"] == 4
     assert json.loads((run / "last" / STATE_FILE).read_text())["step"] == 4
@@ -120,7 +152,9 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_run(tmp_path):
     assert history[-1]["seconds"] >= history[1]["seconds"]
     assert (run / "best" / WEIGHTS_FILE).is_file() and (run / "curve.png").is_file()
 
-    result = json.loads(cli("evaluate", "--weights", str(run / "best"), "--way", "5", "--episodes", "3", "--json"))
+    result = json.loads(
+        cli("evaluate", "--weights", str(run / "best"), "--way", "5", "--episodes", "3", "--json")
+    )
     assert (result["way"], result["shot"], result["episodes"]) == (5, 1, 3)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["ci95"] >= 0.0
     assert result["model_version"].startswith("metanet-")

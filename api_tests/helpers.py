@@ -1,0 +1,208 @@
+"""Black-box helpers: run the real server in a subprocess, and draw test glyphs as image files.
+
+Nothing here imports `service` or `model`: the server is reached over HTTP only.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+KiB = 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m service` on a free port with its own data directory and settings."""
+
+    def __init__(self, data_dir: Path, **settings: Any) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Hermetic: the caller's METANET_* settings stay out, except METANET_CHECKPOINT, so the
+        # suite (the real-data test above all) can judge candidate weights before they ship.
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith("METANET_") or k == "METANET_CHECKPOINT"}
+        self.env.update({"METANET_DATA_DIR": str(data_dir), "METANET_DEVICE": "cpu",
+                         "METANET_LOG_LEVEL": "info"})
+        self.env.update({f"METANET_{k.upper()}": str(v) for k, v in settings.items()})
+        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.statuses_before_ready: list[int] = []
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "tasks.sqlite3"
+
+    def start(self, wait: bool = True) -> Server:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Poll /readyz until 200, noting every other status seen on the way."""
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+                try:
+                    response = client.get("/readyz")
+                except httpx.TransportError:
+                    time.sleep(0.2)
+                    continue
+                if response.status_code == 200:
+                    return
+                self.statuses_before_ready.append(response.status_code)
+                time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (a clean stop); SIGKILL only if it hangs. Returns the exit status."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash or an OOM kill."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kwargs)
+
+    def log_tail(self, n: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+# ------------------------------------------------------------------------------------- images
+
+GLYPHS = ("circle", "cross", "triangle", "square", "zigzag", "bar")
+
+
+def glyph(kind: str, *, shift: tuple[int, int] = (0, 0), size: int = 105, stroke: int = 6) -> Image.Image:
+    """A black-on-white drawing (as Omniglot's PNGs are), mode "L"."""
+    img = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(img)
+    s = size / 105
+    dx, dy = shift
+
+    def p(x: float, y: float) -> tuple[float, float]:
+        return (x * s + dx, y * s + dy)
+
+    if kind == "circle":
+        draw.ellipse((*p(22, 22), *p(83, 83)), outline=0, width=stroke)
+    elif kind == "cross":
+        draw.line((*p(22, 22), *p(83, 83)), fill=0, width=stroke)
+        draw.line((*p(22, 83), *p(83, 22)), fill=0, width=stroke)
+    elif kind == "triangle":
+        draw.polygon([p(52, 18), p(88, 86), p(16, 86)], outline=0, width=stroke)
+    elif kind == "square":
+        draw.rectangle((*p(25, 25), *p(80, 80)), outline=0, width=stroke)
+    elif kind == "zigzag":
+        draw.line([p(15, 30), p(40, 75), p(65, 30), p(90, 75)], fill=0, width=stroke)
+    elif kind == "bar":
+        draw.line((*p(52, 15), *p(52, 90)), fill=0, width=stroke)
+    else:
+        raise ValueError(kind)
+    return img
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png(kind: str, **kwargs: Any) -> str:
+    """A glyph as the API takes it: base64 of a PNG file."""
+    return b64(encode(glyph(kind, **kwargs)))
+
+
+def inverted(img: Image.Image) -> Image.Image:
+    return Image.eval(img, lambda v: 255 - v)
+
+
+def examples(kinds: Sequence[str], **kwargs: Any) -> list[dict[str, Any]]:
+    return [{"label": kind, "image": png(kind, **kwargs)} for kind in kinds]
+
+
+def tiny_pixels(seed: int) -> dict[str, list[list[int]]]:
+    """A cheap 4x4 pixel-array image: for requests that must be rejected before any decoding."""
+    rng = np.random.default_rng(seed)
+    return {"pixels": ((rng.random((4, 4)) > 0.5) * 255).astype(int).tolist()}
+
+
+def bomb_png(side: int = 20000) -> bytes:
+    """A side x side white PNG: ~76 KB on the wire for 20000, 400 megapixels once decoded."""
+    return encode(Image.new("1", (side, side), 1))
+
+
+# --------------------------------------------------------------------------------- assertions
+
+QUERIES = [png("circle", shift=(3, -2)), png("cross", shift=(-4, 1)), png("triangle", shift=(2, 3))]
+
+
+def probabilities(client: httpx.Client, task_id: str, images: Sequence[Any] = QUERIES) -> np.ndarray:
+    """Full probability vectors (n_query, n_way), in the task's label order."""
+    response = client.post(f"/v1/tasks/{task_id}/classify", json={"images": list(images), "top_k": 50})
+    assert response.status_code == 200, response.text
+    return as_matrix(response.json()["predictions"], client.get(f"/v1/tasks/{task_id}").json()["labels"])
+
+
+def as_matrix(predictions: list[dict[str, Any]], labels: Sequence[str]) -> np.ndarray:
+    rows = []
+    for prediction in predictions:
+        by_label = {entry["label"]: entry["probability"] for entry in prediction["top_k"]}
+        rows.append([by_label[label] for label in labels])
+    return np.array(rows)
+
+
+def assert_error(response: httpx.Response, status: int, error_type: str | None = None) -> dict[str, Any]:
+    """The contract's error shape and status; returns the error object."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"type", "message", "details"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    if error_type is not None:
+        assert error["type"] == error_type, error
+    return error

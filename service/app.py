@@ -1,0 +1,70 @@
+"""The app factory: `create_app(settings)` wires routes, middleware, errors and the life cycle,
+and `serve(settings)` runs it under uvicorn. Nothing is loaded at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from service.errors import ServiceError, handle_error
+from service.metrics import MetricsMiddleware
+from service.routes import probes, v1
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    runtime = Runtime(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(runtime.start())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await runtime.stop()
+
+    app = FastAPI(title="MetaNet few-shot classification", version="1", lifespan=lifespan)
+    app.state.runtime = runtime
+    app.include_router(v1)
+    app.include_router(probes)
+    for exc_type in (ServiceError, RequestValidationError, HTTPException, Exception):
+        app.add_exception_handler(exc_type, handle_error)
+    app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
+    return app
+
+
+def serve(settings: Settings) -> int:
+    """Run the service until SIGINT/SIGTERM. Returns 1 if startup failed; after a signal, uvicorn
+    shuts down gracefully and then re-raises it, so the exit status is the signal's."""
+    import uvicorn
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    runtime: Runtime = app.state.runtime
+
+    def stop() -> None:
+        server.should_exit = True
+
+    runtime.on_fatal = stop
+    server.run()
+    if runtime.failure is not None:
+        log.error("%s", runtime.failure)
+        return 1
+    return 0

@@ -1,0 +1,206 @@
+"""The errors a client can see: one taxonomy, one status table, one JSON shape, one handler.
+
+    ServiceError                      500 internal_error
+    ├── BadRequest                    400 bad_request
+    │   └── MalformedJSON             400 malformed_json
+    ├── Unauthorized                  401 unauthorized
+    ├── NotFound                      404 not_found
+    │   └── TaskNotFound              404 task_not_found
+    ├── MethodNotAllowed              405 method_not_allowed
+    ├── PayloadTooLarge               413 payload_too_large
+    │   ├── BodyTooLarge              413 body_too_large
+    │   └── ImageTooLarge             413 image_too_large
+    ├── UnsupportedMediaType          415 unsupported_media_type
+    ├── InvalidInput                  422 invalid_input
+    │   └── InvalidImage              422 invalid_image
+    ├── Overloaded                    429 overloaded       (Retry-After)
+    └── NotReady                      503 not_ready
+
+Route handlers raise these; `handle_error` (registered for every exception) turns any of them,
+and FastAPI's and Starlette's own, into `{"error": {"type", "message", "details"}}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+
+class ServiceError(Exception):
+    """Base of every error the service answers with. `field`/`index` locate bad input."""
+
+    type = "internal_error"
+
+    def __init__(
+        self, message: str, *, field: str | None = None, index: int | None = None,
+        details: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.index = index
+        self.details = details
+        self.headers = headers or {}
+
+    def located(self, field: str, index: int | None = None) -> ServiceError:
+        """This error, pinned to a place in the request (when the raiser did not know it)."""
+        self.field, self.index = field, index
+        return self
+
+    def body(self) -> dict[str, Any]:
+        message = f"{self.field}: {self.message}" if self.field else self.message
+        details = dict(self.details or {})
+        if self.field is not None:
+            details["field"] = self.field
+        if self.index is not None:
+            details["index"] = self.index
+        return {"error": {"type": self.type, "message": message, "details": details or None}}
+
+
+class BadRequest(ServiceError):
+    type = "bad_request"
+
+
+class MalformedJSON(BadRequest):
+    type = "malformed_json"
+
+
+class Unauthorized(ServiceError):
+    type = "unauthorized"
+
+
+class NotFound(ServiceError):
+    type = "not_found"
+
+
+class TaskNotFound(NotFound):
+    type = "task_not_found"
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"no task {task_id!r}", details={"task_id": task_id})
+
+
+class MethodNotAllowed(ServiceError):
+    type = "method_not_allowed"
+
+
+class PayloadTooLarge(ServiceError):
+    type = "payload_too_large"
+
+
+class BodyTooLarge(PayloadTooLarge):
+    type = "body_too_large"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    type = "image_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    type = "unsupported_media_type"
+
+
+class InvalidInput(ServiceError):
+    type = "invalid_input"
+
+
+class InvalidImage(InvalidInput):
+    type = "invalid_image"
+
+
+class Overloaded(ServiceError):
+    type = "overloaded"
+
+
+class NotReady(ServiceError):
+    type = "not_ready"
+
+
+# The one table from error class to status code; subclasses inherit their parent's row.
+STATUS: dict[type[ServiceError], int] = {
+    ServiceError: 500,
+    BadRequest: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    MethodNotAllowed: 405,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    InvalidInput: 422,
+    Overloaded: 429,
+    NotReady: 503,
+}
+
+
+def status_of(error: ServiceError) -> int:
+    return next(STATUS[cls] for cls in type(error).__mro__ if cls in STATUS)
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=status_of(error), headers=error.headers)
+
+
+async def handle_error(request: Request, exc: Exception) -> JSONResponse:
+    """The one exception handler: whatever was raised, answer in the contract's shape.
+
+    An unexpected exception is not logged here: Starlette re-raises it after this answer, and the
+    server logs it with its traceback.
+    """
+    return error_response(as_service_error(exc))
+
+
+def as_service_error(exc: Exception) -> ServiceError:
+    match exc:
+        case ServiceError():
+            return exc
+        case RequestValidationError():
+            return _from_validation(exc.errors())
+        case HTTPException(status_code=404):
+            return NotFound("no such route")
+        case HTTPException(status_code=405):
+            return MethodNotAllowed("method not allowed on this route", headers=exc.headers)
+        case HTTPException(status_code=code) if 400 <= code < 500:
+            return BadRequest(str(exc.detail))
+        case _:
+            return ServiceError("internal error")
+
+
+def _from_validation(errors: Sequence[Any]) -> ServiceError:
+    """FastAPI's validation errors as ours: 400 for bad JSON, else 422 naming the first field."""
+    for e in errors:
+        if e["type"] == "json_invalid":
+            reason = e.get("ctx", {}).get("error", "JSON decode error")
+            return MalformedJSON(f"the body is not valid JSON ({reason} at position {e['loc'][-1]})")
+    listed = [
+        {"field": field_path(e["loc"]), "message": _message(e), "type": e["type"]} for e in errors
+    ]
+    first = listed[0]
+    kind = InvalidImage if first["type"] in ("invalid_image", "invalid_pixels") else InvalidInput
+    return kind(
+        first["message"], field=first["field"], index=example_index(errors[0]["loc"]),
+        details={"errors": listed} if len(listed) > 1 else None,
+    )
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    """("body", "examples", 3, "image") -> "examples[3].image"; the request part is dropped."""
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "body"
+
+
+def example_index(loc: Sequence[str | int]) -> int | None:
+    """The position in the first list the location goes through (examples, images, support)."""
+    return next((part for part in loc if isinstance(part, int)), None)
+
+
+def _message(error: dict[str, Any]) -> str:
+    msg = str(error["msg"])
+    # Pydantic prefixes messages from plain ValueErrors; the client only needs the reason.
+    return msg.removeprefix("Value error, ")

@@ -1,0 +1,135 @@
+"""Image intake: a request's image (base64 file, data URL or pixel array) -> an ink map in [0, 1].
+
+Size limits are checked before anything is decoded in full; polarity is detected per image, so
+dark-on-light (Omniglot's PNGs) and light-on-dark drawings give the same ink map.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from service.errors import ImageTooLarge, InvalidImage
+
+# Raster formats only: Pillow's EPS plugin would hand client bytes to Ghostscript.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+_DATA_URL = re.compile(r"data:[^,;]*(;[^,;]*)*?;base64,", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int  # encoded file
+    max_pixels: int  # width x height, of files and pixel arrays alike
+
+
+def pixel_array(rows: object) -> np.ndarray:
+    """Validate a JSON pixel array: 2-D, rectangular, all integers 0..255 or all numbers in [0, 1].
+
+    Integers 0 and 1 may sit among floats (JavaScript writes 1.0 as 1). Returns float32 grey levels
+    on the array's own scale; `ink_map` does not care which scale.
+    """
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
+        raise InvalidImage("pixels must be a non-empty 2-D array (a list of rows)")
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for row in rows for v in row):
+        raise InvalidImage("pixels must hold numbers only")
+    try:
+        arr = np.array(rows, dtype=np.float64)
+    except ValueError:
+        raise InvalidImage("pixels must be rectangular: every row the same length") from None
+    if not np.isfinite(arr).all():
+        raise InvalidImage("pixels must be finite numbers")
+    all_ints = all(isinstance(v, int) for row in rows for v in row)
+    if all_ints and (arr.min() < 0 or arr.max() > 255):
+        raise InvalidImage("integer pixels must lie in 0..255")
+    if not all_ints and (arr.min() < 0 or arr.max() > 1):
+        raise InvalidImage("float pixels must lie in [0, 1]")
+    return arr.astype(np.float32)
+
+
+def decode(image: str | np.ndarray, limits: ImageLimits) -> np.ndarray:
+    """A request's image -> grey levels of shape (H, W), float32, on the source's own scale."""
+    if isinstance(image, np.ndarray):
+        _check_pixels(image.shape[1], image.shape[0], limits)
+        return image
+    return _decode_file(_unbase64(image, limits), limits)
+
+
+def ink_map(grey: np.ndarray) -> np.ndarray:
+    """Grey levels (H, W) on any scale -> ink = 1, background = 0, float32.
+
+    The background is the median of the image's border (drawings rarely touch the frame); whichever
+    extreme it is nearer to is the paper. Ink is then scaled from the background level to the
+    darkest (or brightest) stroke, so a binary Omniglot PNG maps to exactly 1 - grey / 255, the
+    training preprocessing, and faint scans or 0/1-valued pixel arrays are stretched to full ink.
+    """
+    lo, hi = float(grey.min()), float(grey.max())
+    if hi == lo:
+        return np.zeros(grey.shape, dtype=np.float32)  # a blank image: no ink anywhere
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    paper = float(np.median(border))
+    if paper - lo >= hi - paper:  # light paper, dark ink
+        ink = (paper - grey) / (paper - lo)
+    else:
+        ink = (grey - paper) / (hi - paper)
+    return np.clip(ink, 0.0, 1.0).astype(np.float32)
+
+
+def _unbase64(text: str, limits: ImageLimits) -> bytes:
+    prefix = _DATA_URL.match(text)
+    if prefix is None and text[:5].lower() == "data:":
+        raise InvalidImage("a data URL image must be base64 (data:image/...;base64,...)")
+    payload = text[prefix.end():] if prefix else text
+    # base64 holds 3 bytes per 4 characters: refuse before decoding what would be too big anyway.
+    if len(payload) > 4 * (limits.max_bytes // 3 + 1) + 1024:
+        raise ImageTooLarge(f"the encoded image exceeds {limits.max_bytes} bytes")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImage(f"not valid base64 ({exc})") from None
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"the encoded image is {len(data)} bytes, more than {limits.max_bytes}")
+    if not data:
+        raise InvalidImage("the image is empty")
+    return data
+
+
+def _decode_file(data: bytes, limits: ImageLimits) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            # Image.open reads only the header: refuse a bomb before its pixels are inflated.
+            _check_pixels(img.width, img.height, limits)
+            img.load()
+            return _grey(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fires in Image.open for sizes far past its default limit.
+        raise ImageTooLarge(f"the image has too many pixels ({exc})") from None
+    except (ImageTooLarge, InvalidImage):
+        raise
+    except Image.UnidentifiedImageError:
+        raise InvalidImage(f"not an image file Pillow reads as any of {', '.join(FORMATS)}") from None
+    except Exception as exc:  # Pillow's decoders raise a zoo of types on corrupt input
+        raise InvalidImage(f"not a decodable image ({type(exc).__name__}: {exc})") from None
+
+
+def _check_pixels(width: int, height: int, limits: ImageLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"the image is {width}x{height} = {width * height} pixels, more than {limits.max_pixels}"
+        )
+
+
+def _grey(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return np.asarray(img, dtype=np.float32)  # high bit depth: keep it, ink_map rescales
+    if "A" in img.getbands() or "transparency" in img.info:
+        # Strokes drawn on a transparent canvas: put them on white paper.
+        rgba = img.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(paper, rgba)
+    return np.asarray(img.convert("L"), dtype=np.float32)

@@ -1,0 +1,96 @@
+"""HTTP routes of the contract (docs/api.md): thin handlers over `TaskService`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Response, status
+from fastapi.responses import Response as RawResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.deps import OwnerDep, RuntimeDep, TasksDep, get_owner
+from service.limits import LimitedRoute
+from service.schemas import (
+    MAX_PAGE_SIZE,
+    ClassifyOnceRequest,
+    ClassifyRequest,
+    ClassifyResponse,
+    ExamplesAdd,
+    ModelPublic,
+    Status,
+    TaskCreate,
+    TaskPublic,
+    TasksPublic,
+)
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_owner)], route_class=LimitedRoute)
+probes = APIRouter()
+
+
+@v1.post("/tasks", status_code=status.HTTP_201_CREATED)
+async def register_task(body: TaskCreate, tasks: TasksDep, owner: OwnerDep, response: Response) -> TaskPublic:
+    info = await tasks.register(owner, body.name, body.examples)
+    response.headers["Location"] = f"/v1/tasks/{info.task_id}"
+    return TaskPublic.of(info)
+
+
+@v1.get("/tasks")
+async def list_tasks(
+    tasks: TasksDep, owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50,
+    cursor: str | None = None,
+) -> TasksPublic:
+    page = await tasks.page(owner, limit, cursor)
+    return TasksPublic(data=[TaskPublic.of(info) for info in page.tasks], next_cursor=page.next_cursor)
+
+
+@v1.get("/tasks/{task_id}")
+async def get_task(task_id: str, tasks: TasksDep, owner: OwnerDep) -> TaskPublic:
+    return TaskPublic.of(await tasks.get(owner, task_id))
+
+
+@v1.delete("/tasks/{task_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_task(task_id: str, tasks: TasksDep, owner: OwnerDep) -> None:
+    await tasks.delete(owner, task_id)
+
+
+@v1.post("/tasks/{task_id}/examples")
+async def add_examples(task_id: str, body: ExamplesAdd, tasks: TasksDep, owner: OwnerDep) -> TaskPublic:
+    return TaskPublic.of(await tasks.add_examples(owner, task_id, body.examples))
+
+
+@v1.post("/tasks/{task_id}/classify")
+async def classify(task_id: str, body: ClassifyRequest, tasks: TasksDep, owner: OwnerDep) -> ClassifyResponse:
+    predictions = await tasks.classify(owner, task_id, body.images, body.top_k, body.explain)
+    return ClassifyResponse(task_id=task_id, model_version=tasks.engine.info.version,
+                            predictions=predictions)
+
+
+@v1.post("/classify")
+async def classify_once(body: ClassifyOnceRequest, tasks: TasksDep) -> ClassifyResponse:
+    predictions = await tasks.classify_once(body.support, body.images, body.top_k, body.explain)
+    return ClassifyResponse(model_version=tasks.engine.info.version, predictions=predictions)
+
+
+@v1.get("/model")
+async def model_info(tasks: TasksDep) -> ModelPublic:
+    info = tasks.engine.info
+    return ModelPublic(name=info.name, version=info.version, max_way=info.max_way,
+                       max_examples=tasks.max_examples, image_size=info.image_size,
+                       backend=info.backend, device=info.device)
+
+
+@probes.get("/healthz")
+async def healthz() -> Status:
+    return Status(status="alive")
+
+
+@probes.get("/readyz")
+async def readyz(runtime: RuntimeDep) -> Status:
+    await runtime.check_ready()
+    return Status(status="ready")
+
+
+@probes.get("/metrics")
+async def metrics(runtime: RuntimeDep) -> RawResponse:
+    return RawResponse(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)

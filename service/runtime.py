@@ -1,0 +1,62 @@
+"""The service's live parts and their life cycle: open the store, load and warm the model, serve.
+
+Loading runs in the background so /healthz answers at once and /readyz says 503 until the model
+is warm; a load that fails calls `on_fatal` (the CLI stops the server and exits non-zero).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from starlette.concurrency import run_in_threadpool
+
+from service.engine import Engine
+from service.errors import NotReady
+from service.metrics import Metrics
+from service.settings import Settings
+from service.store import SqliteTaskStore, TaskStore
+from service.tasks import TaskService
+
+log = logging.getLogger("service.runtime")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, store: TaskStore | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store: TaskStore = store or SqliteTaskStore(settings.database_path)
+        self.engine: Engine | None = None
+        self.tasks: TaskService | None = None  # set once everything is loaded and warm
+        self.failure: str | None = None
+        self.on_fatal: Callable[[], None] = lambda: None
+
+    async def start(self) -> None:
+        try:
+            await self.store.open()
+            self.engine = await run_in_threadpool(Engine.load, self.settings, self.metrics.observe_model)
+            await self.engine.warm_up()
+            tasks = TaskService(self.store, self.engine, self.settings, await self.store.count())
+        except Exception as exc:
+            self.failure = f"startup failed: {type(exc).__name__}: {exc}"
+            log.error("%s", self.failure, exc_info=exc)
+            self.on_fatal()
+            return
+        self.metrics.watch(tasks.cache, lambda: tasks.n_tasks, lambda: tasks.engine.pending)
+        self.tasks = tasks
+        log.info("ready: model %s on %s, %d tasks in %s", self.engine.info.version,
+                 self.engine.info.device, tasks.n_tasks, self.settings.data_dir)
+
+    async def stop(self) -> None:
+        self.tasks = None
+        if self.engine is not None:
+            await run_in_threadpool(self.engine.close)  # lets the model call in flight finish
+        await self.store.close()
+
+    async def check_ready(self) -> None:
+        if self.tasks is None:
+            raise NotReady(self.failure or "the model is still loading")
+        try:
+            await self.store.ping()
+        except Exception as exc:
+            raise NotReady(f"the task store is unreachable: {exc}") from exc

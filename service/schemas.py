@@ -1,0 +1,140 @@
+"""Request and response bodies of the HTTP contract (docs/api.md), named by role."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from service.errors import InvalidImage
+from service.images import pixel_array
+from service.store import TaskInfo
+
+MAX_PAGE_SIZE = 200
+_LABEL = Field(min_length=1, max_length=200)
+
+
+def _image(value: object) -> str | np.ndarray:
+    """A base64 string stays as is (decoded later, off the event loop); pixel arrays are checked now."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and set(value) == {"pixels"}:
+        try:
+            return pixel_array(value["pixels"])
+        except InvalidImage as exc:
+            raise PydanticCustomError("invalid_pixels", exc.message) from None
+    raise PydanticCustomError(
+        "invalid_image", 'an image is a base64 string or an object {"pixels": [[...], ...]}'
+    )
+
+
+Image = Annotated[
+    Any,
+    PlainValidator(_image),
+    WithJsonSchema({
+        "oneOf": [
+            {"type": "string", "description": "base64 of an image file, optionally a data: URL"},
+            {"type": "object", "required": ["pixels"], "properties": {"pixels": {
+                "type": "array", "items": {"type": "array", "items": {"type": "number"}},
+                "description": "rows of grey levels: all integers 0..255 or all numbers in [0, 1]",
+            }}},
+        ]
+    }),
+]
+
+
+class _Body(BaseModel):
+    # Strict: "3" is not a top_k and "yes" is not a boolean; unknown fields are typos, not extras.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Example(_Body):
+    label: Annotated[str, _LABEL]
+    image: Image
+
+
+class TaskCreate(_Body):
+    name: Annotated[str, Field(max_length=200)] | None = None
+    examples: Annotated[list[Example], Field(min_length=1)]
+
+
+class ExamplesAdd(_Body):
+    examples: Annotated[list[Example], Field(min_length=1)]
+
+
+class ClassifyRequest(_Body):
+    images: Annotated[list[Image], Field(min_length=1)]
+    top_k: Annotated[int, Field(ge=1)] = 1
+    explain: bool = False
+
+
+class ClassifyOnceRequest(ClassifyRequest):
+    support: Annotated[list[Example], Field(min_length=1)]
+
+
+class TaskPublic(BaseModel):
+    task_id: str
+    name: str | None
+    labels: list[str]
+    n_way: int
+    n_examples: int
+    shots: dict[str, int]
+    model_version: str
+    created_at: datetime
+    updated_at: datetime
+    memory_bytes: int
+
+    @classmethod
+    def of(cls, info: TaskInfo) -> TaskPublic:
+        return cls(
+            task_id=info.task_id, name=info.name, labels=info.labels, n_way=len(info.labels),
+            n_examples=len(info.example_labels), shots=info.shots, model_version=info.model_version,
+            created_at=info.created_at, updated_at=info.updated_at, memory_bytes=info.memory_bytes,
+        )
+
+
+class TasksPublic(BaseModel):
+    data: list[TaskPublic]
+    next_cursor: str | None
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class AttentionWeight(BaseModel):
+    example_index: int
+    label: str
+    weight: float
+
+
+class Prediction(BaseModel):
+    label: str
+    confidence: float
+    top_k: list[LabelProbability]
+    # Present only when the request asked to explain.
+    attention: list[AttentionWeight] | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class ClassifyResponse(BaseModel):
+    task_id: str | None = Field(default=None, exclude_if=lambda v: v is None)  # None: one-off episode
+    model_version: str
+    predictions: list[Prediction]
+
+
+class ModelPublic(BaseModel):
+    name: str
+    version: str
+    max_way: int
+    max_examples: int
+    image_size: int
+    backend: str
+    device: str
+
+
+class Status(BaseModel):
+    status: str

@@ -1,0 +1,251 @@
+"""Task store: the durable record of every task (its preprocessed support set is the truth).
+
+`TaskStore` is the interface the service uses; `SqliteTaskStore` (WAL, one transaction per write,
+committed before the client hears 201) is the embedded default. Memories are never stored: they
+are rebuilt from the support set, deterministically.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import InvalidInput, TaskNotFound
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task's metadata: everything but its support images."""
+
+    task_id: str
+    owner: str
+    name: str | None
+    example_labels: tuple[str, ...]  # one per support example, in support order
+    model_version: str  # the weights its memory was last built with
+    memory_bytes: int
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names in order of first appearance: class id k is labels[k]."""
+        return list(dict.fromkeys(self.example_labels))
+
+    @property
+    def shots(self) -> dict[str, int]:
+        shots = dict.fromkeys(self.labels, 0)
+        for label in self.example_labels:
+            shots[label] += 1
+        return shots
+
+
+@dataclass(frozen=True)
+class Page:
+    tasks: list[TaskInfo]
+    next_cursor: str | None
+
+
+class TaskStore(Protocol):
+    """What the service needs from a store. Every write is atomic: all of it or none of it."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...  # raises when the store cannot be reached
+    async def count(self) -> int: ...
+    async def add(self, info: TaskInfo, support: np.ndarray) -> None: ...
+    async def get(self, owner: str, task_id: str) -> TaskInfo: ...  # TaskNotFound
+    async def support(self, owner: str, task_id: str) -> np.ndarray: ...  # (n, S, S) float32
+    async def page(self, owner: str, limit: int, cursor: str | None) -> Page: ...
+    async def replace_support(self, info: TaskInfo, support: np.ndarray) -> None: ...  # TaskNotFound
+    async def rebind(self, owner: str, task_id: str, model_version: str, memory_bytes: int) -> None: ...
+    async def delete(self, owner: str, task_id: str) -> None: ...  # TaskNotFound
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order, never reused: list cursor
+    task_id        TEXT NOT NULL UNIQUE,
+    owner          TEXT NOT NULL,       -- hash of the API key that created it ('' without auth)
+    name           TEXT,
+    example_labels TEXT NOT NULL,       -- JSON list, one label per support example
+    support        BLOB NOT NULL,       -- float32 (n, size, size), C order, little-endian
+    image_size     INTEGER NOT NULL,
+    model_version  TEXT NOT NULL,
+    memory_bytes   INTEGER NOT NULL,
+    created_at     TEXT NOT NULL,
+    updated_at     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, seq);
+"""
+_INFO_COLUMNS = "task_id, owner, name, example_labels, model_version, memory_bytes, created_at, updated_at"
+
+
+class SqliteTaskStore:
+    """SQLite in WAL mode, one connection behind a lock; every call runs in the threadpool."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    async def open(self) -> None:
+        await run_in_threadpool(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the client hears 201
+        db.execute("PRAGMA busy_timeout=5000")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    async def close(self) -> None:
+        await run_in_threadpool(self._close)
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1 FROM tasks LIMIT 1").fetchall())
+
+    async def count(self) -> int:
+        return await self._run(lambda db: db.execute("SELECT count(*) FROM tasks").fetchone()[0])
+
+    async def add(self, info: TaskInfo, support: np.ndarray) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    "INSERT INTO tasks (task_id, owner, name, example_labels, support, image_size,"
+                    " model_version, memory_bytes, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (info.task_id, info.owner, info.name, json.dumps(info.example_labels),
+                     _to_blob(support), support.shape[-1], info.model_version, info.memory_bytes,
+                     _to_text(info.created_at), _to_text(info.updated_at)),
+                )
+        await self._run(insert)
+
+    async def get(self, owner: str, task_id: str) -> TaskInfo:
+        row = await self._run(lambda db: db.execute(
+            f"SELECT {_INFO_COLUMNS} FROM tasks WHERE owner = ? AND task_id = ?", (owner, task_id)
+        ).fetchone())
+        if row is None:
+            raise TaskNotFound(task_id)
+        return _to_info(row)
+
+    async def support(self, owner: str, task_id: str) -> np.ndarray:
+        row = await self._run(lambda db: db.execute(
+            "SELECT support, image_size FROM tasks WHERE owner = ? AND task_id = ?", (owner, task_id)
+        ).fetchone())
+        if row is None:
+            raise TaskNotFound(task_id)
+        blob, size = row
+        return np.frombuffer(blob, dtype="<f4").reshape(-1, size, size).astype(np.float32)
+
+    async def page(self, owner: str, limit: int, cursor: str | None) -> Page:
+        after = _decode_cursor(cursor)
+        rows = await self._run(lambda db: db.execute(
+            f"SELECT seq, {_INFO_COLUMNS} FROM tasks WHERE owner = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (owner, after, limit + 1),
+        ).fetchall())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = _encode_cursor(rows[-1][0]) if more else None
+        return Page([_to_info(row[1:]) for row in rows], next_cursor)
+
+    async def replace_support(self, info: TaskInfo, support: np.ndarray) -> None:
+        def update(db: sqlite3.Connection) -> int:
+            with _transaction(db):
+                return db.execute(
+                    "UPDATE tasks SET example_labels = ?, support = ?, model_version = ?,"
+                    " memory_bytes = ?, updated_at = ? WHERE owner = ? AND task_id = ?",
+                    (json.dumps(info.example_labels), _to_blob(support), info.model_version,
+                     info.memory_bytes, _to_text(info.updated_at), info.owner, info.task_id),
+                ).rowcount
+        if await self._run(update) == 0:
+            raise TaskNotFound(info.task_id)
+
+    async def rebind(self, owner: str, task_id: str, model_version: str, memory_bytes: int) -> None:
+        def update(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    "UPDATE tasks SET model_version = ?, memory_bytes = ? WHERE owner = ? AND task_id = ?",
+                    (model_version, memory_bytes, owner, task_id),
+                )
+        await self._run(update)
+
+    async def delete(self, owner: str, task_id: str) -> None:
+        def remove(db: sqlite3.Connection) -> int:
+            with _transaction(db):
+                return db.execute(
+                    "DELETE FROM tasks WHERE owner = ? AND task_id = ?", (owner, task_id)
+                ).rowcount
+        if await self._run(remove) == 0:
+            raise TaskNotFound(task_id)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                if self._db is None:
+                    raise RuntimeError("the task store is not open")
+                return fn(self._db)
+        return await run_in_threadpool(locked)
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error: no half-written task is ever visible."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _to_blob(support: np.ndarray) -> bytes:
+    return np.ascontiguousarray(support, dtype="<f4").tobytes()
+
+
+def _to_text(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat()
+
+
+def _to_info(row: tuple) -> TaskInfo:
+    task_id, owner, name, labels, version, nbytes, created, updated = row
+    return TaskInfo(task_id, owner, name, tuple(json.loads(labels)), version, nbytes,
+                    datetime.fromisoformat(created), datetime.fromisoformat(updated))
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"after": seq}).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    try:
+        after = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))["after"]
+        if isinstance(after, int) and not isinstance(after, bool) and after >= 0:
+            return after
+    except (ValueError, TypeError, KeyError):
+        pass
+    raise InvalidInput("not a cursor this service handed out", field="cursor")

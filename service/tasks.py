@@ -1,0 +1,185 @@
+"""What the routes do: check limits, preprocess images, run the model, persist, cache.
+
+Every check happens before the first write, and each write is one store transaction, so a
+rejected request changes nothing. Per-task locks serialise rebuilds and updates of one task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from service.cache import ByteLRU
+from service.engine import Engine, Memory, Scores
+from service.errors import ImageTooLarge, InvalidImage, InvalidInput
+from service.images import ImageLimits, decode, ink_map
+from service.schemas import AttentionWeight, Example, LabelProbability, Prediction
+from service.settings import Settings
+from service.store import Page, TaskInfo, TaskStore
+
+ImageInput = str | np.ndarray
+
+
+class TaskService:
+    def __init__(self, store: TaskStore, engine: Engine, settings: Settings, n_tasks: int) -> None:
+        self.store = store
+        self.engine = engine
+        self.cache: ByteLRU[Memory] = ByteLRU(settings.cache_bytes)
+        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        self.max_examples = min(settings.max_examples, engine.info.max_examples)
+        self.max_images = settings.max_images_per_request
+        self.n_tasks = n_tasks  # for the tasks gauge; counted once at startup, then kept current
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    # ------------------------------------------------------------------------------- tasks
+
+    async def register(self, owner: str, name: str | None, examples: Sequence[Example]) -> TaskInfo:
+        labels = [e.label for e in examples]
+        self._check_support(labels, field="examples")
+        support = await self._prepare([e.image for e in examples], lambda i: f"examples[{i}].image")
+        memory = await self.engine.register(support, labels)
+        now = datetime.now(UTC)
+        info = TaskInfo(uuid.uuid4().hex, owner, name, tuple(labels), self.engine.info.version,
+                        memory.nbytes, now, now)
+        await self.store.add(info, support)
+        self.cache.put(info.task_id, memory, memory.nbytes)
+        self.n_tasks += 1
+        return info
+
+    async def get(self, owner: str, task_id: str) -> TaskInfo:
+        return await self.store.get(owner, task_id)
+
+    async def page(self, owner: str, limit: int, cursor: str | None) -> Page:
+        return await self.store.page(owner, limit, cursor)
+
+    async def delete(self, owner: str, task_id: str) -> None:
+        async with self._lock(task_id):
+            await self.store.delete(owner, task_id)
+            self.cache.pop(task_id)
+            self.n_tasks -= 1
+
+    async def add_examples(self, owner: str, task_id: str, examples: Sequence[Example]) -> TaskInfo:
+        async with self._lock(task_id):
+            info = await self.store.get(owner, task_id)
+            labels = [e.label for e in examples]
+            self._check_support(labels, field="examples", existing=info.example_labels)
+            added = await self._prepare([e.image for e in examples], lambda i: f"examples[{i}].image")
+            support = np.concatenate([await self.store.support(owner, task_id), added])
+            memory = await self.engine.register(support, [*info.example_labels, *labels],
+                                                offset=len(info.example_labels))
+            info = replace(info, example_labels=(*info.example_labels, *labels),
+                           model_version=self.engine.info.version, memory_bytes=memory.nbytes,
+                           updated_at=datetime.now(UTC))
+            await self.store.replace_support(info, support)
+            self.cache.put(task_id, memory, memory.nbytes)
+            return info
+
+    # ---------------------------------------------------------------------------- classify
+
+    async def classify(
+        self, owner: str, task_id: str, images: Sequence[ImageInput], top_k: int, explain: bool
+    ) -> list[Prediction]:
+        info = await self.store.get(owner, task_id)
+        self._check_count(len(images), field="images")
+        queries = await self._prepare(images, lambda i: f"images[{i}]")
+        memory = await self._memory(info)
+        return _predictions(await self.engine.classify(memory, queries, explain), memory, top_k)
+
+    async def classify_once(
+        self, support: Sequence[Example], images: Sequence[ImageInput], top_k: int, explain: bool
+    ) -> list[Prediction]:
+        labels = [e.label for e in support]
+        self._check_support(labels, field="support")
+        self._check_count(len(images), field="images")
+        support_x = await self._prepare([e.image for e in support], lambda i: f"support[{i}].image")
+        queries = await self._prepare(images, lambda i: f"images[{i}]")
+        memory = await self.engine.register(support_x, labels, field="support")
+        return _predictions(await self.engine.classify(memory, queries, explain), memory, top_k)
+
+    # ----------------------------------------------------------------------------- helpers
+
+    async def _memory(self, info: TaskInfo) -> Memory:
+        """The task's memory from the cache, else rebuilt from its stored support set."""
+        memory = self.cache.get(info.task_id)
+        if memory is not None:
+            return memory
+        async with self._lock(info.task_id):
+            memory = self.cache.peek(info.task_id)  # a request we waited on may have built it
+            if memory is not None:
+                return memory
+            support = await self.store.support(info.owner, info.task_id)
+            memory = await self.engine.register(support, info.example_labels)
+            version = self.engine.info.version
+            if (info.model_version, info.memory_bytes) != (version, memory.nbytes):
+                # New weights since the task was built: record what its memory now comes from.
+                await self.store.rebind(info.owner, info.task_id, version, memory.nbytes)
+            self.cache.put(info.task_id, memory, memory.nbytes)
+            return memory
+
+    def _check_support(self, labels: Sequence[str], field: str, existing: Sequence[str] = ()) -> None:
+        """The model's limits, checked before any image is decoded."""
+        self._check_count(len(labels), field)
+        n_examples = len(existing) + len(labels)
+        if n_examples > self.max_examples:
+            raise InvalidInput(
+                f"a task holds at most {self.max_examples} examples; this one would hold {n_examples}",
+                field=field,
+            )
+        n_way = len(set(existing) | set(labels))
+        if n_way < 2:
+            raise InvalidInput(f"a task needs at least 2 distinct labels, got {n_way}", field=field)
+        if n_way > self.engine.info.max_way:
+            raise InvalidInput(
+                f"a task may have at most max_way={self.engine.info.max_way} distinct labels; "
+                f"this one would have {n_way}",
+                field=field,
+            )
+
+    def _check_count(self, n_images: int, field: str) -> None:
+        if n_images > self.max_images:
+            raise InvalidInput(
+                f"{n_images} images in one request; at most {self.max_images} are allowed", field=field
+            )
+
+    async def _prepare(self, images: Sequence[ImageInput], field_of: Callable[[int], str]) -> np.ndarray:
+        """Decode, find the ink, resize: (n, S, S) float32 model inputs, in a worker thread."""
+        def run() -> np.ndarray:
+            size = self.engine.info.image_size
+            out = np.empty((len(images), size, size), dtype=np.float32)
+            for i, image in enumerate(images):
+                try:
+                    out[i] = self.engine.to_input(ink_map(decode(image, self.limits)))
+                except (InvalidImage, ImageTooLarge) as exc:
+                    raise exc.located(field_of(i), i) from None
+            return out
+        return await run_in_threadpool(run)
+
+    def _lock(self, task_id: str) -> asyncio.Lock:
+        lock = self._locks.get(task_id)
+        if lock is None:
+            lock = self._locks[task_id] = asyncio.Lock()
+        return lock
+
+
+def _predictions(scores: Scores, memory: Memory, top_k: int) -> list[Prediction]:
+    k = min(top_k, len(memory.labels))
+    predictions = []
+    for i, probs in enumerate(scores.probs):
+        best = np.argsort(-probs, kind="stable")[:k]
+        top = [LabelProbability(label=memory.labels[j], probability=float(probs[j])) for j in best]
+        attention = None
+        if scores.attention is not None:
+            attention = [
+                AttentionWeight(example_index=j, label=memory.example_labels[j], weight=float(w))
+                for j, w in enumerate(scores.attention[i])
+            ]
+        predictions.append(Prediction(label=top[0].label, confidence=top[0].probability,
+                                      top_k=top, attention=attention))
+    return predictions

@@ -1,0 +1,127 @@
+"""Image intake: encodings, polarity, pixel arrays, and refusing bombs before they are decoded."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFile
+
+from model.data import to_model_input
+from service.errors import ImageTooLarge, InvalidImage
+from service.images import ImageLimits, decode, ink_map, pixel_array
+
+LIMITS = ImageLimits(max_bytes=1_000_000, max_pixels=4_000_000)
+
+
+def drawing(size: int = 105) -> Image.Image:
+    img = Image.new("L", (size, size), 255)
+    margin, stroke = size // 5, max(1, size // 17)
+    ImageDraw.Draw(img).ellipse((margin, margin, size - margin, size - margin), outline=0, width=stroke)
+    return img
+
+
+def b64_file(img: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def ink_of(image: str | np.ndarray, limits: ImageLimits = LIMITS) -> np.ndarray:
+    return ink_map(decode(image, limits))
+
+
+def test_black_on_white_png_gives_exactly_one_minus_grey() -> None:
+    img = drawing()
+    expected = 1.0 - np.asarray(img, dtype=np.float32) / 255.0  # model.data's PNG preprocessing
+    np.testing.assert_array_equal(ink_of(b64_file(img)), expected)
+
+
+def test_white_on_black_gives_the_same_ink_as_black_on_white() -> None:
+    img = drawing()
+    inverted = Image.eval(img, lambda v: 255 - v)
+    np.testing.assert_array_equal(ink_of(b64_file(inverted)), ink_of(b64_file(img)))
+
+
+def test_omniglot_drawing_matches_the_training_preprocessing_exactly() -> None:
+    rng = np.random.default_rng(0)
+    ink = np.zeros((105, 105), dtype=np.uint8)
+    ink[30:70, 50:56] = 1
+    ink[rng.integers(0, 105, 40), rng.integers(0, 105, 40)] = 1
+    png = b64_file(Image.fromarray((255 * (1 - ink)).astype(np.uint8), mode="L").convert("1"))
+    served = to_model_input(ink_of(png)).numpy()
+    trained = to_model_input(ink.astype(np.float32)).numpy()
+    np.testing.assert_array_equal(served, trained)
+
+
+def test_data_url_prefix_is_accepted() -> None:
+    plain = b64_file(drawing())
+    np.testing.assert_array_equal(ink_of("data:image/png;base64," + plain), ink_of(plain))
+
+
+def test_strokes_on_a_transparent_canvas_are_put_on_white_paper() -> None:
+    img = drawing().convert("RGBA")
+    img.putalpha(Image.eval(drawing(), lambda v: 255 - v))
+    np.testing.assert_array_equal(ink_of(b64_file(img)), ink_of(b64_file(drawing())))
+
+
+def test_integer_and_float_pixel_arrays_give_the_same_ink() -> None:
+    grey = np.asarray(drawing(28))
+    ints = pixel_array(grey.astype(int).tolist())
+    floats = pixel_array((grey / 255.0).tolist())
+    np.testing.assert_allclose(ink_of(ints), ink_of(floats), atol=1e-6)
+    np.testing.assert_allclose(ink_of(ints), ink_of(b64_file(drawing(28))), atol=1e-6)
+
+
+def test_zero_one_integer_pixels_are_stretched_to_full_ink() -> None:
+    ink = ink_of(pixel_array([[0, 0, 0], [0, 1, 0], [0, 0, 0]]))
+    assert ink[1, 1] == 1.0 and ink.sum() == 1.0
+
+
+def test_blank_image_has_no_ink() -> None:
+    assert not ink_of(pixel_array([[255] * 4] * 4)).any()
+
+
+BAD_PIXELS = [[], [[]], [[0, 1], [0]], [[0, 256]], [[0.5, 1.5]], [[True, False]], [["0"]], [0, 1]]
+
+
+@pytest.mark.parametrize("rows", BAD_PIXELS)
+def test_bad_pixel_arrays_are_refused(rows: object) -> None:
+    with pytest.raises(InvalidImage):
+        pixel_array(rows)
+
+
+def test_a_bomb_is_refused_from_its_header_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_decoding(self: Image.Image) -> None:
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    big = b64_file(Image.new("1", (3000, 3000), 1))  # 9 megapixels against a limit of 4
+    with pytest.raises(ImageTooLarge, match="3000x3000"):
+        decode(big, LIMITS)
+
+
+def test_a_bomb_past_pillows_own_limit_is_refused_too() -> None:
+    bomb = b64_file(Image.new("1", (20000, 20000), 1))
+    with pytest.raises(ImageTooLarge):
+        decode(bomb, ImageLimits(max_bytes=1_000_000, max_pixels=10**12))
+
+
+def test_encoded_files_over_the_byte_limit_are_refused() -> None:
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8))
+    with pytest.raises(ImageTooLarge):
+        decode(b64_file(noise), ImageLimits(max_bytes=10_000, max_pixels=10**8))
+
+
+@pytest.mark.parametrize("text", [
+    "not base64 at all!",
+    b64_file(drawing())[:-3],
+    base64.b64encode(b"just some text").decode(),
+    "data:image/png,rawbytes",
+    "",
+])
+def test_undecodable_images_are_invalid(text: str) -> None:
+    with pytest.raises(InvalidImage):
+        decode(text, LIMITS)

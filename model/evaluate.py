@@ -23,7 +23,7 @@ class EvalResult:
     episodes: int
     queries_per_class: int
     accuracy: float
-    ci95: float
+    ci95: float | None  # None for a single episode: no spread to measure
     seed: int
 
     def to_dict(self) -> dict[str, float | int]:
@@ -62,5 +62,5 @@ def evaluate(
         predicted = torch.tensor([int(memory.labels[k].split("-")[1]) for k in probs.argmax(1)])
         accuracies[e] = (predicted == ep.query_y.cpu()).float().mean().item()
     mean = float(accuracies.mean())
-    ci95 = 1.96 * float(accuracies.std(ddof=1)) / math.sqrt(episodes) if episodes > 1 else float("nan")
+    ci95 = 1.96 * float(accuracies.std(ddof=1)) / math.sqrt(episodes) if episodes > 1 else None
     return EvalResult(way, shot, episodes, queries_per_class, mean, ci95, seed)

@@ -47,6 +47,13 @@ def sample_episode_size(cfg: TrainConfig, rng: np.random.Generator, n_drawings: 
     return n_way, n_shot, n_query
 
 
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The rate for the episode after `step` episodes: cfg.lr halved every cfg.lr_halve_every."""
+    if cfg.lr_halve_every <= 0:
+        return cfg.lr
+    return cfg.lr * 0.5 ** (step // cfg.lr_halve_every)
+
+
 def train(
     cfg: TrainConfig,
     run_dir: str | os.PathLike[str],
@@ -94,6 +101,8 @@ def train(
         loss, correct = model.episode_loss(
             ep.support_x, ep.support_y, ep.query_x, ep.query_y, n_way, rng
         )
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, state.step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -112,6 +121,7 @@ def train(
                 "step": state.step,
                 "train_loss": float(np.mean(window_loss)),
                 "train_acc": float(np.mean(window_acc)),
+                "lr": learning_rate(cfg, state.step),
                 "val_acc": val,
                 "seconds": state.seconds + time.monotonic() - started,
             }

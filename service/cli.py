@@ -81,7 +81,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         print(f"{args.way}-way {args.shot}-shot over {args.episodes} episodes: "
-              f"{100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f} (95% CI)")
+              f"{100 * result.accuracy:.2f}% ± {100 * (result.ci95 or 0.0):.2f} (95% CI)")
     return 0
 
 

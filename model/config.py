@@ -73,8 +73,10 @@ class TrainConfig:
     lr_halve_every: int = 4000
     # Each episode draws n_way uniformly from [min_way, max_train_way] and, with probability
     # multi_shot_prob, n_shot uniformly from [2, max_shot] (else 1): one model serves every size.
-    min_way: int = 5
-    max_train_way: int = 20
+    # Training must reach max_way: a model trained only up to 20-way answers at chance at 21-way
+    # (the untrained slots of the softmax layer outvote the trained ones).
+    min_way: int = 2
+    max_train_way: int = 50
     max_shot: int = 5
     multi_shot_prob: float = 0.3
     query_per_class: int = 10
@@ -82,7 +84,7 @@ class TrainConfig:
     rotate: bool = True
     val_every: int = 500
     val_episodes: int = 200
-    val_way: int = 20
+    val_ways: tuple[int, ...] = (20, 50)  # 1-shot validation settings; model selection uses their mean
     checkpoint_every: int = 250
     seed: int = 0
 
@@ -94,6 +96,9 @@ class TrainConfig:
         data = dict(data)
         data["model"] = MetaNetConfig.from_dict(data.get("model", {}))
         data["betas"] = tuple(data.get("betas", (0.9, 0.999)))
+        if "val_way" in data:  # runs saved before val_ways existed
+            data["val_ways"] = (data.pop("val_way"), data["model"].max_way)
+        data["val_ways"] = tuple(data.get("val_ways", (20, 50)))
         return cls(**data)
 
     def to_json(self) -> str:

@@ -122,16 +122,17 @@ def train(
                 "train_loss": float(np.mean(window_loss)),
                 "train_acc": float(np.mean(window_acc)),
                 "lr": learning_rate(cfg, state.step),
-                "val_acc": val,
+                "val_acc": val["mean"],
+                "val": val,
                 "seconds": state.seconds + time.monotonic() - started,
             }
             window_loss.clear()
             window_acc.clear()
             with open(run / "history.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            if val > state.best_val:
-                state.best_val = val
-                save_weights(model, run / "best", extra={"step": state.step, "val_acc": val})
+            if val["mean"] > state.best_val:
+                state.best_val = val["mean"]
+                save_weights(model, run / "best", extra={"step": state.step, "val": val})
             plot_curve(run)
         if state.step % cfg.checkpoint_every == 0:
             _save_last(run / "last", model, optimizer, state, rng, started)
@@ -143,13 +144,18 @@ def train(
     return state
 
 
-def _validate(model: MetaNet, val_split: OmniglotSplit, cfg: TrainConfig) -> float:
-    """Accuracy on the same seeded validation episodes every time, so values compare."""
+def _validate(model: MetaNet, val_split: OmniglotSplit, cfg: TrainConfig) -> dict[str, float]:
+    """1-shot accuracy per `cfg.val_ways` on the same seeded episodes every time, so values
+    compare; "mean" over the settings selects the best weights."""
     model.eval()
-    way = min(cfg.val_way, cfg.model.max_way, len(val_split.images))
-    result = evaluate(model, val_split, way=way, shot=1, episodes=cfg.val_episodes, seed=1234)
+    scores = {}
+    for way in cfg.val_ways:
+        way = min(way, cfg.model.max_way, len(val_split.images))
+        result = evaluate(model, val_split, way=way, shot=1, episodes=cfg.val_episodes, seed=1234)
+        scores[f"{way}-way"] = result.accuracy
     model.train()
-    return result.accuracy
+    scores["mean"] = float(np.mean(list(scores.values())))
+    return scores
 
 
 def _save_last(directory: Path, model: MetaNet, optimizer: torch.optim.Optimizer, state: TrainState,
@@ -201,7 +207,7 @@ def plot_curve(run: Path) -> None:
     ax_loss.plot(steps, [r["train_loss"] for r in rows])
     ax_loss.set(xlabel="episode", ylabel="query cross-entropy", title="training loss", yscale="log")
     ax_acc.plot(steps, [r["train_acc"] for r in rows], label="train (mixed way/shot)")
-    ax_acc.plot(steps, [r["val_acc"] for r in rows], label="validation 20-way 1-shot")
+    ax_acc.plot(steps, [r["val_acc"] for r in rows], label="validation, mean of 1-shot settings")
     ax_acc.set(xlabel="episode", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     ax_acc.legend(loc="lower right")
     fig.tight_layout()

@@ -1,4 +1,5 @@
-"""`metanet`: the command line for meta-training, evaluation and serving."""
+"""`metanet`: the command line for meta-training, evaluation and serving, and for using a running
+service (`metanet tasks create|ls|get|rm`, `metanet classify`: see service/cli_client.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+
+from service.cli_client import add_client_commands
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +24,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-every", type=int)
     p.add_argument("--val-episodes", type=int)
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--min-way", type=int, help="smallest n_way of a training episode")
+    p.add_argument("--max-train-way", type=int, help="largest n_way of a training episode")
     p.add_argument("--channels", type=int, help="conv width (64 in the paper; smaller for smoke tests)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
@@ -39,7 +44,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(json.loads(saved.read_text())) if args.resume and saved.is_file() else TrainConfig()
     overrides = {
         k: getattr(args, k)
-        for k in ("episodes", "seed", "val_every", "val_episodes", "checkpoint_every")
+        for k in ("episodes", "seed", "val_every", "val_episodes", "checkpoint_every", "min_way",
+                  "max_train_way")
         if getattr(args, k) is not None
     }
     cfg = dataclasses.replace(cfg, **overrides)
@@ -114,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_serve(sub)
+    add_client_commands(parser, sub)
     return parser
 
 

@@ -85,7 +85,7 @@ def _tiny_train_config(episodes: int) -> TrainConfig:
         query_per_class=2,
         val_every=2,
         val_episodes=2,
-        val_way=4,
+        val_ways=(4,),
         checkpoint_every=2,
     )
 

@@ -1,0 +1,58 @@
+"""Evaluate the shipped (or given) weights on the model card's five settings and record the result.
+
+    python bench/model_card.py [--weights DIR] [--episodes 1000] [--device cpu]
+
+Runs `metanet evaluate` for 5-way 1-shot, 5-way 5-shot, 20-way 1-shot, 20-way 5-shot and 50-way
+1-shot (evaluation alphabets, seed 0), writes bench/results/model-card-<date>-<device>.json and
+prints the README's markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = [(5, 1), (5, 5), (20, 1), (20, 5), (50, 1)]
+PAPER = {(5, 1): "98.95*", (20, 1): "97.00* / 95.9"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", help="weights directory (default: shipped)")
+    parser.add_argument("--episodes", type=int, default=1000)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    rows = []
+    for way, shot in SETTINGS:
+        cmd = [sys.executable, "-m", "service.cli", "evaluate", "--way", str(way), "--shot", str(shot),
+               "--episodes", str(args.episodes), "--seed", "0", "--device", args.device, "--json"]
+        if args.weights:
+            cmd += ["--weights", args.weights]
+        start = time.perf_counter()
+        result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        result["command"] = "metanet " + " ".join(cmd[3:])
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"model-card-{dt.date.today().isoformat()}-{args.device}.json"
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"\nwrote {path}\n")
+    print("| setting | accuracy (95% CI) | episodes | paper | command |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        key = (r["way"], r["shot"])
+        print(f"| {r['way']}-way {r['shot']}-shot | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} "
+              f"| {r['episodes']} | {PAPER.get(key, '—')} | `{r['command']}` |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""`MetaNetClient` and `AsyncMetaNetClient`: one method per endpoint of docs/api.md.
+
+Each method builds a `_Call` (the request plus how to read its answer) with the shared functions
+below; the two classes differ only in how they send it, so the protocol is written down once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import anyio.to_thread  # a dependency of httpx: runs image encoding off the event loop
+import httpx
+
+from metanet_client._errors import (
+    APIConnectionError,
+    APITimeoutError,
+    UnexpectedResponse,
+    error_from_response,
+)
+from metanet_client._images import ImageInput, encode_examples, encode_images
+from metanet_client._types import ClassifyResult, ModelInfo, Task, TaskPage
+
+T = TypeVar("T")
+Examples = Mapping[str, ImageInput | Iterable[ImageInput]] | Iterable[tuple[str, ImageInput]]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+# Registering a large support set or classifying a full batch on a busy CPU takes seconds, not ms;
+# a dead host should still fail fast.
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+PAGE_SIZE = 200  # the service's largest page
+
+
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[T]):
+    """One request of the contract and how to read its success; errors become exceptions."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    json: Any = None
+    params: Mapping[str, Any] | None = None
+    raise_errors: bool = True  # False: `parse` sees every status (the probes)
+
+    def finish(self, response: httpx.Response) -> T:
+        if self.raise_errors and response.is_error:
+            raise error_from_response(response)
+        try:
+            return self.parse(response)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UnexpectedResponse(
+                f"{self.method} {self.path} answered {response.status_code} with a body outside the "
+                f"contract ({type(exc).__name__}: {exc}): {response.text[:200]!r}"
+            ) from exc
+
+
+def _body_as(model: Any) -> Callable[[httpx.Response], Any]:
+    return lambda response: model.from_json(response.json())
+
+
+def _task_path(task_id: str, suffix: str = "") -> str:
+    if not isinstance(task_id, str) or task_id in ("", ".", ".."):
+        raise ValueError(f"not a task id: {task_id!r}")
+    return f"/v1/tasks/{quote(task_id, safe='')}{suffix}"
+
+
+def _create_task(examples: Examples, name: str | None) -> _Call[Task]:
+    body: dict[str, Any] = {"examples": encode_examples(examples)}
+    if name is not None:
+        body["name"] = name
+    return _Call("POST", "/v1/tasks", _body_as(Task), json=body)
+
+
+def _get_task(task_id: str) -> _Call[Task]:
+    return _Call("GET", _task_path(task_id), _body_as(Task))
+
+
+def _list_tasks(limit: int | None, cursor: str | None) -> _Call[TaskPage]:
+    params = {k: v for k, v in (("limit", limit), ("cursor", cursor)) if v is not None}
+    return _Call("GET", "/v1/tasks", _body_as(TaskPage), params=params)
+
+
+def _delete_task(task_id: str) -> _Call[None]:
+    return _Call("DELETE", _task_path(task_id), lambda response: None)
+
+
+def _add_examples(task_id: str, examples: Examples) -> _Call[Task]:
+    body = {"examples": encode_examples(examples)}
+    return _Call("POST", _task_path(task_id, "/examples"), _body_as(Task), json=body)
+
+
+def _classify(task_id: str, images: Any, top_k: int, explain: bool) -> _Call[ClassifyResult]:
+    body = {"images": encode_images(images), "top_k": top_k, "explain": explain}
+    return _Call("POST", _task_path(task_id, "/classify"), _body_as(ClassifyResult), json=body)
+
+
+def _classify_once(support: Examples, images: Any, top_k: int, explain: bool) -> _Call[ClassifyResult]:
+    body = {"support": encode_examples(support), "images": encode_images(images),
+            "top_k": top_k, "explain": explain}
+    return _Call("POST", "/v1/classify", _body_as(ClassifyResult), json=body)
+
+
+def _model_info() -> _Call[ModelInfo]:
+    return _Call("GET", "/v1/model", _body_as(ModelInfo))
+
+
+def _probe(path: str) -> _Call[bool]:
+    return _Call("GET", path, lambda response: response.status_code == 200, raise_errors=False)
+
+
+class _BaseClient:
+    def __init__(
+        self, base_url: str, api_key: str | None, timeout: float | httpx.Timeout | None,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        self.base_url = str(base_url).rstrip("/")
+        merged = {"Accept": "application/json", "User-Agent": "metanet-client", **(headers or {})}
+        if api_key:
+            merged["Authorization"] = f"Bearer {api_key}"
+        self._http_options: dict[str, Any] = {
+            "base_url": self.base_url, "headers": merged, "timeout": timeout}
+
+    def __repr__(self) -> str:  # never the API key
+        return f"{type(self).__name__}({self.base_url!r})"
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """httpx's transport failures as the client's own exceptions, naming the service."""
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise APITimeoutError(f"no answer from {self.base_url} in time ({type(exc).__name__})") from exc
+        except httpx.RequestError as exc:
+            raise APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+
+
+class MetaNetClient(_BaseClient):
+    """A blocking client for the MetaNet service; use it as a context manager (or call close()).
+
+    Images may be paths, encoded file bytes, PIL images or 2-D arrays of grey levels; see
+    `encode_image`. Errors raise `MetaNetAPIError` subclasses carrying the API's type and message.
+    """
+
+    def __init__(
+        self, base_url: str = DEFAULT_URL, api_key: str | None = None, *,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT, headers: Mapping[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, headers)
+        self._http = httpx.Client(transport=transport, **self._http_options)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> MetaNetClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self, call: _Call[T]) -> T:
+        with self._reaching():
+            response = self._http.request(call.method, call.path, json=call.json, params=call.params)
+        return call.finish(response)
+
+    def create_task(self, examples: Examples, name: str | None = None) -> Task:
+        """Register a task from a mapping label -> images, or from (label, image) pairs."""
+        return self._run(_create_task(examples, name))
+
+    def get_task(self, task_id: str) -> Task:
+        return self._run(_get_task(task_id))
+
+    def list_tasks(self, limit: int | None = None, cursor: str | None = None) -> TaskPage:
+        """One page of tasks, oldest first; pass `page.next_cursor` for the next one."""
+        return self._run(_list_tasks(limit, cursor))
+
+    def iter_tasks(self, page_size: int = PAGE_SIZE) -> Iterator[Task]:
+        """Every task, fetching pages as the iteration goes."""
+        cursor = None
+        while True:
+            page = self.list_tasks(page_size, cursor)
+            yield from page.data
+            if (cursor := page.next_cursor) is None:
+                return
+
+    def delete_task(self, task_id: str) -> None:
+        self._run(_delete_task(task_id))
+
+    def add_examples(self, task_id: str, examples: Examples) -> Task:
+        """Add support examples (new labels allowed within the limits); returns the updated task."""
+        return self._run(_add_examples(task_id, examples))
+
+    def classify(self, task_id: str, images: Any, top_k: int = 1, explain: bool = False) -> ClassifyResult:
+        """Classify images (one, or an iterable of them) against a registered task."""
+        return self._run(_classify(task_id, images, top_k, explain))
+
+    def classify_once(
+        self, support: Examples, images: Any, top_k: int = 1, explain: bool = False,
+    ) -> ClassifyResult:
+        """A one-off episode: classify `images` against `support`; nothing is stored."""
+        return self._run(_classify_once(support, images, top_k, explain))
+
+    def model_info(self) -> ModelInfo:
+        return self._run(_model_info())
+
+    def health(self) -> bool:
+        """True while the process answers /healthz; raises APIConnectionError if unreachable."""
+        return self._run(_probe("/healthz"))
+
+    def ready(self) -> bool:
+        """True once the model is loaded and the store reachable (/readyz answers 200)."""
+        return self._run(_probe("/readyz"))
+
+
+class AsyncMetaNetClient(_BaseClient):
+    """The asyncio (or trio) twin of `MetaNetClient`: the same methods, awaited; use it with
+    `async with`. Images are encoded in a worker thread, so large batches do not stall the loop."""
+
+    def __init__(
+        self, base_url: str = DEFAULT_URL, api_key: str | None = None, *,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT, headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, headers)
+        self._http = httpx.AsyncClient(transport=transport, **self._http_options)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncMetaNetClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _run(self, call: _Call[T]) -> T:
+        with self._reaching():
+            response = await self._http.request(call.method, call.path, json=call.json, params=call.params)
+        return call.finish(response)
+
+    @staticmethod
+    async def _build(build: Callable[..., _Call[T]], *args: Any) -> _Call[T]:
+        return await anyio.to_thread.run_sync(functools.partial(build, *args))
+
+    async def create_task(self, examples: Examples, name: str | None = None) -> Task:
+        return await self._run(await self._build(_create_task, examples, name))
+
+    async def get_task(self, task_id: str) -> Task:
+        return await self._run(_get_task(task_id))
+
+    async def list_tasks(self, limit: int | None = None, cursor: str | None = None) -> TaskPage:
+        return await self._run(_list_tasks(limit, cursor))
+
+    async def iter_tasks(self, page_size: int = PAGE_SIZE) -> AsyncIterator[Task]:
+        cursor = None
+        while True:
+            page = await self.list_tasks(page_size, cursor)
+            for task in page.data:
+                yield task
+            if (cursor := page.next_cursor) is None:
+                return
+
+    async def delete_task(self, task_id: str) -> None:
+        await self._run(_delete_task(task_id))
+
+    async def add_examples(self, task_id: str, examples: Examples) -> Task:
+        return await self._run(await self._build(_add_examples, task_id, examples))
+
+    async def classify(
+        self, task_id: str, images: Any, top_k: int = 1, explain: bool = False,
+    ) -> ClassifyResult:
+        return await self._run(await self._build(_classify, task_id, images, top_k, explain))
+
+    async def classify_once(
+        self, support: Examples, images: Any, top_k: int = 1, explain: bool = False,
+    ) -> ClassifyResult:
+        return await self._run(await self._build(_classify_once, support, images, top_k, explain))
+
+    async def model_info(self) -> ModelInfo:
+        return await self._run(_model_info())
+
+    async def health(self) -> bool:
+        return await self._run(_probe("/healthz"))
+
+    async def ready(self) -> bool:
+        return await self._run(_probe("/readyz"))

@@ -39,9 +39,10 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Hermetic: the caller's METANET_* settings stay out, except METANET_CHECKPOINT, so the
-        # suite (the real-data test above all) can judge candidate weights before they ship.
+        # suite (the real-data test above all) can judge candidate weights before they ship, and
+        # METANET_TORCH_THREADS, so a busy machine can keep the servers to fewer cores.
         self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("METANET_") or k == "METANET_CHECKPOINT"}
+                    if not k.startswith("METANET_") or k in ("METANET_CHECKPOINT", "METANET_TORCH_THREADS")}
         self.env.update({"METANET_DATA_DIR": str(data_dir), "METANET_DEVICE": "cpu",
                          "METANET_LOG_LEVEL": "info"})
         self.env.update({f"METANET_{k.upper()}": str(v) for k, v in settings.items()})

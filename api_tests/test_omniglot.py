@@ -37,6 +37,7 @@ def as_png(ink: np.ndarray) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.accuracy
 def test_20_way_one_shot_omniglot_accuracy_over_http_is_at_least_90_percent(client: httpx.Client) -> None:
     ink = evaluation_ink()
     rng = np.random.default_rng(2017)

@@ -313,14 +313,37 @@ class MetaNet(nn.Module):
             images: query images of shape (n_query, 1, S, S) or (n_query, S, S).
             return_attention: also return the attention over the support examples.
         """
-        images = self._check_images(images, field="images", limit=None)
-        probs, attentions = [], []
+        return self.classify_many([(memory, images)], return_attention=return_attention)[0]
+
+    def classify_many(
+        self, requests: Sequence[tuple[TaskMemory, Tensor]], *, return_attention: bool = False
+    ) -> list[ClassifyOutput]:
+        """Queries of several tasks at once: one result per (memory, images) pair, in order.
+
+        Each task's u (its own Q*) and read of M run once per task; b, the per-query network,
+        runs over the queries of every task together as one grouped convolution per layer.
+        """
+        checked = [(mem, self._check_images(x, field="images", limit=None)) for mem, x in requests]
         with torch.inference_mode():
-            for block in images.split(_QUERY_BLOCK):
-                logits, attention = self._read(block, memory.Q_fast, memory.R, memory.M, memory.n_way)
-                probs.append(torch.softmax(logits[:, : memory.n_way], dim=1))
+            attentions, rows = [], []
+            for memory, x in checked:
+                r = self.u(x, memory.Q_fast)
+                attention = torch.softmax(_cosine(r, memory.R), dim=1)  # (n_query, n_support)
                 attentions.append(attention)
-        return ClassifyOutput(torch.cat(probs), torch.cat(attentions) if return_attention else None)
+                rows.append(attention @ memory.M.to(attention.dtype))  # (n_query, P): W* per query
+            x_all, W_all = torch.cat([x for _, x in checked]), torch.cat(rows)
+            logits = torch.cat([
+                self.b(x, self._unflatten(W, self.b_params()), self.config.max_way)
+                for x, W in zip(x_all.split(_QUERY_BLOCK), W_all.split(_QUERY_BLOCK), strict=True)
+            ])
+        outputs, start = [], 0
+        for (memory, x), attention in zip(checked, attentions, strict=True):
+            task_logits = logits[start : start + len(x), : memory.n_way]  # drop the unused heads
+            start += len(x)
+            outputs.append(
+                ClassifyOutput(torch.softmax(task_logits, dim=1), attention if return_attention else None)
+            )
+        return outputs
 
     def episode_loss(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, n_way: int,

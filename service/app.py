@@ -14,7 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from service.errors import ServiceError, handle_error
+from service.logs import RequestLogMiddleware, configure_logging
 from service.metrics import MetricsMiddleware
+from service.openapi import document
 from service.routes import probes, v1
 from service.runtime import Runtime
 from service.settings import Settings
@@ -44,18 +46,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for exc_type in (ServiceError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
+    app.add_middleware(RequestLogMiddleware)  # outermost: its line and X-Request-ID cover everything
+    document(app, settings)
     return app
 
 
 def serve(settings: Settings) -> int:
-    """Run the service until SIGINT/SIGTERM. Returns 1 if startup failed; after a signal, uvicorn
-    shuts down gracefully and then re-raises it, so the exit status is the signal's."""
+    """Run the service until SIGINT/SIGTERM. Returns 1 if startup failed.
+
+    On SIGTERM uvicorn stops accepting connections, lets the requests in flight finish (for at most
+    `shutdown_timeout_s`, then cancels them), and only then runs the lifespan's shutdown, which
+    stops the model and closes the store. It then re-raises the signal: the exit status is the
+    signal's."""
     import uvicorn
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    configure_logging(settings)
     app = create_app(settings)
+    # log_config=None: keep our handlers; access_log=False: RequestLogMiddleware writes that line.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=30)
+                            log_config=None, access_log=False,
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
     server = uvicorn.Server(config)
     runtime: Runtime = app.state.runtime
 

@@ -13,7 +13,9 @@
     ├── UnsupportedMediaType          415 unsupported_media_type
     ├── InvalidInput                  422 invalid_input
     │   └── InvalidImage              422 invalid_image
-    ├── Overloaded                    429 overloaded       (Retry-After)
+    ├── TooManyRequests               429 too_many_requests (Retry-After)
+    │   ├── Overloaded                429 overloaded        (the model's queue is full)
+    │   └── RateLimited               429 rate_limited      (this key's token bucket is empty)
     └── NotReady                      503 not_ready
 
 Route handlers raise these; `handle_error` (registered for every exception) turns any of them,
@@ -29,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 
 
 class ServiceError(Exception):
@@ -113,8 +116,16 @@ class InvalidImage(InvalidInput):
     type = "invalid_image"
 
 
-class Overloaded(ServiceError):
+class TooManyRequests(ServiceError):
+    type = "too_many_requests"
+
+
+class Overloaded(TooManyRequests):
     type = "overloaded"
+
+
+class RateLimited(TooManyRequests):
+    type = "rate_limited"
 
 
 class NotReady(ServiceError):
@@ -131,7 +142,7 @@ STATUS: dict[type[ServiceError], int] = {
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     InvalidInput: 422,
-    Overloaded: 429,
+    TooManyRequests: 429,
     NotReady: 503,
 }
 
@@ -150,7 +161,20 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     An unexpected exception is not logged here: Starlette re-raises it after this answer, and the
     server logs it with its traceback.
     """
-    return error_response(as_service_error(exc))
+    error = as_service_error(exc)
+    if isinstance(error, MethodNotAllowed):
+        # Starlette's Allow lists the methods of the first route matching the path only.
+        error.headers["Allow"] = allowed_methods(request)
+    return error_response(error)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this request's path (the Allow header of a 405)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 def as_service_error(exc: Exception) -> ServiceError:
@@ -162,7 +186,7 @@ def as_service_error(exc: Exception) -> ServiceError:
         case HTTPException(status_code=404):
             return NotFound("no such route")
         case HTTPException(status_code=405):
-            return MethodNotAllowed("method not allowed on this route", headers=exc.headers)
+            return MethodNotAllowed("method not allowed on this route", headers=dict(exc.headers or {}))
         case HTTPException(status_code=code) if 400 <= code < 500:
             return BadRequest(str(exc.detail))
         case _:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import Response as RawResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import OwnerDep, RuntimeDep, TasksDep, get_owner
+from service.deps import OwnerDep, RuntimeDep, TasksDep, limit_rate, require_metrics_key
 from service.limits import LimitedRoute
 from service.schemas import (
     MAX_PAGE_SIZE,
     ClassifyOnceRequest,
     ClassifyRequest,
     ClassifyResponse,
+    ErrorPublic,
     ExamplesAdd,
     ModelPublic,
     Status,
@@ -23,11 +24,34 @@ from service.schemas import (
     TasksPublic,
 )
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_owner)], route_class=LimitedRoute)
+_ERRORS = {
+    400: "Malformed JSON", 401: "Missing or unknown API key", 404: "No such task (or not this key's)",
+    413: "Body or image too large", 415: "Body not sent as JSON", 422: "Invalid content",
+    429: "Rate limited, or the model's queue is full", 503: "Not ready (loading)",
+}
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait", "required": True,
+                          "schema": {"type": "string", "pattern": "^[0-9]+$"}}},
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI documentation of the error responses a route can give, all in the one error shape."""
+    return {code: {"model": ErrorPublic, "description": _ERRORS[code],
+                   **({"headers": _HEADERS[code]} if code in _HEADERS else {})} for code in codes}
+
+
+_BODY = errors(400, 413, 415)  # routes that take a JSON body
+_TASK = errors(404)  # routes that name a task
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(limit_rate)], route_class=LimitedRoute,
+               responses=errors(401, 422, 429, 503))
 probes = APIRouter()
 
 
-@v1.post("/tasks", status_code=status.HTTP_201_CREATED)
+@v1.post("/tasks", status_code=status.HTTP_201_CREATED, responses={**_BODY, 201: {"headers": {
+    "Location": {"description": "the new task", "required": True, "schema": {"type": "string"}}}}})
 async def register_task(body: TaskCreate, tasks: TasksDep, owner: OwnerDep, response: Response) -> TaskPublic:
     info = await tasks.register(owner, body.name, body.examples)
     response.headers["Location"] = f"/v1/tasks/{info.task_id}"
@@ -44,29 +68,29 @@ async def list_tasks(
     return TasksPublic(data=[TaskPublic.of(info) for info in page.tasks], next_cursor=page.next_cursor)
 
 
-@v1.get("/tasks/{task_id}")
+@v1.get("/tasks/{task_id}", responses=_TASK)
 async def get_task(task_id: str, tasks: TasksDep, owner: OwnerDep) -> TaskPublic:
     return TaskPublic.of(await tasks.get(owner, task_id))
 
 
-@v1.delete("/tasks/{task_id}", status_code=status.HTTP_204_NO_CONTENT)
+@v1.delete("/tasks/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_TASK)
 async def delete_task(task_id: str, tasks: TasksDep, owner: OwnerDep) -> None:
     await tasks.delete(owner, task_id)
 
 
-@v1.post("/tasks/{task_id}/examples")
+@v1.post("/tasks/{task_id}/examples", responses={**_BODY, **_TASK})
 async def add_examples(task_id: str, body: ExamplesAdd, tasks: TasksDep, owner: OwnerDep) -> TaskPublic:
     return TaskPublic.of(await tasks.add_examples(owner, task_id, body.examples))
 
 
-@v1.post("/tasks/{task_id}/classify")
+@v1.post("/tasks/{task_id}/classify", responses={**_BODY, **_TASK})
 async def classify(task_id: str, body: ClassifyRequest, tasks: TasksDep, owner: OwnerDep) -> ClassifyResponse:
     predictions = await tasks.classify(owner, task_id, body.images, body.top_k, body.explain)
     return ClassifyResponse(task_id=task_id, model_version=tasks.engine.info.version,
                             predictions=predictions)
 
 
-@v1.post("/classify")
+@v1.post("/classify", responses=_BODY)
 async def classify_once(body: ClassifyOnceRequest, tasks: TasksDep) -> ClassifyResponse:
     predictions = await tasks.classify_once(body.support, body.images, body.top_k, body.explain)
     return ClassifyResponse(model_version=tasks.engine.info.version, predictions=predictions)
@@ -85,12 +109,15 @@ async def healthz() -> Status:
     return Status(status="alive")
 
 
-@probes.get("/readyz")
+@probes.get("/readyz", responses=errors(503))
 async def readyz(runtime: RuntimeDep) -> Status:
     await runtime.check_ready()
     return Status(status="ready")
 
 
-@probes.get("/metrics")
+@probes.get("/metrics", response_class=RawResponse, dependencies=[Depends(require_metrics_key)], responses={
+    200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+    **errors(401),
+})
 async def metrics(runtime: RuntimeDep) -> RawResponse:
     return RawResponse(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)

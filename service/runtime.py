@@ -15,8 +15,9 @@ from service.engine import Engine
 from service.errors import NotReady
 from service.metrics import Metrics
 from service.settings import Settings
-from service.store import SqliteTaskStore, TaskStore
+from service.store import TaskStore, open_store
 from service.tasks import TaskService
+from service.tenants import KeyRing, RateLimiter
 
 log = logging.getLogger("service.runtime")
 
@@ -25,7 +26,10 @@ class Runtime:
     def __init__(self, settings: Settings, store: TaskStore | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.store: TaskStore = store or SqliteTaskStore(settings.database_path)
+        self.keys = KeyRing(settings.api_keys)
+        self.metrics_keys = KeyRing(settings.metrics_keys)
+        self.limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        self.store: TaskStore = store or open_store(settings)
         self.engine: Engine | None = None
         self.tasks: TaskService | None = None  # set once everything is loaded and warm
         self.failure: str | None = None
@@ -45,13 +49,16 @@ class Runtime:
         self.metrics.watch(tasks.cache, lambda: tasks.n_tasks, lambda: tasks.engine.pending)
         self.tasks = tasks
         log.info("ready: model %s on %s, %d tasks in %s", self.engine.info.version,
-                 self.engine.info.device, tasks.n_tasks, self.settings.data_dir)
+                 self.engine.info.device, tasks.n_tasks, self.store)
 
     async def stop(self) -> None:
+        """After the server has drained (or given up on) in-flight requests: stop the model, then
+        close the store, so no write is cut off half way."""
         self.tasks = None
         if self.engine is not None:
             await run_in_threadpool(self.engine.close)  # lets the model call in flight finish
         await self.store.close()
+        log.info("stopped: model released, task store closed")
 
     async def check_ready(self) -> None:
         if self.tasks is None:

@@ -37,10 +37,14 @@ Image = Annotated[
     WithJsonSchema({
         "oneOf": [
             {"type": "string", "description": "base64 of an image file, optionally a data: URL"},
-            {"type": "object", "required": ["pixels"], "properties": {"pixels": {
-                "type": "array", "items": {"type": "array", "items": {"type": "number"}},
-                "description": "rows of grey levels: all integers 0..255 or all numbers in [0, 1]",
-            }}},
+            {"type": "object", "required": ["pixels"], "additionalProperties": False,
+             "properties": {"pixels": {
+                 "type": "array", "minItems": 1, "items": {
+                     "type": "array", "minItems": 1,
+                     "items": {"type": "number", "minimum": 0, "maximum": 255}},
+                 "description": "rows of grey levels, all of one length: all integers 0..255 or all "
+                                "numbers in [0, 1]",
+             }}},
         ]
     }),
 ]
@@ -138,3 +142,15 @@ class ModelPublic(BaseModel):
 
 class Status(BaseModel):
     status: str
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="snake_case error type; one status code per type")
+    message: str = Field(description="what is wrong, for a person; names the field when there is one")
+    details: dict[str, Any] | None = Field(description="field, index (of the example or image), ...")
+
+
+class ErrorPublic(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail

@@ -6,9 +6,9 @@ No other module reads the environment: the factory takes a `Settings`, so tests 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -17,7 +17,10 @@ MiB = 1024 * 1024
 class Settings(BaseSettings):
     """Service configuration; each field `foo` is set by the environment variable `METANET_FOO`."""
 
-    model_config = SettingsConfigDict(env_prefix="METANET_", extra="ignore", frozen=True)
+    # Inputs stay out of validation errors: they may hold API keys.
+    model_config = SettingsConfigDict(
+        env_prefix="METANET_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     # Where to listen.
     host: str = "127.0.0.1"
@@ -29,8 +32,11 @@ class Settings(BaseSettings):
     checkpoint: Path | None = None
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default")
 
-    # The task store (SQLite file under data_dir) and the in-memory cache of task memories.
+    # The task store: a SQLite file under data_dir, or, with `store_url` (redis://[:password@]host:
+    # port/db or rediss://...), a Redis that many replicas share. The cache of task memories is
+    # each process's own.
     data_dir: Path = Path("var")
+    store_url: str | None = Field(None, description="redis:// or rediss:// URL; None = SQLite in data_dir")
     cache_bytes: int = Field(1024 * MiB, ge=0, description="budget of the task-memory LRU cache")
 
     # Limits on what one request may hold. Bodies are capped before they are parsed, images before
@@ -42,14 +48,59 @@ class Settings(BaseSettings):
     max_examples: int = Field(100, ge=2, description="support examples per task (capped by the model's)")
     max_pending: int = Field(32, ge=1, description="model jobs queued before requests get 429")
 
-    # Bearer keys for /v1; empty = no auth. METANET_API_KEYS takes a comma-separated list.
+    # Bearer keys for /v1, one tenant each; empty = no auth. METANET_API_KEYS takes a comma-separated
+    # list; METANET_API_KEYS_FILE names a file of one key per line (# starts a comment). Both add up.
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    api_keys_file: Path | None = None
+    # Bearer keys for GET /metrics (operators, not tenants); empty = /metrics is open.
+    metrics_keys: Annotated[tuple[str, ...], NoDecode] = ()
 
-    @field_validator("api_keys", mode="before")
+    # Per-key token bucket on /v1 (per client address without keys): `rate_limit_per_s` requests a
+    # second on average, bursts of up to `rate_limit_burst`; 0 = no rate limit.
+    rate_limit_per_s: float = Field(0.0, ge=0)
+    rate_limit_burst: int = Field(20, ge=1)
+
+    # On SIGTERM: stop accepting, give in-flight requests this long to finish, then close the store.
+    shutdown_timeout_s: float = Field(30.0, ge=0)
+    # "json": one JSON object per log line (one line per request); "text": for a person at a terminal.
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator("api_keys", "metrics_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("api_keys", "metrics_keys")
+    @classmethod
+    def _check_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:  # never echo a key back: the message may end up in a log
+            if not key.isprintable() or " " in key or "," in key:
+                raise ValueError("an API key may not hold spaces, commas or control characters")
+        return keys
+
+    @model_validator(mode="after")
+    def _add_keys_from_file(self) -> Settings:
+        if self.api_keys_file is None:
+            return self
+        try:
+            lines = self.api_keys_file.read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read the API keys file {self.api_keys_file}: {exc.strerror}") from None
+        keys = tuple(k for line in lines if (k := line.partition("#")[0].strip()))
+        # Frozen model: the merged tuple is set once, here, during validation.
+        object.__setattr__(self, "api_keys", tuple(dict.fromkeys((*self.api_keys, *self._check_keys(keys)))))
+        return self
+
+    @field_validator("store_url")
+    @classmethod
+    def _check_store_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None  # METANET_STORE_URL= (empty) keeps the SQLite default
+        if not value.startswith(("redis://", "rediss://")):
+            # The value is not echoed: it may hold a password.
+            raise ValueError("store_url must be a redis:// or rediss:// URL")
         return value
 
     @field_validator("device")

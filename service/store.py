@@ -1,13 +1,16 @@
 """Task store: the durable record of every task (its preprocessed support set is the truth).
 
 `TaskStore` is the interface the service uses; `SqliteTaskStore` (WAL, one transaction per write,
-committed before the client hears 201) is the embedded default. Memories are never stored: they
-are rebuilt from the support set, deterministically.
+committed before the client hears 201) is the embedded default, `RedisTaskStore` (redis_store.py)
+the one many replicas share; `open_store` picks one from the settings. Memories are never stored:
+they are rebuilt from the support set, deterministically.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import sqlite3
 import threading
@@ -16,12 +19,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import InvalidInput, TaskNotFound
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 T = TypeVar("T")
 
@@ -67,11 +73,28 @@ class TaskStore(Protocol):
     async def count(self) -> int: ...
     async def add(self, info: TaskInfo, support: np.ndarray) -> None: ...
     async def get(self, owner: str, task_id: str) -> TaskInfo: ...  # TaskNotFound
-    async def support(self, owner: str, task_id: str) -> np.ndarray: ...  # (n, S, S) float32
+    # The task and its support set, (n, S, S) float32, read together: one version of both.
+    async def load(self, owner: str, task_id: str) -> tuple[TaskInfo, np.ndarray]: ...  # TaskNotFound
     async def page(self, owner: str, limit: int, cursor: str | None) -> Page: ...
-    async def replace_support(self, info: TaskInfo, support: np.ndarray) -> None: ...  # TaskNotFound
+    # Only if the stored task is still at `if_updated_at` (TaskChanged if another writer came first).
+    async def replace_support(
+        self, info: TaskInfo, support: np.ndarray, if_updated_at: datetime
+    ) -> None: ...  # TaskNotFound, TaskChanged
     async def rebind(self, owner: str, task_id: str, model_version: str, memory_bytes: int) -> None: ...
     async def delete(self, owner: str, task_id: str) -> None: ...  # TaskNotFound
+
+
+class TaskChanged(Exception):
+    """The task was written (by another request or replica) since the caller read it."""
+
+
+def open_store(settings: Settings) -> TaskStore:
+    """The store the settings name: Redis for a `store_url`, else SQLite under `data_dir`."""
+    if settings.store_url is None:
+        return SqliteTaskStore(settings.database_path)
+    from service.redis_store import RedisTaskStore  # redis-py is only needed by those who use it
+
+    return RedisTaskStore(settings.store_url)
 
 
 _SCHEMA = """
@@ -89,6 +112,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     updated_at     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, seq);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('cursor_key', randomblob(32));  -- seals list cursors
 """
 _INFO_COLUMNS = "task_id, owner, name, example_labels, model_version, memory_bytes, created_at, updated_at"
 
@@ -100,6 +125,10 @@ class SqliteTaskStore:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._cursors = _Cursors(b"")  # keyed from the database on open
+
+    def __str__(self) -> str:
+        return f"SQLite at {self.path}"
 
     async def open(self) -> None:
         await run_in_threadpool(self._open)
@@ -111,6 +140,7 @@ class SqliteTaskStore:
         db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the client hears 201
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(_SCHEMA)
+        self._cursors = _Cursors(db.execute("SELECT value FROM meta WHERE name = 'cursor_key'").fetchone()[0])
         self._db = db
 
     async def close(self) -> None:
@@ -149,37 +179,43 @@ class SqliteTaskStore:
             raise TaskNotFound(task_id)
         return _to_info(row)
 
-    async def support(self, owner: str, task_id: str) -> np.ndarray:
+    async def load(self, owner: str, task_id: str) -> tuple[TaskInfo, np.ndarray]:
         row = await self._run(lambda db: db.execute(
-            "SELECT support, image_size FROM tasks WHERE owner = ? AND task_id = ?", (owner, task_id)
+            f"SELECT {_INFO_COLUMNS}, support, image_size FROM tasks WHERE owner = ? AND task_id = ?",
+            (owner, task_id),
         ).fetchone())
         if row is None:
             raise TaskNotFound(task_id)
-        blob, size = row
-        return np.frombuffer(blob, dtype="<f4").reshape(-1, size, size).astype(np.float32)
+        blob, size = row[-2:]
+        return _to_info(row[:-2]), np.frombuffer(blob, dtype="<f4").reshape(-1, size, size).astype(np.float32)
 
     async def page(self, owner: str, limit: int, cursor: str | None) -> Page:
-        after = _decode_cursor(cursor)
+        after = self._cursors.open(owner, cursor)
         rows = await self._run(lambda db: db.execute(
             f"SELECT seq, {_INFO_COLUMNS} FROM tasks WHERE owner = ? AND seq > ? ORDER BY seq LIMIT ?",
             (owner, after, limit + 1),
         ).fetchall())
         more = len(rows) > limit
         rows = rows[:limit]
-        next_cursor = _encode_cursor(rows[-1][0]) if more else None
+        next_cursor = self._cursors.seal(owner, rows[-1][0]) if more else None
         return Page([_to_info(row[1:]) for row in rows], next_cursor)
 
-    async def replace_support(self, info: TaskInfo, support: np.ndarray) -> None:
-        def update(db: sqlite3.Connection) -> int:
+    async def replace_support(self, info: TaskInfo, support: np.ndarray, if_updated_at: datetime) -> None:
+        def update(db: sqlite3.Connection) -> None:
             with _transaction(db):
-                return db.execute(
+                row = db.execute("SELECT updated_at FROM tasks WHERE owner = ? AND task_id = ?",
+                                 (info.owner, info.task_id)).fetchone()
+                if row is None:
+                    raise TaskNotFound(info.task_id)
+                if row[0] != _to_text(if_updated_at):
+                    raise TaskChanged(info.task_id)
+                db.execute(
                     "UPDATE tasks SET example_labels = ?, support = ?, model_version = ?,"
                     " memory_bytes = ?, updated_at = ? WHERE owner = ? AND task_id = ?",
                     (json.dumps(info.example_labels), _to_blob(support), info.model_version,
                      info.memory_bytes, _to_text(info.updated_at), info.owner, info.task_id),
-                ).rowcount
-        if await self._run(update) == 0:
-            raise TaskNotFound(info.task_id)
+                )
+        await self._run(update)
 
     async def rebind(self, owner: str, task_id: str, model_version: str, memory_bytes: int) -> None:
         def update(db: sqlite3.Connection) -> None:
@@ -235,17 +271,44 @@ def _to_info(row: tuple) -> TaskInfo:
                     datetime.fromisoformat(created), datetime.fromisoformat(updated))
 
 
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": seq}).encode()).decode().rstrip("=")
+class _Cursors:
+    """List cursors that reveal nothing: `seq` is global, so in the clear it would tell a tenant
+    how many tasks others created between two of its own. A cursor is the seq under a keyed
+    permutation (a 4-round Feistel network over HMAC-SHA256) with a tag binding it to its owner;
+    the key lives in the database, so cursors outlive a restart."""
 
+    _ROUNDS = 4
+    _MASK = 0xFFFFFFFF
 
-def _decode_cursor(cursor: str | None) -> int:
-    if cursor is None:
-        return 0
-    try:
-        after = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))["after"]
-        if isinstance(after, int) and not isinstance(after, bool) and after >= 0:
-            return after
-    except (ValueError, TypeError, KeyError):
-        pass
-    raise InvalidInput("not a cursor this service handed out", field="cursor")
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def seal(self, owner: str, seq: int) -> str:
+        left, right = seq >> 32, seq & self._MASK
+        for i in range(self._ROUNDS):
+            left, right = right, left ^ self._f(i, right)
+        body = ((left << 32) | right).to_bytes(8, "big")
+        return base64.urlsafe_b64encode(body + self._tag(owner, body)).decode().rstrip("=")
+
+    def open(self, owner: str, cursor: str | None) -> int:
+        if cursor is None:
+            return 0
+        try:
+            raw = base64.urlsafe_b64decode(cursor.encode("ascii") + b"=" * (-len(cursor) % 4))
+        except ValueError:  # binascii.Error and UnicodeEncodeError alike
+            raw = b""
+        body, tag = raw[:8], raw[8:]
+        if len(raw) != 16 or not hmac.compare_digest(tag, self._tag(owner, body)):
+            raise InvalidInput("not a cursor this service handed out", field="cursor")
+        value = int.from_bytes(body, "big")
+        left, right = value >> 32, value & self._MASK
+        for i in reversed(range(self._ROUNDS)):
+            left, right = right ^ self._f(i, left), left
+        return (left << 32) | right
+
+    def _f(self, i: int, half: int) -> int:
+        digest = hmac.new(self._key, bytes([i]) + half.to_bytes(4, "big"), hashlib.sha256).digest()
+        return int.from_bytes(digest[:4], "big")
+
+    def _tag(self, owner: str, body: bytes) -> bytes:
+        return hmac.new(self._key, b"cursor\0" + owner.encode() + b"\0" + body, hashlib.sha256).digest()[:8]

@@ -1,7 +1,9 @@
 """What the routes do: check limits, preprocess images, run the model, persist, cache.
 
 Every check happens before the first write, and each write is one store transaction, so a
-rejected request changes nothing. Per-task locks serialise rebuilds and updates of one task.
+rejected request changes nothing. Per-task locks serialise rebuilds and updates of one task in
+this process; across replicas, updates are compare-and-set on `updated_at`, and a cached memory
+is used only while it is at least as new as the task the store returns.
 """
 
 from __future__ import annotations
@@ -11,27 +13,34 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from service.cache import ByteLRU
 from service.engine import Engine, Memory, Scores
-from service.errors import ImageTooLarge, InvalidImage, InvalidInput
+from service.errors import ImageTooLarge, InvalidImage, InvalidInput, TooManyRequests
 from service.images import ImageLimits, decode, ink_map
 from service.schemas import AttentionWeight, Example, LabelProbability, Prediction
 from service.settings import Settings
-from service.store import Page, TaskInfo, TaskStore
+from service.store import Page, TaskChanged, TaskInfo, TaskStore
 
 ImageInput = str | np.ndarray
+_UPDATE_ATTEMPTS = 5  # compare-and-set rounds of one add_examples racing writers on other replicas
+
+
+class Cached(NamedTuple):
+    memory: Memory
+    updated_at: datetime  # the version of the task the memory was built from
 
 
 class TaskService:
     def __init__(self, store: TaskStore, engine: Engine, settings: Settings, n_tasks: int) -> None:
         self.store = store
         self.engine = engine
-        self.cache: ByteLRU[Memory] = ByteLRU(settings.cache_bytes)
+        self.cache: ByteLRU[Cached] = ByteLRU(settings.cache_bytes)
         self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
         self.max_examples = min(settings.max_examples, engine.info.max_examples)
         self.max_images = settings.max_images_per_request
@@ -49,7 +58,7 @@ class TaskService:
         info = TaskInfo(uuid.uuid4().hex, owner, name, tuple(labels), self.engine.info.version,
                         memory.nbytes, now, now)
         await self.store.add(info, support)
-        self.cache.put(info.task_id, memory, memory.nbytes)
+        self.cache.put(info.task_id, Cached(memory, info.updated_at), memory.nbytes)
         self.n_tasks += 1
         return info
 
@@ -60,26 +69,36 @@ class TaskService:
         return await self.store.page(owner, limit, cursor)
 
     async def delete(self, owner: str, task_id: str) -> None:
+        # Other replicas may still cache the memory; they never serve it, as every request first
+        # reads the task from the store, and the LRU drops it in time.
         async with self._lock(task_id):
             await self.store.delete(owner, task_id)
             self.cache.pop(task_id)
             self.n_tasks -= 1
 
     async def add_examples(self, owner: str, task_id: str, examples: Sequence[Example]) -> TaskInfo:
+        labels = [e.label for e in examples]
+        added: np.ndarray | None = None
         async with self._lock(task_id):
-            info = await self.store.get(owner, task_id)
-            labels = [e.label for e in examples]
-            self._check_support(labels, field="examples", existing=info.example_labels)
-            added = await self._prepare([e.image for e in examples], lambda i: f"examples[{i}].image")
-            support = np.concatenate([await self.store.support(owner, task_id), added])
-            memory = await self.engine.register(support, [*info.example_labels, *labels],
-                                                offset=len(info.example_labels))
-            info = replace(info, example_labels=(*info.example_labels, *labels),
-                           model_version=self.engine.info.version, memory_bytes=memory.nbytes,
-                           updated_at=datetime.now(UTC))
-            await self.store.replace_support(info, support)
-            self.cache.put(task_id, memory, memory.nbytes)
-            return info
+            for _ in range(_UPDATE_ATTEMPTS):
+                info, support = await self.store.load(owner, task_id)
+                self._check_support(labels, field="examples", existing=info.example_labels)
+                if added is None:
+                    added = await self._prepare([e.image for e in examples], lambda i: f"examples[{i}].image")
+                support = np.concatenate([support, added])
+                memory = await self.engine.register(support, [*info.example_labels, *labels],
+                                                    offset=len(info.example_labels))
+                grown = replace(info, example_labels=(*info.example_labels, *labels),
+                                model_version=self.engine.info.version, memory_bytes=memory.nbytes,
+                                updated_at=_later_than(info.updated_at))
+                try:
+                    await self.store.replace_support(grown, support, if_updated_at=info.updated_at)
+                except TaskChanged:
+                    continue  # another replica wrote the task meanwhile: start again from its version
+                self.cache.put(task_id, Cached(memory, grown.updated_at), memory.nbytes)
+                return grown
+        raise TooManyRequests("the task kept changing under this request; retry it",
+                              headers={"Retry-After": "1"})
 
     # ---------------------------------------------------------------------------- classify
 
@@ -106,21 +125,24 @@ class TaskService:
     # ----------------------------------------------------------------------------- helpers
 
     async def _memory(self, info: TaskInfo) -> Memory:
-        """The task's memory from the cache, else rebuilt from its stored support set."""
-        memory = self.cache.get(info.task_id)
-        if memory is not None:
-            return memory
+        """The task's memory from the cache, else rebuilt from its stored support set.
+
+        `info` was just read from the store: a cached memory older than it (another replica added
+        examples since) is rebuilt from the store's current version."""
+        cached = self.cache.get(info.task_id)
+        if cached is not None and cached.updated_at >= info.updated_at:
+            return cached.memory
         async with self._lock(info.task_id):
-            memory = self.cache.peek(info.task_id)  # a request we waited on may have built it
-            if memory is not None:
-                return memory
-            support = await self.store.support(info.owner, info.task_id)
+            cached = self.cache.peek(info.task_id)  # a request we waited on may have built it
+            if cached is not None and cached.updated_at >= info.updated_at:
+                return cached.memory
+            info, support = await self.store.load(info.owner, info.task_id)
             memory = await self.engine.register(support, info.example_labels)
             version = self.engine.info.version
             if (info.model_version, info.memory_bytes) != (version, memory.nbytes):
                 # New weights since the task was built: record what its memory now comes from.
                 await self.store.rebind(info.owner, info.task_id, version, memory.nbytes)
-            self.cache.put(info.task_id, memory, memory.nbytes)
+            self.cache.put(info.task_id, Cached(memory, info.updated_at), memory.nbytes)
             return memory
 
     def _check_support(self, labels: Sequence[str], field: str, existing: Sequence[str] = ()) -> None:
@@ -166,6 +188,11 @@ class TaskService:
         if lock is None:
             lock = self._locks[task_id] = asyncio.Lock()
         return lock
+
+
+def _later_than(moment: datetime) -> datetime:
+    """Now, or just after `moment` if a replica's clock is behind: versions only move forward."""
+    return max(datetime.now(UTC), moment + timedelta(microseconds=1))
 
 
 def _predictions(scores: Scores, memory: Memory, top_k: int) -> list[Prediction]:

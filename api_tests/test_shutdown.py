@@ -27,6 +27,7 @@ def metric(text: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+@pytest.mark.slow
 def test_sigterm_lets_20_in_flight_classify_requests_finish_with_200(tmp_data: Path) -> None:
     server = Server(tmp_data, shutdown_timeout_s=120).start()
     try:

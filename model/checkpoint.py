@@ -62,6 +62,13 @@ def load_model(
     _check_state_matches(model, state, weights_path)
     model.load_state_dict(state)
     model.version = weights_version(weights_path)
+    trained = meta.get("trained_max_way")
+    if trained is not None:
+        if not isinstance(trained, int) or not 2 <= trained <= config.max_way:
+            raise CheckpointError(
+                f"{config_path}: trained_max_way must be an integer in [2, {config.max_way}], got {trained!r}"
+            )
+        model.max_way = trained
     return model.to(device).eval()
 
 

@@ -1,4 +1,5 @@
-"""N-way K-shot evaluation on held-out alphabets: mean accuracy and a 95% confidence interval.
+"""N-way K-shot evaluation on held-out alphabets: mean accuracy and a 95% confidence interval, at
+one (way, shot) point or over a grid of them.
 
 Episodes go through the public `register` / `classify` API with string labels, the way the service
 uses the model.
@@ -7,6 +8,7 @@ uses the model.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,3 +66,56 @@ def evaluate(
     mean = float(accuracies.mean())
     ci95 = 1.96 * float(accuracies.std(ddof=1)) / math.sqrt(episodes) if episodes > 1 else None
     return EvalResult(way, shot, episodes, queries_per_class, mean, ci95, seed)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    way: int
+    shot: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class GridResult:
+    results: list[EvalResult]  # in (way, shot) order of the grid
+    skipped: list[Skipped]  # points the model or the split cannot hold
+
+
+def evaluate_grid(
+    model: MetaNet,
+    split: OmniglotSplit,
+    *,
+    ways: Sequence[int],
+    shots: Sequence[int],
+    episodes: int,
+    seed: int = 0,
+    queries_per_class: int = 5,
+    progress: bool = False,
+) -> GridResult:
+    """`evaluate` at every (way, shot) of the grid, each from the same seed; points beyond the
+    model's max_way / max_examples or the split's classes / drawings are skipped with the reason."""
+    results, skipped = [], []
+    for way in ways:
+        for shot in shots:
+            reason = _why_not(model, split, way, shot, queries_per_class)
+            if reason is not None:
+                skipped.append(Skipped(way, shot, reason))
+                continue
+            results.append(evaluate(model, split, way=way, shot=shot, episodes=episodes, seed=seed,
+                                    queries_per_class=queries_per_class, progress=progress))
+    return GridResult(results, skipped)
+
+
+def _why_not(model: MetaNet, split: OmniglotSplit, way: int, shot: int, queries: int) -> str | None:
+    n_chars, n_drawings = split.images.shape[:2]
+    if way < 2 or shot < 1:
+        return "an episode needs at least 2 classes and 1 shot"
+    if way > model.max_way:  # the weights' trained max_way, which may be below the heads' size
+        return f"the model takes at most max_way={model.max_way} classes"
+    if way * shot > model.config.max_examples:
+        return f"{way * shot} support examples exceed the model's max_examples={model.config.max_examples}"
+    if way > n_chars:
+        return f"the split has only {n_chars} classes"
+    if shot + queries > n_drawings:
+        return f"{shot} shots + {queries} queries exceed the split's {n_drawings} drawings per class"
+    return None

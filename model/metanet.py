@@ -94,6 +94,10 @@ class MetaNet(nn.Module):
         super().__init__()
         cfg = self.config = config or MetaNetConfig()
         self.version = "untrained"  # set by model.checkpoint.load_model from the weights' hash
+        # Largest task this model answers: the heads' size, or less when the weights were trained
+        # on smaller episodes only (a checkpoint's "trained_max_way"): the untrained slots of the
+        # softmax layer would outvote the trained ones, so such tasks are refused, not misanswered.
+        self.max_way = cfg.max_way
         conv_shapes = [(cfg.channels, 1, 3, 3)] + [(cfg.channels, cfg.channels, 3, 3)] * (
             cfg.n_blocks - 1
         )
@@ -408,9 +412,9 @@ class MetaNet(nn.Module):
             raise InvalidTaskError(
                 f"a task needs at least 2 distinct labels, got {len(index)}", field="labels"
             )
-        if len(index) > self.config.max_way:
+        if len(index) > self.max_way:
             raise InvalidTaskError(
-                f"a task may have at most max_way={self.config.max_way} distinct labels, "
+                f"a task may have at most max_way={self.max_way} distinct labels, "
                 f"got {len(index)}",
                 field="labels",
             )

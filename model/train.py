@@ -132,13 +132,15 @@ def train(
                 fh.write(json.dumps(record) + "\n")
             if val["mean"] > state.best_val:
                 state.best_val = val["mean"]
-                save_weights(model, run / "best", extra={"step": state.step, "val": val})
+                save_weights(model, run / "best",
+                             extra={"trained_max_way": cfg.max_train_way, "step": state.step, "val": val})
             plot_curve(run)
         if state.step % cfg.checkpoint_every == 0:
             _save_last(run / "last", model, optimizer, state, rng, started)
     _save_last(run / "last", model, optimizer, state, rng, started)
     if not (run / "best" / WEIGHTS_FILE).exists():
-        save_weights(model, run / "best", extra={"step": state.step, "val_acc": None})
+        save_weights(model, run / "best",
+                     extra={"trained_max_way": cfg.max_train_way, "step": state.step, "val": None})
     if bar is not None:
         bar.close()
     return state

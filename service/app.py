@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from service.demo import demo
 from service.errors import ServiceError, handle_error
 from service.logs import RequestLogMiddleware, configure_logging
 from service.metrics import MetricsMiddleware
@@ -20,6 +21,7 @@ from service.openapi import document
 from service.routes import probes, v1
 from service.runtime import Runtime
 from service.settings import Settings
+from service.v2 import v2
 
 log = logging.getLogger("service")
 
@@ -43,6 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.include_router(v1)
     app.include_router(probes)
+    app.include_router(v2)  # the Open Inference Protocol (KServe v2 / Triton HTTP)
+    app.include_router(demo)
     for exc_type in (ServiceError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)

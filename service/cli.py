@@ -8,8 +8,13 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.cli_client import add_client_commands
+
+if TYPE_CHECKING:  # imported where used: `metanet tasks ...` should not wait for torch
+    from model.data import OmniglotSplit
+    from model.metanet import MetaNet
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +75,21 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="PNG", help="evaluate the grid --ways x --shots (--episodes a point) "
+                   "and write accuracy against n_way, one line per n_shot, to this PNG")
+    p.add_argument("--ways", type=_ints, default=(5, 10, 20, 50), help="the grid's n_way values (5,10,20,50)")
+    p.add_argument("--shots", type=_ints, default=(1, 5), help="the grid's n_shot values (1,5)")
     p.set_defaults(func=_evaluate)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -78,8 +97,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from model.data import load_split
     from model.evaluate import evaluate
 
+    if args.plot:
+        _check_matplotlib()  # before the grid's minutes of work, not after
     model = load_model(args.weights, args.device)
     split = load_split(args.data_dir, "evaluation", model.config.image_size)
+    if args.plot:
+        return _evaluate_grid(args, model, split)
     result = evaluate(model, split, way=args.way, shot=args.shot, episodes=args.episodes,
                       seed=args.seed, queries_per_class=args.queries, progress=not args.json)
     out = {**result.to_dict(), "model_version": model.version}
@@ -89,6 +112,37 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{args.way}-way {args.shot}-shot over {args.episodes} episodes: "
               f"{100 * result.accuracy:.2f}% ± {100 * (result.ci95 or 0.0):.2f} (95% CI)")
     return 0
+
+
+def _evaluate_grid(args: argparse.Namespace, model: MetaNet, split: OmniglotSplit) -> int:
+    from model.evaluate import evaluate_grid
+    from model.plots import plot_accuracy
+
+    grid = evaluate_grid(model, split, ways=args.ways, shots=args.shots, episodes=args.episodes,
+                         seed=args.seed, queries_per_class=args.queries, progress=not args.json)
+    if not grid.results:
+        raise ValueError("no point of the grid fits the model and the data: "
+                         + "; ".join(f"{s.way}-way {s.shot}-shot: {s.reason}" for s in grid.skipped))
+    path = plot_accuracy(grid.results, args.plot, title=f"MetaNet {model.version} on held-out alphabets")
+    if args.json:
+        print(json.dumps({"model_version": model.version, "plot": str(path),
+                          "results": [r.to_dict() for r in grid.results],
+                          "skipped": [dataclasses.asdict(s) for s in grid.skipped]}))
+        return 0
+    print(f"{'n_way':>5} {'n_shot':>6} {'accuracy':>9} {'95% CI':>7}")
+    for r in grid.results:
+        print(f"{r.way:>5} {r.shot:>6} {100 * r.accuracy:>8.2f}% {100 * (r.ci95 or 0.0):>6.2f}")
+    for s in grid.skipped:
+        print(f"skipped {s.way}-way {s.shot}-shot: {s.reason}")
+    print(f"{args.episodes} episodes a point; plot written to {path}")
+    return 0
+
+
+def _check_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'metanet-service[train]'") from None
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.types import Receive, Scope, Send
 
 from service.errors import NotReady, RateLimited, Unauthorized
+from service.limits import LimitedRoute
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import TaskService
@@ -51,12 +53,29 @@ OwnerDep = Annotated[str, Depends(get_owner)]
 
 
 def limit_rate(request: Request, runtime: RuntimeDep, owner: OwnerDep) -> None:
+    """As a dependency: spend one token of the caller's bucket (routes not admitted by AdmittedRoute)."""
+    spend_token(request, runtime, owner)
+
+
+def spend_token(request: Request, runtime: Runtime, owner: str) -> None:
     """Spend one token of the caller's bucket (its key's, or its address's without keys), or 429."""
     client = owner or (request.client.host if request.client else "")
     wait = runtime.limiter.take(client)
     if wait > 0:
         raise RateLimited(f"too many requests; this client may retry in {wait:.1f} s",
                           headers={"Retry-After": retry_after(wait)})
+
+
+class AdmittedRoute(LimitedRoute):
+    """A /v1 route that checks the caller (401) and spends a token of its bucket (429) before
+    anything else, its body included: a stranger cannot make the server read a body, and a
+    client over its rate cannot dodge the limit with requests refused later (413, 415, 422)."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope)
+        runtime = get_runtime(request)
+        spend_token(request, runtime, get_owner(request, runtime))
+        await super().handle(scope, receive, send)
 
 
 def require_metrics_key(request: Request, runtime: RuntimeDep) -> None:

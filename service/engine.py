@@ -67,7 +67,7 @@ class Engine:
         self._pending = 0
         self._observe = observe  # (operation, seconds) of every model call, queueing included
         cfg = model.config
-        self.info = ModelInfo("metanet", model.version, cfg.max_way, cfg.max_examples,
+        self.info = ModelInfo("metanet", model.version, model.max_way, cfg.max_examples,
                               cfg.image_size, "torch", str(device))
 
     @classmethod

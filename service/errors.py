@@ -19,7 +19,8 @@
     └── NotReady                      503 not_ready
 
 Route handlers raise these; `handle_error` (registered for every exception) turns any of them,
-and FastAPI's and Starlette's own, into `{"error": {"type", "message", "details"}}`.
+and FastAPI's and Starlette's own, into `{"error": {"type", "message", "details"}}`; under /v2 (the
+Open Inference Protocol) into that protocol's `{"error": "<message>"}`, with the same status codes.
 """
 
 from __future__ import annotations
@@ -151,8 +152,11 @@ def status_of(error: ServiceError) -> int:
     return next(STATUS[cls] for cls in type(error).__mro__ if cls in STATUS)
 
 
-def error_response(error: ServiceError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=status_of(error), headers=error.headers)
+def error_response(error: ServiceError, *, v2: bool = False) -> JSONResponse:
+    body = error.body()
+    if v2:  # the Open Inference Protocol's error shape
+        body = {"error": body["error"]["message"]}
+    return JSONResponse(body, status_code=status_of(error), headers=error.headers)
 
 
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:
@@ -165,14 +169,20 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(error, MethodNotAllowed):
         # Starlette's Allow lists the methods of the first route matching the path only.
         error.headers["Allow"] = allowed_methods(request)
-    return error_response(error)
+    path = request.url.path
+    return error_response(error, v2=path == "/v2" or path.startswith("/v2/"))
 
 
 def allowed_methods(request: Request) -> str:
     """Every method some route serves at this request's path (the Allow header of a 405)."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        if route.matches(request.scope)[0] is not Match.NONE:
+    routes = list(request.app.router.routes)
+    while routes:
+        route = routes.pop()
+        included = getattr(route, "original_router", None)  # FastAPI wraps included routers
+        if included is not None:
+            routes += included.routes
+        elif route.matches(request.scope)[0] is not Match.NONE:
             methods |= getattr(route, "methods", None) or set()
     return ", ".join(sorted(methods))
 

@@ -52,11 +52,15 @@ def pixel_array(rows: object) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def decode(image: str | np.ndarray, limits: ImageLimits) -> np.ndarray:
-    """A request's image -> grey levels of shape (H, W), float32, on the source's own scale."""
+def decode(image: str | bytes | np.ndarray, limits: ImageLimits) -> np.ndarray:
+    """A request's image -> grey levels of shape (H, W), float32, on the source's own scale.
+
+    bytes are the image file itself (the v2 protocol's binary BYTES elements)."""
     if isinstance(image, np.ndarray):
         _check_pixels(image.shape[1], image.shape[0], limits)
         return image
+    if isinstance(image, bytes):
+        return _decode_file(_check_file(image, limits), limits)
     return _decode_file(_unbase64(image, limits), limits)
 
 
@@ -92,6 +96,10 @@ def _unbase64(text: str, limits: ImageLimits) -> bytes:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidImage(f"not valid base64 ({exc})") from None
+    return _check_file(data, limits)
+
+
+def _check_file(data: bytes, limits: ImageLimits) -> bytes:
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"the encoded image is {len(data)} bytes, more than {limits.max_bytes}")
     if not data:

@@ -27,9 +27,17 @@ class LimitedRoute(APIRoute):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] in _BODY_METHODS:
             limit = scope["app"].state.runtime.settings.max_body_bytes
-            body = await _read_body(Headers(scope=scope), receive, limit)
+            headers = Headers(scope=scope)
+            body = await _read_body(headers, receive, limit)
+            if body:
+                self.check_content_type(headers)
             receive = _replay(body, receive)
         await super().handle(scope, receive, send)
+
+    @staticmethod
+    def check_content_type(headers: Headers) -> None:
+        """415 unless the body is JSON; routes of other protocols override this."""
+        _check_json(headers.get("content-type"))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -61,10 +69,7 @@ async def _read_body(headers: Headers, receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    body = b"".join(chunks)
-    if body:
-        _check_json(headers.get("content-type"))
-    return body
+    return b"".join(chunks)
 
 
 def _check_json(content_type: str | None) -> None:

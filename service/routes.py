@@ -8,8 +8,7 @@ from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import Response as RawResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import OwnerDep, RuntimeDep, TasksDep, limit_rate, require_metrics_key
-from service.limits import LimitedRoute
+from service.deps import AdmittedRoute, OwnerDep, RuntimeDep, TasksDep, require_metrics_key
 from service.schemas import (
     MAX_PAGE_SIZE,
     ClassifyOnceRequest,
@@ -45,8 +44,7 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 _BODY = errors(400, 413, 415)  # routes that take a JSON body
 _TASK = errors(404)  # routes that name a task
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(limit_rate)], route_class=LimitedRoute,
-               responses=errors(401, 422, 429, 503))
+v1 = APIRouter(prefix="/v1", route_class=AdmittedRoute, responses=errors(401, 422, 429, 503))
 probes = APIRouter()
 
 

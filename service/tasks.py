@@ -27,7 +27,7 @@ from service.schemas import AttentionWeight, Example, LabelProbability, Predicti
 from service.settings import Settings
 from service.store import Page, TaskChanged, TaskInfo, TaskStore
 
-ImageInput = str | np.ndarray
+ImageInput = str | bytes | np.ndarray  # bytes: an image file (the v2 protocol's binary data)
 _UPDATE_ATTEMPTS = 5  # compare-and-set rounds of one add_examples racing writers on other replicas
 
 

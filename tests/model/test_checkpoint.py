@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import CheckpointError, MetaNet, MetaNetConfig
+from model import CheckpointError, InvalidTaskError, MetaNet, MetaNetConfig
 from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, save_weights
 
 
@@ -167,3 +167,19 @@ def test_load_model_never_unpickles(saved, monkeypatch):
         monkeypatch.setattr(pickle, name, refuse)
     monkeypatch.setattr(torch, "load", refuse)
     assert isinstance(load_model(saved), MetaNet)
+
+
+def test_weights_trained_on_smaller_tasks_refuse_larger_ones(tmp_path, model):
+    limited = load_model(save_weights(model, tmp_path / "w", extra={"trained_max_way": 3}))
+    assert limited.max_way == 3
+    images = torch.rand(4, 1, 28, 28)
+    limited.register(images[:3], ["a", "b", "c"])
+    with pytest.raises(InvalidTaskError, match="at most max_way=3") as info:
+        limited.register(images, ["a", "b", "c", "d"])
+    assert info.value.field == "labels"
+
+
+@pytest.mark.parametrize("bad", [1, "3", 10_000, 2.5])
+def test_load_model_refuses_a_trained_max_way_outside_the_heads(tmp_path, model, bad):
+    with pytest.raises(CheckpointError, match="trained_max_way"):
+        load_model(save_weights(model, tmp_path / "w", extra={"trained_max_way": bad}))

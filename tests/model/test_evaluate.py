@@ -12,7 +12,7 @@ from torch import nn
 
 from model import ClassifyOutput
 from model.data import OmniglotSplit
-from model.evaluate import evaluate
+from model.evaluate import evaluate, evaluate_grid
 
 
 def test_evaluate_reports_way_shot_episodes_accuracy_and_ci95(model, tiny_split):
@@ -87,3 +87,29 @@ def test_evaluate_scores_a_constant_guess_at_one_over_way(flat_split):
         LookupModel(always_first=True), flat_split, way=4, shot=2, episodes=3, queries_per_class=3
     )
     assert result.accuracy == pytest.approx(1 / 4) and result.ci95 == pytest.approx(0.0)
+
+
+def test_evaluate_grid_runs_every_point_that_fits_and_says_why_others_do_not(model, tiny_split):
+    # TINY: max_way=6, max_examples=12; the split: 8 characters x 6 drawings.
+    grid = evaluate_grid(model, tiny_split, ways=(2, 4, 7), shots=(1, 3), episodes=2, seed=3,
+                         queries_per_class=2)
+    assert [(r.way, r.shot) for r in grid.results] == [(2, 1), (2, 3), (4, 1), (4, 3)]
+    assert all(r.episodes == 2 and r.seed == 3 and 0 <= r.accuracy <= 1 for r in grid.results)
+    assert [(s.way, s.shot) for s in grid.skipped] == [(7, 1), (7, 3)]
+    assert all("max_way=6" in s.reason for s in grid.skipped)
+
+
+def test_evaluate_grid_point_equals_evaluate_at_that_point(model, tiny_split):
+    grid = evaluate_grid(model, tiny_split, ways=(3,), shots=(2,), episodes=2, seed=1, queries_per_class=2)
+    alone = evaluate(model, tiny_split, way=3, shot=2, episodes=2, seed=1, queries_per_class=2)
+    assert grid.results == [alone]
+
+
+@pytest.mark.parametrize(("way", "shot", "queries", "reason"), [
+    (6, 3, 2, "18 support examples exceed the model's max_examples=12"),
+    (2, 5, 2, "5 shots + 2 queries exceed the split's 6 drawings per class"),
+])
+def test_evaluate_grid_skips_what_the_model_or_the_split_cannot_hold(model, tiny_split, way, shot, queries,
+                                                                     reason):
+    grid = evaluate_grid(model, tiny_split, ways=(way,), shots=(shot,), episodes=1, queries_per_class=queries)
+    assert grid.results == [] and grid.skipped[0].reason == reason

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import httpx
 import pytest
 
+from service.app import create_app
 from service.errors import (
     STATUS,
     BodyTooLarge,
@@ -12,12 +16,14 @@ from service.errors import (
     MalformedJSON,
     NotReady,
     Overloaded,
+    RateLimited,
     ServiceError,
     TaskNotFound,
     _from_validation,
     field_path,
     status_of,
 )
+from service.settings import Settings
 
 
 @pytest.mark.parametrize(("error", "status"), [
@@ -68,3 +74,23 @@ def test_validation_errors_name_the_first_field_and_example_index() -> None:
     body = error.body()["error"]
     assert body["message"] == "examples[2].label: Input should be a valid string"
     assert body["details"]["index"] == 2 and len(body["details"]["errors"]) == 2
+
+
+def test_rate_limited_and_overloaded_share_the_429_row() -> None:
+    assert status_of(RateLimited("x")) == status_of(Overloaded("x")) == 429
+    assert RateLimited("x").body()["error"]["type"] == "rate_limited"
+
+
+def test_a_405_lists_every_method_served_at_that_path(tmp_path) -> None:
+    """Starlette's own Allow names only the first route matching the path."""
+    app = create_app(Settings(data_dir=tmp_path))
+
+    async def allow(method: str, path: str) -> str:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://app") as client:
+            response = await client.request(method, path)
+        assert response.status_code == 405 and response.json()["error"]["type"] == "method_not_allowed"
+        return response.headers["allow"]
+
+    assert asyncio.run(allow("PUT", "/v1/tasks")) == "GET, POST"
+    assert asyncio.run(allow("POST", "/v1/tasks/abc")) == "DELETE, GET"
+    assert asyncio.run(allow("DELETE", "/metrics")) == "GET"

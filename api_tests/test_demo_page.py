@@ -1,0 +1,154 @@
+"""The demo page in headless Chromium: draw two classes with the mouse, register the task, draw
+queries, and read the predicted label; the page is left as a screenshot in artifacts/.
+
+Needs Debian's `chromium` and the `playwright` package (the browser itself is not downloaded: the
+system one is driven). Without them the test fails, saying what to install; CI installs both.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api_tests.helpers import REPO, Server
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = REPO / "artifacts" / "demo-page.png"
+TIMEOUT_MS = 60_000  # a classification on two busy cores, with the model warm, takes well under this
+PAD = 160  # the pads' size in CSS pixels
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the browser test needs playwright: pip install 'playwright>=1.50,<2'", pytrace=False)
+    executable = shutil.which("chromium") or CHROMIUM
+    if not Path(executable).exists():
+        pytest.fail("the browser test needs Chromium at /usr/bin/chromium: apt-get install chromium",
+                    pytrace=False)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=executable,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def problems() -> list[str]:
+    """Console errors, uncaught exceptions and requests that left the server, as the page runs."""
+    return []
+
+
+@pytest.fixture
+def page(browser: Any, server: Server, problems: list[str]) -> Iterator[Any]:
+    def request(r: Any) -> None:
+        if not r.url.startswith((server.url, "data:", "blob:")):
+            problems.append(f"request off the server: {r.url}")
+
+    def console(m: Any) -> None:
+        if m.type == "error":
+            problems.append(f"console: {m.text}")
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.on("console", console)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("request", request)
+    try:
+        yield page
+    finally:
+        page.close()
+
+
+def draw(page: Any, canvas: Any, glyph: str, shift: tuple[float, float] = (0, 0)) -> None:
+    """Draw a glyph on a 160 px pad with the mouse: "bar" (a vertical stroke) or "circle"."""
+    box = canvas.bounding_box()
+    dx, dy = shift
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return box["x"] + (x + dx) * box["width"] / PAD, box["y"] + (y + dy) * box["height"] / PAD
+
+    if glyph == "bar":
+        points = [(80, 25 + 110 * t / 20) for t in range(21)]
+    elif glyph == "circle":
+        points = [(80 + 52 * math.cos(2 * math.pi * t / 40), 80 + 52 * math.sin(2 * math.pi * t / 40))
+                  for t in range(41)]
+    else:
+        raise ValueError(glyph)
+    page.mouse.move(*at(*points[0]))
+    page.mouse.down()
+    for point in points[1:]:
+        page.mouse.move(*at(*point), steps=2)
+    page.mouse.up()
+
+
+def classify(page: Any, glyph: str, shift: tuple[float, float]) -> list[str]:
+    """Draw a query, classify it, and return the top-k labels as the page shows them."""
+    page.click("#query-clear")
+    draw(page, page.locator("#query-canvas"), glyph, shift)
+    page.click("#classify")
+    # Locators, not wait_for_function: the page's Content-Security-Policy forbids eval'd strings.
+    page.locator("#query-status").filter(has_text=re.compile("^Looks like")).wait_for()
+    return page.locator("#predictions .prediction .label").all_inner_texts()
+
+
+@pytest.mark.browser
+def test_draw_two_classes_register_and_classify_a_drawn_query(
+    page: Any, server: Server, problems: list[str], record_property: Any
+) -> None:
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    cards = page.locator(".class-card")
+    assert cards.count() == 2
+    # Three drawings a class: two kept with "Add example", the last left on the pad (the page sends it).
+    for card, glyph in zip((cards.nth(0), cards.nth(1)), ("bar", "circle"), strict=True):
+        card.locator(".class-name").fill(glyph)
+        for shift in ((-12, 4), (10, -6), (0, 0)):
+            draw(page, card.locator("canvas"), glyph, shift)
+            if shift != (0, 0):
+                card.locator(".add-example").click()
+        assert card.locator(".examples img").count() == 2
+
+    page.click("#register")
+    page.wait_for_selector("#task[data-task-id]")
+    assert "2-way (bar: 3, circle: 3)" in page.inner_text("#task")
+
+    assert classify(page, "bar", (7, 3))[0] == "bar"
+    labels = classify(page, "circle", (-6, 5))
+    assert labels == ["circle", "bar"]  # top-3 of a 2-way task: both, best first
+    attention = page.locator("#attention .support")
+    assert attention.count() == 6  # one row per support example, with its thumbnail
+    assert attention.locator("img").count() == 6
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    record_property("screenshot", str(SCREENSHOT))
+    print(f"demo page screenshot: {SCREENSHOT}")
+    assert problems == []
+
+
+def test_the_page_and_its_files_are_served_from_this_origin_only(client: httpx.Client) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert "://" not in page.text  # nothing from a CDN: the page works offline
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        assert f"/static/{name}" in page.text
+        response = client.get(f"/static/{name}")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
+        assert "://" not in response.text
+    assert client.get("/static/../settings.py").status_code == 404
+    assert client.get("/static/nope.js").json()["error"]["type"] == "not_found"

@@ -1,0 +1,63 @@
+"""`metanet evaluate --plot`: a grid of N-way K-shot points, its table, and the PNG, run on a tiny
+model and tiny synthetic data (never the shipped weights on real Omniglot: too slow for a test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from model import MetaNet
+from model.checkpoint import save_weights
+from service.cli import main
+from tests.model.conftest import TINY
+from tests.model.omniglot_fixtures import write_omniglot_npz_dir
+
+
+@pytest.fixture
+def tiny_setup(tmp_path: Path) -> tuple[Path, Path]:
+    torch.manual_seed(0)
+    weights = save_weights(MetaNet(TINY), tmp_path / "weights")
+    data = write_omniglot_npz_dir(tmp_path / "omniglot", seed=0, background=(1, 2), evaluation=(2, 4),
+                                  n_drawings=6, size=28)
+    return weights, data
+
+
+def run(tiny_setup: tuple[Path, Path], *args: str) -> int:
+    weights, data = tiny_setup
+    threads = torch.get_num_threads()
+    try:
+        return main(["evaluate", "--weights", str(weights), "--data-dir", str(data), "--episodes", "2",
+                     "--queries", "2", *args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_evaluate_plot_prints_the_grid_and_writes_a_png(tiny_setup, tmp_path, capsys):
+    png = tmp_path / "out" / "accuracy.png"
+    assert run(tiny_setup, "--plot", str(png), "--ways", "2,4,8", "--shots", "1,2") == 0
+    out = capsys.readouterr().out
+    assert "n_way n_shot" in out
+    for way, shot in ((2, 1), (2, 2), (4, 1), (4, 2)):
+        assert any(line.split()[:2] == [str(way), str(shot)] for line in out.splitlines()), out
+    assert "skipped 8-way 1-shot: the model takes at most max_way=6 classes" in out
+    with Image.open(png) as img:
+        assert img.format == "PNG"
+
+
+def test_evaluate_plot_as_json(tiny_setup, tmp_path, capsys):
+    png = tmp_path / "accuracy.png"
+    assert run(tiny_setup, "--plot", str(png), "--ways", "2,3", "--shots", "1", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plot"] == str(png) and png.is_file()
+    assert [(r["way"], r["shot"], r["episodes"]) for r in report["results"]] == [(2, 1, 2), (3, 1, 2)]
+    assert report["skipped"] == []
+
+
+def test_evaluate_plot_with_no_point_that_fits_is_an_error(tiny_setup, tmp_path, capsys):
+    assert run(tiny_setup, "--plot", str(tmp_path / "x.png"), "--ways", "7", "--shots", "1") == 2
+    assert "no point of the grid fits" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -44,18 +44,21 @@ RUN python3 -m venv /opt/venv
 COPY ${WHEELS_DIR}/ /wheels/
 WORKDIR /src
 
-# torch first, so it is the build TORCH_INDEX_URL names (from wheels, the check below says so when
-# it is not). Its C++ headers, test programs and protoc go (about 190 MB): they serve C++
-# extensions and torch.compile, which the service does not use.
+# torch first, so it is the build TORCH_INDEX_URL names. From wheels, a CPU build where .../whl/cuXXX
+# asks for CUDA (or the reverse) stops the build. Its C++ headers, test programs and protoc go
+# (about 190 MB): they serve C++ extensions and torch.compile, which the service does not use.
 RUN set -eu; \
     if ls /wheels/*.whl >/dev/null 2>&1; then \
         pip install --no-index --find-links /wheels "torch==${TORCH_VERSION}"; \
         build="$(python3 -c 'import torch; print(torch.__version__.partition("+")[2])')"; \
-        asked="${TORCH_INDEX_URL%/}"; asked="${asked##*/whl/}"; \
-        if [ "$asked" != "${TORCH_INDEX_URL%/}" ] && [ "$build" != "$asked" ]; then \
-            echo "torch in ${WHEELS_DIR} is the '$build' build; TORCH_INDEX_URL asks for '$asked'" >&2; \
-            exit 1; \
-        fi; \
+        asked="${TORCH_INDEX_URL%/}"; \
+        case "$asked" in */whl/*) asked="${asked##*/whl/}";; *) asked="";; esac; \
+        case "$build:$asked" in \
+            cpu:cpu|*:) ;; \
+            cpu:*|*:cpu) \
+                echo "torch ${TORCH_VERSION}+${build:-cuda} in ${WHEELS_DIR}: not the $asked build" >&2; \
+                exit 1;; \
+        esac; \
     else \
         pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
     fi; \
@@ -80,7 +83,7 @@ RUN set -eu; \
     if ls /wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /wheels; else set --; fi; \
     pip install "$@" ".[serve]"; \
     pip check; \
-    python3 -c 'import importlib.resources as r; assert r.files("model").joinpath("weights/metanet.safetensors").is_file()'
+    python3 -c 'from importlib.resources import files; assert (files("model") / "weights/config.json").is_file()'
 
 # ---------------------------------------------------------------------------------------- runtime
 FROM base AS runtime

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = [(5, 1), (5, 5), (20, 1), (20, 5), (50, 1)]
 PAPER = {(5, 1): "98.95*", (20, 1): "97.00* / 95.9"}
 
 
@@ -27,22 +26,29 @@ def main() -> int:
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--settings", default="5x1,5x5,20x1,20x5,50x1",
+                        help="comma-separated WAYxSHOT settings to evaluate")
     args = parser.parse_args()
     rows = []
-    for way, shot in SETTINGS:
+    settings = [tuple(int(v) for v in item.split("x")) for item in args.settings.split(",")]
+    for way, shot in settings:
         cmd = [sys.executable, "-m", "service.cli", "evaluate", "--way", str(way), "--shot", str(shot),
                "--episodes", str(args.episodes), "--seed", "0", "--device", args.device, "--json"]
         if args.weights:
             cmd += ["--weights", args.weights]
         start = time.perf_counter()
-        result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:  # e.g. more classes than the weights were trained for
+            print(f"{way}-way {shot}-shot: not evaluated: {done.stderr.strip()}", flush=True)
+            continue
+        result = json.loads(done.stdout)
         result["seconds"] = round(time.perf_counter() - start, 1)
         result["command"] = "metanet " + " ".join(cmd[3:])
         rows.append(result)
         print(json.dumps(result), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"model-card-{dt.date.today().isoformat()}-{args.device}.json"
+    path = out / f"model-card-{dt.date.today().isoformat()}-{args.device}-{args.episodes}ep.json"
     path.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\nwrote {path}\n")
     print("| setting | accuracy (95% CI) | episodes | paper | command |")

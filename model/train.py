@@ -209,7 +209,9 @@ def plot_curve(run: Path) -> None:
     ax_loss.plot(steps, [r["train_loss"] for r in rows])
     ax_loss.set(xlabel="episode", ylabel="query cross-entropy", title="training loss", yscale="log")
     ax_acc.plot(steps, [r["train_acc"] for r in rows], label="train (mixed way/shot)")
-    ax_acc.plot(steps, [r["val_acc"] for r in rows], label="validation, mean of 1-shot settings")
+    measured = [r for r in rows if r.get("val_acc") is not None]
+    ax_acc.plot([r["step"] for r in measured], [r["val_acc"] for r in measured], marker="o",
+                label="validation, mean of 1-shot settings")
     ax_acc.set(xlabel="episode", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     ax_acc.legend(loc="lower right")
     fig.tight_layout()

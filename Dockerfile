@@ -96,9 +96,12 @@ RUN groupadd --system --gid 10001 metanet \
     && mkdir -p /data && chown metanet:metanet /data
 COPY --from=builder /opt/venv /opt/venv
 
+# MALLOC_ARENA_MAX: glibc's per-thread malloc arenas otherwise make resident memory climb in steps
+# under concurrent load (bounded, but it reads like a leak; see bench/README.md, soak).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    MALLOC_ARENA_MAX=2 \
     METANET_HOST=0.0.0.0 \
     METANET_PORT=8000 \
     METANET_DATA_DIR=/data

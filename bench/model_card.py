@@ -21,7 +21,9 @@ PAPER = {(5, 1): "98.95*", (20, 1): "97.00* / 95.9"}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--weights", help="weights directory (default: shipped)")
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--device", default="cpu")

@@ -25,7 +25,9 @@ CONFIG_FILE = "config.json"
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
-def save_weights(model: MetaNet, directory: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+def save_weights(
+    model: MetaNet, directory: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
     """Write the model's weights and config; returns the directory. Atomic per file."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

@@ -141,7 +141,9 @@ def _load_pngs(entries: Iterator[tuple[str, str, list[bytes]]], size: int) -> Om
     return OmniglotSplit(images, np.array(alphabets), np.array(characters))
 
 
-def train_val_split(background: OmniglotSplit, n_val_alphabets: int = 4) -> tuple[OmniglotSplit, OmniglotSplit]:
+def train_val_split(
+    background: OmniglotSplit, n_val_alphabets: int = 4
+) -> tuple[OmniglotSplit, OmniglotSplit]:
     """Hold out every k-th background alphabet (sorted by name) for validation.
 
     The evaluation alphabets are never seen in training or model selection.

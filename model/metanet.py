@@ -21,8 +21,7 @@ from torch.func import grad, vmap
 
 from model.config import MetaNetConfig
 from model.errors import InvalidTaskError
-from model.layers import CoordinateLSTM, CoordinateMLP, conv_trunk, conv_trunk_per_sample
-from model.layers import preprocess_grad
+from model.layers import CoordinateLSTM, CoordinateMLP, conv_trunk, conv_trunk_per_sample, preprocess_grad
 
 # Coordinates handed to `m` in one go at registration: bounds its (coords, 20) hidden activations.
 _M_BLOCK_COORDS = 4_000_000

@@ -113,7 +113,9 @@ def train(
         if bar is not None:
             bar.update(1)
             if state.step % 10 == 0:
-                bar.set_postfix(loss=f"{np.mean(window_loss[-50:]):.3f}", acc=f"{np.mean(window_acc[-50:]):.3f}")
+                bar.set_postfix(
+                    loss=f"{np.mean(window_loss[-50:]):.3f}", acc=f"{np.mean(window_acc[-50:]):.3f}"
+                )
 
         if state.step % cfg.val_every == 0 or state.step == cfg.episodes:
             val = _validate(model, val_split, cfg)
@@ -165,7 +167,9 @@ def _save_last(directory: Path, model: MetaNet, optimizer: torch.optim.Optimizer
     save_weights(model, directory)
     opt_state = optimizer.state_dict()
     tensors = {
-        f"{idx}.{key}": value.detach().cpu().reshape(-1) if key == "step" else value.detach().cpu().contiguous()
+        f"{idx}.{key}": (
+            value.detach().cpu().reshape(-1) if key == "step" else value.detach().cpu().contiguous()
+        )
         for idx, per_param in opt_state["state"].items()
         for key, value in per_param.items()
     }

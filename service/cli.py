@@ -46,7 +46,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     saved = Path(args.run_dir) / "train_config.json"
-    cfg = TrainConfig.from_dict(json.loads(saved.read_text())) if args.resume and saved.is_file() else TrainConfig()
+    resuming = args.resume and saved.is_file()
+    cfg = TrainConfig.from_dict(json.loads(saved.read_text())) if resuming else TrainConfig()
     overrides = {
         k: getattr(args, k)
         for k in ("episodes", "seed", "val_every", "val_episodes", "checkpoint_every", "min_way",

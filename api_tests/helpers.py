@@ -103,6 +103,10 @@ class Server:
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
 
+    def as_user(self, key: str) -> httpx.Client:
+        """A client that sends `key` as its bearer token (a tenant of a keyed server)."""
+        return self.client(headers={"Authorization": f"Bearer {key}"})
+
     def log_tail(self, n: int = 40) -> str:
         if not self.log_path.exists():
             return ""

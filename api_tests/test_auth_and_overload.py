@@ -22,10 +22,6 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         server.stop()
 
 
-def as_user(server: Server, key: str) -> httpx.Client:
-    return server.client(headers={"Authorization": f"Bearer {key}"})
-
-
 def test_v1_without_a_key_returns_401_with_a_bearer_challenge(keyed_server: Server) -> None:
     with keyed_server.client() as anonymous:
         for method, path in (("GET", "/v1/model"), ("GET", "/v1/tasks"), ("POST", "/v1/classify")):
@@ -35,7 +31,7 @@ def test_v1_without_a_key_returns_401_with_a_bearer_challenge(keyed_server: Serv
 
 
 def test_v1_with_an_unknown_key_returns_401(keyed_server: Server) -> None:
-    with as_user(keyed_server, "not-a-key") as stranger:
+    with keyed_server.as_user("not-a-key") as stranger:
         assert_error(stranger.get("/v1/tasks"), 401, "unauthorized")
 
 
@@ -46,7 +42,7 @@ def test_probes_need_no_key(keyed_server: Server) -> None:
 
 
 def test_each_key_sees_only_its_own_tasks(keyed_server: Server) -> None:
-    with as_user(keyed_server, ALICE) as alice, as_user(keyed_server, BOB) as bob:
+    with keyed_server.as_user(ALICE) as alice, keyed_server.as_user(BOB) as bob:
         response = alice.post("/v1/tasks", json={"examples": examples(("circle", "cross"))})
         assert response.status_code == 201, response.text
         task_id = response.json()["task_id"]
@@ -67,7 +63,7 @@ def test_a_burst_past_the_model_queue_gets_429_with_retry_after_and_stores_nothi
     def register(i: int) -> httpx.Response:
         body = {"name": f"burst-{i}", "examples": examples(("circle", "square")) + [
             {"label": "zigzag", "image": png("zigzag", shift=(i, 0))}]}
-        with as_user(keyed_server, BOB) as bob:
+        with keyed_server.as_user(BOB) as bob:
             return bob.post("/v1/tasks", json=body)
 
     with ThreadPoolExecutor(6) as pool:
@@ -79,5 +75,5 @@ def test_a_burst_past_the_model_queue_gets_429_with_retry_after_and_stores_nothi
             assert_error(response, 429, "overloaded")
             assert int(response.headers["retry-after"]) >= 1
     created = {r.json()["task_id"] for r in responses if r.status_code == 201}
-    with as_user(keyed_server, BOB) as bob:
+    with keyed_server.as_user(BOB) as bob:
         assert {t["task_id"] for t in bob.get("/v1/tasks").json()["data"]} == created

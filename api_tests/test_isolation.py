@@ -38,10 +38,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         server.stop()
 
 
-def as_user(server: Server, key: str) -> httpx.Client:
-    return server.client(headers={"Authorization": f"Bearer {key}"})
-
-
 def register(client: httpx.Client, kinds: tuple[str, ...], name: str) -> dict[str, Any]:
     response = client.post("/v1/tasks", json={"name": name, "examples": examples(kinds)})
     assert response.status_code == 201, response.text
@@ -79,7 +75,7 @@ def anonymised(response: httpx.Response, task_id: str) -> tuple[int, str]:
 
 
 def test_another_keys_task_answers_exactly_as_a_task_that_does_not_exist(server: Server) -> None:
-    with as_user(server, ALICE) as alice, as_user(server, BOB) as bob, as_user(server, CAROL) as carol:
+    with server.as_user(ALICE) as alice, server.as_user(BOB) as bob, server.as_user(CAROL) as carol:
         owned = {ALICE: register(alice, ("circle", "cross", "triangle"), "alice's"),
                  CAROL: register(carol, ("square", "zigzag"), "carol's")}
         before = {key: (client.get(f"/v1/tasks/{t['task_id']}").json(), probabilities(client, t["task_id"]))
@@ -105,7 +101,7 @@ def test_another_keys_task_answers_exactly_as_a_task_that_does_not_exist(server:
 
 
 def test_lists_and_cursors_do_not_change_with_what_other_keys_do(server: Server) -> None:
-    with as_user(server, ALICE) as alice, as_user(server, BOB) as bob, as_user(server, CAROL) as carol:
+    with server.as_user(ALICE) as alice, server.as_user(BOB) as bob, server.as_user(CAROL) as carol:
         mine = [register(bob, ("circle", "bar"), f"bob-{i}") for i in range(3)]
         seen, cursors = listing(bob)
         assert [t["task_id"] for t in seen] == [t["task_id"] for t in mine]
@@ -128,7 +124,7 @@ def test_lists_and_cursors_do_not_change_with_what_other_keys_do(server: Server)
 
 
 def test_a_cursor_handed_to_one_key_is_refused_for_another(server: Server) -> None:
-    with as_user(server, ALICE) as alice, as_user(server, BOB) as bob:
+    with server.as_user(ALICE) as alice, server.as_user(BOB) as bob:
         for i in range(2):
             register(alice, ("circle", "cross"), f"paged-{i}")
         cursor = alice.get("/v1/tasks", params={"limit": 1}).json()["next_cursor"]
@@ -140,7 +136,7 @@ def test_a_cursor_handed_to_one_key_is_refused_for_another(server: Server) -> No
 
 def test_a_one_off_classification_stores_nothing_and_answers_every_key_alike(server: Server) -> None:
     body = {"support": examples(("circle", "cross", "triangle")), "images": QUERIES, "top_k": 3}
-    with as_user(server, ALICE) as alice, as_user(server, BOB) as bob, as_user(server, CAROL) as carol:
+    with server.as_user(ALICE) as alice, server.as_user(BOB) as bob, server.as_user(CAROL) as carol:
         lists = [listing(c, limit=200) for c in (alice, bob, carol)]
         answers = []
         for client in (alice, bob, carol):
@@ -153,10 +149,10 @@ def test_a_one_off_classification_stores_nothing_and_answers_every_key_alike(ser
 
 def test_every_key_from_the_environment_and_the_file_works_and_others_get_401(server: Server) -> None:
     for key in KEYS:
-        with as_user(server, key) as client:
+        with server.as_user(key) as client:
             assert client.get("/v1/model").status_code == 200, key
     for bad in (OPERATOR, f"{ALICE}x", ALICE[:-1], ALICE.upper()):
-        with as_user(server, bad) as client:
+        with server.as_user(bad) as client:
             assert_error(client.get("/v1/tasks"), 401, "unauthorized")
 
 
@@ -165,15 +161,15 @@ def test_metrics_take_the_operator_key_and_no_tenant_key(server: Server) -> None
         assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/readyz").status_code == 200
         assert_error(anonymous.get("/metrics"), 401, "unauthorized")
     for key in KEYS:
-        with as_user(server, key) as tenant:
+        with server.as_user(key) as tenant:
             assert_error(tenant.get("/metrics"), 401, "unauthorized")
-    with as_user(server, OPERATOR) as operator:
+    with server.as_user(OPERATOR) as operator:
         response = operator.get("/metrics")
         assert response.status_code == 200 and "metanet_tasks" in response.text
 
 
 def test_the_request_log_has_one_json_line_per_request_and_never_a_key(server: Server) -> None:
-    with as_user(server, ALICE) as alice:
+    with server.as_user(ALICE) as alice:
         task = register(alice, ("circle", "cross"), "logged")
         response = alice.get(f"/v1/tasks/{task['task_id']}", headers={"X-Request-ID": "isolation-log-1"})
         assert response.headers["x-request-id"] == "isolation-log-1"

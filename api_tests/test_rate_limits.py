@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from api_tests.helpers import Server, assert_error, examples
@@ -28,12 +27,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         server.stop()
 
 
-def as_user(server: Server, key: str) -> httpx.Client:
-    return server.client(headers={"Authorization": f"Bearer {key}"})
-
-
 def test_a_key_past_its_burst_gets_429_rate_limited_with_retry_after(server: Server) -> None:
-    with as_user(server, KEYS[0]) as client:
+    with server.as_user(KEYS[0]) as client:
         assert [client.get("/v1/model").status_code for _ in range(BURST)] == [200] * BURST
         response = client.get("/v1/model")
         assert_error(response, 429, "rate_limited")
@@ -45,14 +40,14 @@ def test_a_key_past_its_burst_gets_429_rate_limited_with_retry_after(server: Ser
 
 
 def test_each_key_has_its_own_bucket(server: Server) -> None:
-    with as_user(server, KEYS[1]) as greedy, as_user(server, KEYS[2]) as other:
+    with server.as_user(KEYS[1]) as greedy, server.as_user(KEYS[2]) as other:
         while greedy.get("/v1/tasks").status_code != 429:
             pass
         assert [other.get("/v1/tasks").status_code for _ in range(BURST)] == [200] * BURST
 
 
 def test_a_rate_limited_request_changes_nothing_and_probes_are_never_limited(server: Server) -> None:
-    with as_user(server, KEYS[3]) as client:
+    with server.as_user(KEYS[3]) as client:
         body = {"examples": examples(("circle", "bar"))}
         first = client.post("/v1/tasks", json={"name": "kept", **body})
         assert first.status_code == 201, first.text

@@ -192,6 +192,15 @@ def probabilities(client: httpx.Client, task_id: str, images: Sequence[Any] = QU
     return as_matrix(response.json()["predictions"], client.get(f"/v1/tasks/{task_id}").json()["labels"])
 
 
+def metrics(client: httpx.Client) -> dict[str, float]:
+    """The metanet_* samples of /metrics by name, labels included as written
+    (`metanet_dropped_total{reason="deadline"}`); counters under their _total names."""
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    return {name: float(value) for line in response.text.splitlines()
+            if line.startswith("metanet_") for name, value in [line.rsplit(" ", 1)]}
+
+
 def as_matrix(predictions: list[dict[str, Any]], labels: Sequence[str]) -> np.ndarray:
     rows = []
     for prediction in predictions:

@@ -2,7 +2,8 @@
 one (way, shot) point or over a grid of them.
 
 Episodes go through the public `register` / `classify` API with string labels, the way the service
-uses the model.
+uses the model; `m_dtype` holds each task's M in float16 or bfloat16 between the two, as the service
+can (`METANET_M_DTYPE`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import torch
 from model.data import EpisodeSampler, OmniglotSplit
 from model.metanet import MetaNet
 
+# The dtypes a task's M may be held in, by the names the command line and the service use.
+M_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -27,8 +31,9 @@ class EvalResult:
     accuracy: float
     ci95: float | None  # None for a single episode: no spread to measure
     seed: int
+    m_dtype: str = "float32"  # the dtype M was held in between register and classify
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | str]:
         return dict(self.__dict__)
 
 
@@ -41,11 +46,14 @@ def evaluate(
     episodes: int,
     seed: int = 0,
     queries_per_class: int = 5,
+    m_dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> EvalResult:
-    """Mean per-episode accuracy over seeded episodes (no rotations at test time)."""
+    """Mean per-episode accuracy over seeded episodes (no rotations at test time), each task's M
+    converted to `m_dtype` after registration."""
     if episodes < 1:
         raise ValueError("episodes must be at least 1")
+    dtype_name = _m_dtype_name(m_dtype)
     device = next(model.parameters()).device
     sampler = EpisodeSampler(split, rotate=False, device=device)
     rng = np.random.default_rng(seed)
@@ -59,13 +67,22 @@ def evaluate(
     for e in steps:
         ep = sampler.sample(rng, way, shot, queries_per_class)
         memory = model.register(ep.support_x, [names[int(k)] for k in ep.support_y])
+        if m_dtype != torch.float32:  # register builds M in float32, the model's own dtype
+            memory = memory.with_m_dtype(m_dtype)
         probs = model.classify(memory, ep.query_x).probs
         # memory.labels lists names in first-appearance order, which is class-0, class-1, ...
         predicted = torch.tensor([int(memory.labels[k].split("-")[1]) for k in probs.argmax(1)])
         accuracies[e] = (predicted == ep.query_y.cpu()).float().mean().item()
     mean = float(accuracies.mean())
     ci95 = 1.96 * float(accuracies.std(ddof=1)) / math.sqrt(episodes) if episodes > 1 else None
-    return EvalResult(way, shot, episodes, queries_per_class, mean, ci95, seed)
+    return EvalResult(way, shot, episodes, queries_per_class, mean, ci95, seed, dtype_name)
+
+
+def _m_dtype_name(dtype: torch.dtype) -> str:
+    for name, known in M_DTYPES.items():
+        if known == dtype:
+            return name
+    raise ValueError(f"M may be held in {', '.join(M_DTYPES)}, not {dtype}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,7 @@ def evaluate_grid(
     episodes: int,
     seed: int = 0,
     queries_per_class: int = 5,
+    m_dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> GridResult:
     """`evaluate` at every (way, shot) of the grid, each from the same seed; points beyond the
@@ -102,7 +120,8 @@ def evaluate_grid(
                 skipped.append(Skipped(way, shot, reason))
                 continue
             results.append(evaluate(model, split, way=way, shot=shot, episodes=episodes, seed=seed,
-                                    queries_per_class=queries_per_class, progress=progress))
+                                    queries_per_class=queries_per_class, m_dtype=m_dtype,
+                                    progress=progress))
     return GridResult(results, skipped)
 
 

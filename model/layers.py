@@ -24,6 +24,9 @@ def pool(h: Tensor) -> Tensor:
 def conv_trunk(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tensor] | None) -> Tensor:
     """Five augmented conv blocks with one set of fast weights shared by the whole batch.
 
+    The slow and fast kernels of a layer run as one convolution with 2*C_out output channels
+    (both branches read the same input), then relu(slow) + relu(fast).
+
     Args:
         x: images of shape (n, 1, 28, 28).
         slow: conv kernels, the first (C, 1, 3, 3), the rest (C, C, 3, 3).
@@ -33,18 +36,33 @@ def conv_trunk(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tensor] | None)
     """
     h = x
     for i, w in enumerate(slow):
-        out = F.relu(F.conv2d(h, w, padding=1))
-        if fast is not None:
-            out = out + F.relu(F.conv2d(h, fast[i], padding=1))
+        if fast is None:
+            out = F.relu(F.conv2d(h, w, padding=1))
+        else:
+            both = F.relu(F.conv2d(h, torch.cat([w, fast[i]]), padding=1))
+            out = both[:, : w.shape[0]] + both[:, w.shape[0] :]
         h = pool(out)
     return h.flatten(1)
+
+
+def conv3x3_columns(h: Tensor) -> Tensor:
+    """im2col for a 3x3 kernel with padding 1: (n, C, H, W) -> (n, C * 9, H * W).
+
+    Column c * 9 + 3 * i + j holds channel c shifted by (i - 1, j - 1), the order of a kernel
+    (C_out, C, 3, 3) flattened. Built from pads and slices only, so it exports to ONNX as is
+    (ONNX's Conv takes a static `group`, which cannot express one kernel per image).
+    """
+    n, c, height, width = h.shape
+    padded = F.pad(h, (1, 1, 1, 1))
+    shifts = [padded[:, :, i : i + height, j : j + width] for i in range(3) for j in range(3)]
+    return torch.stack(shifts, dim=2).reshape(n, c * 9, height * width)
 
 
 def conv_trunk_per_sample(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tensor]) -> Tensor:
     """Like `conv_trunk`, but every image has fast kernels of its own.
 
-    The per-image kernels and the shared slow kernel run as one grouped convolution: group i sees
-    image i and holds [S; F_i], so each layer is a single kernel launch whatever the batch size.
+    Each layer is one batched matmul: image i's columns (im2col) times its kernel [S; F_i], so the
+    slow and fast branches of all images run in a single kernel launch whatever the batch size.
 
     Args:
         x: images of shape (n, 1, 28, 28).
@@ -55,16 +73,13 @@ def conv_trunk_per_sample(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tens
     n = x.shape[0]
     h = x
     for w_slow, w_fast in zip(slow, fast, strict=True):
-        c_out, c_in = w_slow.shape[:2]
-        both = torch.cat([w_slow.expand(n, -1, -1, -1, -1), w_fast], dim=1)  # (n, 2C_out, C_in, 3, 3)
-        out = F.conv2d(
-            h.reshape(1, n * c_in, *h.shape[2:]),
-            both.reshape(n * 2 * c_out, c_in, *w_slow.shape[2:]),
-            padding=1,
-            groups=n,
-        )
-        out = F.relu(out).reshape(n, 2, c_out, *out.shape[2:]).sum(dim=1)
-        h = pool(out)
+        c_out, height, width = w_slow.shape[0], h.shape[2], h.shape[3]
+        kernels = torch.cat(
+            [w_slow.reshape(1, c_out, -1).expand(n, -1, -1), w_fast.reshape(n, c_out, -1)], dim=1
+        )  # (n, 2C_out, C_in * 9)
+        both = F.relu(torch.bmm(kernels, conv3x3_columns(h)))  # (n, 2C_out, H * W)
+        out = both[:, :c_out] + both[:, c_out:]
+        h = pool(out.reshape(n, c_out, height, width))
     return h.flatten(1)
 
 

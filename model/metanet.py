@@ -193,8 +193,9 @@ class MetaNet(nn.Module):
             r = r + h @ Q_fast[-1].T
         return r
 
-    def b(self, x: Tensor, W_fast: Sequence[Tensor] | None, n_way: int) -> Tensor:
-        """Logits of images (n, 1, S, S) -> (n, max_way), classes >= n_way masked to -inf.
+    def b(self, x: Tensor, W_fast: Sequence[Tensor] | None, n_way: int | None) -> Tensor:
+        """Logits of images (n, 1, S, S) -> (n, max_way), classes >= n_way masked to -inf
+        (n_way None: no mask).
 
         W_fast holds per-image fast weights, each of shape (n, *w.shape), or None for slow only.
         """
@@ -207,7 +208,7 @@ class MetaNet(nn.Module):
             h = conv_trunk_per_sample(x, self.b_convs, fast_convs)
             h1 = F.relu(h @ self.b_fc.T) + F.relu(torch.einsum("noc,nc->no", fast_fc, h))
             logits = h1 @ self.b_out.T + torch.einsum("nko,no->nk", fast_out, h1)
-        return _mask_classes(logits, n_way)
+        return logits if n_way is None else _mask_classes(logits, n_way)
 
     # ------------------------------------------------------------------------ meta information
 
@@ -323,18 +324,30 @@ class MetaNet(nn.Module):
     ) -> list[ClassifyOutput]:
         """Queries of several tasks at once: one result per (memory, images) pair, in order.
 
-        Each task's u (its own Q*) and read of M run once per task; b, the per-query network,
-        runs over the queries of every task together as one grouped convolution per layer.
+        Everything per query runs over the queries of every task together: `u` with each query's
+        task-level Q* and `b` with its own W* as batched matmuls (`conv_trunk_per_sample`); only the
+        attention over a task's R and the read of its M are per task (one matmul each).
         """
         checked = [(mem, self._check_images(x, field="images", limit=None)) for mem, x in requests]
+        tasks: dict[int, int] = {}  # id(memory) -> task number, so repeated memories share a row
+        for memory, _ in checked:
+            tasks.setdefault(id(memory), len(tasks))
         with torch.inference_mode():
-            attentions, rows = [], []
+            x_all = torch.cat([x for _, x in checked])
+            task_of = torch.cat([torch.full((len(x),), tasks[id(m)], dtype=torch.long) for m, x in checked])
+            memories = list({id(m): m for m, _ in checked}.values())
+            r_all = torch.cat([
+                self._represent(memories, x, idx.to(x.device))
+                for x, idx in zip(x_all.split(_QUERY_BLOCK), task_of.split(_QUERY_BLOCK), strict=True)
+            ])
+            attentions, rows, start = [], [], 0
             for memory, x in checked:
-                r = self.u(x, memory.Q_fast)
+                r = r_all[start : start + len(x)]
+                start += len(x)
                 attention = torch.softmax(_cosine(r, memory.R), dim=1)  # (n_query, n_support)
                 attentions.append(attention)
                 rows.append(attention @ memory.M.to(attention.dtype))  # (n_query, P): W* per query
-            x_all, W_all = torch.cat([x for _, x in checked]), torch.cat(rows)
+            W_all = torch.cat(rows)
             logits = torch.cat([
                 self.b(x, self._unflatten(W, self.b_params()), self.config.max_way)
                 for x, W in zip(x_all.split(_QUERY_BLOCK), W_all.split(_QUERY_BLOCK), strict=True)
@@ -347,6 +360,20 @@ class MetaNet(nn.Module):
                 ClassifyOutput(torch.softmax(task_logits, dim=1), attention if return_attention else None)
             )
         return outputs
+
+    def _represent(self, memories: Sequence[TaskMemory], x: Tensor, task_of: Tensor) -> Tensor:
+        """r for queries x of shape (n, 1, S, S), query i under memories[task_of[i]].Q_fast.
+
+        One task: its Q* is shared by the batch (plain convolutions, slow and fast fused). Several:
+        each query gets its task's Q* and the trunk runs as per-image batched matmuls.
+        """
+        first = int(task_of[0])
+        if bool((task_of == first).all()):
+            return self.u(x, memories[first].Q_fast)
+        n_layers = len(self.u_convs) + 1
+        per_query = [torch.stack([m.Q_fast[k] for m in memories])[task_of] for k in range(n_layers)]
+        h = conv_trunk_per_sample(x, self.u_convs, per_query[:-1])
+        return h @ self.u_fc.T + torch.einsum("noc,nc->no", per_query[-1], h)
 
     def episode_loss(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, n_way: int,

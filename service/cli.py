@@ -75,6 +75,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queries", type=int, default=5, help="queries per class per episode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--m-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="hold each task's M in this dtype between registering and classifying, as the "
+                   "service does with METANET_M_DTYPE (default float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="PNG", help="evaluate the grid --ways x --shots (--episodes a point) "
                    "and write accuracy against n_way, one line per n_shot, to this PNG")
@@ -96,7 +99,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def _evaluate(args: argparse.Namespace) -> int:
     from model.checkpoint import load_model
     from model.data import load_split
-    from model.evaluate import evaluate
+    from model.evaluate import M_DTYPES, evaluate
 
     if args.plot:
         _check_matplotlib()  # before the grid's minutes of work, not after
@@ -105,28 +108,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.plot:
         return _evaluate_grid(args, model, split)
     result = evaluate(model, split, way=args.way, shot=args.shot, episodes=args.episodes,
-                      seed=args.seed, queries_per_class=args.queries, progress=not args.json)
+                      seed=args.seed, queries_per_class=args.queries, m_dtype=M_DTYPES[args.m_dtype],
+                      progress=not args.json)
     out = {**result.to_dict(), "model_version": model.version}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{args.way}-way {args.shot}-shot over {args.episodes} episodes: "
+        print(f"{args.way}-way {args.shot}-shot over {args.episodes} episodes, M in {args.m_dtype}: "
               f"{100 * result.accuracy:.2f}% ± {100 * (result.ci95 or 0.0):.2f} (95% CI)")
     return 0
 
 
 def _evaluate_grid(args: argparse.Namespace, model: MetaNet, split: OmniglotSplit) -> int:
-    from model.evaluate import evaluate_grid
+    from model.evaluate import M_DTYPES, evaluate_grid
     from model.plots import plot_accuracy
 
     grid = evaluate_grid(model, split, ways=args.ways, shots=args.shots, episodes=args.episodes,
-                         seed=args.seed, queries_per_class=args.queries, progress=not args.json)
+                         seed=args.seed, queries_per_class=args.queries, m_dtype=M_DTYPES[args.m_dtype],
+                         progress=not args.json)
     if not grid.results:
         raise ValueError("no point of the grid fits the model and the data: "
                          + "; ".join(f"{s.way}-way {s.shot}-shot: {s.reason}" for s in grid.skipped))
     path = plot_accuracy(grid.results, args.plot, title=f"MetaNet {model.version} on held-out alphabets")
     if args.json:
-        print(json.dumps({"model_version": model.version, "plot": str(path),
+        print(json.dumps({"model_version": model.version, "m_dtype": args.m_dtype, "plot": str(path),
                           "results": [r.to_dict() for r in grid.results],
                           "skipped": [dataclasses.asdict(s) for s in grid.skipped]}))
         return 0
@@ -135,7 +140,7 @@ def _evaluate_grid(args: argparse.Namespace, model: MetaNet, split: OmniglotSpli
         print(f"{r.way:>5} {r.shot:>6} {100 * r.accuracy:>8.2f}% {100 * (r.ci95 or 0.0):>6.2f}")
     for s in grid.skipped:
         print(f"skipped {s.way}-way {s.shot}-shot: {s.reason}")
-    print(f"{args.episodes} episodes a point; plot written to {path}")
+    print(f"{args.episodes} episodes a point, M in {args.m_dtype}; plot written to {path}")
     return 0
 
 
@@ -156,6 +161,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-bytes", type=int, help="budget of the task-memory cache")
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted")
     p.add_argument("--torch-threads", type=int, help="torch CPU threads")
+    p.add_argument("--backend", choices=["torch", "onnx"], help="where queries run (default torch)")
+    p.add_argument("--onnx-path", help="the ONNX query path (exported there when missing)")
+    p.add_argument("--m-dtype", choices=["float32", "float16", "bfloat16"], help="dtype of cached M")
     p.add_argument("--log-level", help="debug, info, warning, error")
     p.set_defaults(func=_serve)
 
@@ -165,8 +173,39 @@ def _serve(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
     names = ("host", "port", "data_dir", "checkpoint", "device", "cache_bytes", "max_body_bytes",
-             "torch_threads", "log_level")
+             "torch_threads", "backend", "onnx_path", "m_dtype", "log_level")
     return serve(Settings(**{k: getattr(args, k) for k in names if getattr(args, k) is not None}))
+
+
+def _add_export_onnx(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-onnx", help="write the query path (images, Q*, R, M -> probabilities, attention) as ONNX",
+        description="Export the query path of the weights as an ONNX graph (inputs: images, the six "
+                    "tensors of Q*, R, M, n_way; outputs: probs, attention), check it against torch on "
+                    "a random task, and print where it went. Serve it with METANET_BACKEND=onnx.",
+    )
+    p.add_argument("--weights", help="weights directory (default: the shipped weights)")
+    p.add_argument("--out", default="metanet.onnx", help="file to write (default metanet.onnx)")
+    p.set_defaults(func=_export_onnx)
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from model.checkpoint import load_model
+    from model.onnx import OnnxQueryPath, export_onnx
+
+    model = load_model(args.weights, "cpu")
+    path = export_onnx(model, args.out)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy((rng.random((9, 1, 28, 28)) > 0.85).astype(np.float32))
+    memory = model.register(images[:5], ["a", "b", "c", "a", "b"])
+    got = OnnxQueryPath(path, model).classify(memory, images[5:]).probs
+    gap = float((got - model.classify(memory, images[5:]).probs).abs().max())
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset 18) from {model.version}; "
+          f"max |p_onnx - p_torch| on a random task: {gap:.1e}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_serve(sub)
+    _add_export_onnx(sub)
     add_client_commands(parser, sub)
     return parser
 

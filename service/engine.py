@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,11 +19,14 @@ from model.checkpoint import load_model
 from model.data import to_model_input
 from model.errors import InvalidTaskError
 from model.metanet import MetaNet, TaskMemory
-from service.errors import InvalidInput, Overloaded
+from service.batcher import Batcher, Call
+from service.errors import InvalidInput
 from service.settings import Settings
 
 log = logging.getLogger("service.engine")
 T = TypeVar("T")
+_NO_LIMIT = Call()
+_M_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -54,49 +57,70 @@ class Scores:
 
 
 class Engine:
-    """MetaNet behind one worker thread: torch already spreads one call over every core, so
-    calls run one at a time; at most `max_pending` are running or queued, the rest get 429."""
+    """MetaNet behind a `Batcher`: one worker thread (torch and onnxruntime already spread one call
+    over every core), concurrent classify requests batched into one forward, a bounded queue."""
 
     def __init__(
-        self, model: MetaNet, device: torch.device, max_pending: int,
+        self, model: MetaNet, device: torch.device, settings: Settings,
         observe: Callable[[str, float], None] | None = None,
+        onnx: Any | None = None,
     ) -> None:
         self._model = model
+        self._onnx = onnx  # a model.onnx.OnnxQueryPath when queries run on onnxruntime
+        self._m_dtype = _M_DTYPES[settings.m_dtype]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metanet-model")
-        self._max_pending = max_pending
-        self._pending = 0
         self._observe = observe  # (operation, seconds) of every model call, queueing included
+        self.batcher: Batcher[_Query, Scores] = Batcher(
+            self._executor, self._classify_batch,
+            max_batch_images=settings.batch_max_images, max_wait_s=settings.batch_max_wait_ms / 1000,
+            max_pending=settings.max_pending, max_queue_images=settings.max_queue_images,
+            on_batch=None if observe is None else lambda n, seconds: observe("batch", seconds),
+        )
         cfg = model.config
+        backend = "torch" if onnx is None else "onnx"
         self.info = ModelInfo("metanet", model.version, model.max_way, cfg.max_examples,
-                              cfg.image_size, "torch", str(device))
+                              cfg.image_size, backend, str(device))
 
     @classmethod
     def load(cls, settings: Settings, observe: Callable[[str, float], None] | None = None) -> Engine:
-        """Build the engine: blocking (weights from disk), so call it from a worker thread."""
+        """Build the engine: blocking (weights from disk, maybe an ONNX export), so call it from a
+        worker thread."""
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         device = pick_device(settings.device)
         model = load_model(settings.checkpoint, device)
         log.info("loaded %s on %s", model.version, device)
-        return cls(model, device, settings.max_pending, observe)
+        onnx = None
+        if settings.backend == "onnx":
+            from model.onnx import OnnxQueryPath, export_onnx
+
+            path = settings.onnx_path or settings.data_dir / "onnx" / f"{model.version}.onnx"
+            if not path.is_file():
+                log.info("exporting the query path to %s", path)
+                export_onnx(model, path)
+            onnx = OnnxQueryPath(path, model, threads=settings.torch_threads, device=str(device))
+            log.info("queries run on onnxruntime (%s) from %s", ", ".join(onnx.providers), path)
+        return cls(model, device, settings, observe, onnx)
 
     @property
     def pending(self) -> int:
-        return self._pending
+        return self.batcher.pending
 
     def to_input(self, ink: np.ndarray) -> np.ndarray:
         """An ink map (H, W) -> the model's input (S, S), the exact preprocessing of training."""
         return to_model_input(ink, self.info.image_size).numpy()
 
     async def warm_up(self) -> None:
-        """One tiny registration and classification, so the first client does not pay for it."""
+        """A tiny registration and classifications, so the first client does not pay for them."""
         rng = np.random.default_rng(0)
         support = (rng.random((2, self.info.image_size, self.info.image_size)) > 0.8).astype(np.float32)
         memory = await self.register(support, ["a", "b"])
         await self.classify(memory, support, explain=True)
+        await self.classify(memory, support[:1], explain=False)
 
     async def register(
-        self, support: np.ndarray, labels: Sequence[str], field: str = "examples", offset: int = 0
+        self, support: np.ndarray, labels: Sequence[str], field: str = "examples", offset: int = 0,
+        call: Call = _NO_LIMIT,
     ) -> Memory:
         """Support (n, S, S) float32 model inputs and their labels -> the task's memory.
 
@@ -108,37 +132,93 @@ class Engine:
                 state = self._model.register(torch.from_numpy(support), list(labels))
             except InvalidTaskError as exc:
                 raise _located(exc, field, offset) from None
+            if self._m_dtype != torch.float32:
+                state = state.with_m_dtype(self._m_dtype)
             example_labels = tuple(state.labels[i] for i in state.support_labels.tolist())
             return Memory(state, state.labels, example_labels, state.nbytes)
-        return await self._submit("register", run)
+        return await self._timed("register", self.batcher.submit_solo(run, call))
 
-    async def classify(self, memory: Memory, queries: np.ndarray, explain: bool) -> Scores:
-        def run() -> Scores:
-            try:
-                out = self._model.classify(memory.state, torch.from_numpy(queries), return_attention=explain)
-            except InvalidTaskError as exc:
-                raise _located(exc, "images", 0) from None
-            attention = out.attention.float().cpu().numpy() if out.attention is not None else None
-            return Scores(out.probs.float().cpu().numpy(), attention)
-        return await self._submit("classify", run)
+    async def classify(
+        self, memory: Memory, queries: np.ndarray, explain: bool, call: Call = _NO_LIMIT
+    ) -> Scores:
+        """Class probabilities of queries (n, S, S), batched with other requests' queries."""
+        job = _Query(memory, queries, explain)
+        return await self._timed("classify", self.batcher.submit(job, len(queries), call))
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    async def close(self) -> None:
+        await self.batcher.close()
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
-    async def _submit(self, operation: str, fn: Callable[[], T]) -> T:
-        if self._pending >= self._max_pending:
-            raise Overloaded(
-                f"{self._pending} model jobs are already waiting; retry shortly",
-                headers={"Retry-After": "1"},
-            )
-        self._pending += 1  # only the event loop touches the counter
+    async def _timed(self, operation: str, work: Awaitable[T]) -> T:
         start = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+            return await work
         finally:
-            self._pending -= 1
             if self._observe is not None:
                 self._observe(operation, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ in the worker thread
+
+    def _classify_batch(self, jobs: Sequence[_Query]) -> list[Scores | Exception]:
+        """One forward for the queries of every job; should it fail, each job alone, so one bad
+        job fails only its own request."""
+        try:
+            return list(self._forward(jobs))
+        except Exception:
+            if len(jobs) == 1:
+                raise
+            log.warning("a batch of %d requests failed; running them one by one", len(jobs), exc_info=True)
+        out: list[Scores | Exception] = []
+        for job in jobs:
+            try:
+                out.extend(self._forward([job]))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _forward(self, jobs: Sequence[_Query]) -> list[Scores]:
+        requests = [(job.memory.state, torch.from_numpy(job.queries)) for job in jobs]
+        explain = any(job.explain for job in jobs)
+        try:
+            if self._onnx is None:
+                outputs = self._model.classify_many(requests, return_attention=explain)
+            else:
+                outputs = self._onnx_forward(requests, explain)
+        except InvalidTaskError as exc:
+            raise _located(exc, "images", 0) from None
+        scores = []
+        for job, out in zip(jobs, outputs, strict=True):
+            attention = None
+            if job.explain and out.attention is not None:
+                attention = out.attention.float().cpu().numpy()
+            scores.append(Scores(out.probs.float().cpu().numpy(), attention))
+        return scores
+
+    def _onnx_forward(self, requests: list[tuple[TaskMemory, torch.Tensor]], explain: bool) -> list[Any]:
+        """One onnxruntime run per task in the batch, over the queries of all its requests."""
+        assert self._onnx is not None
+        by_task: dict[int, list[int]] = {}
+        for i, (memory, _) in enumerate(requests):
+            by_task.setdefault(id(memory), []).append(i)
+        outputs: list[Any] = [None] * len(requests)
+        for indices in by_task.values():
+            memory = requests[indices[0]][0]
+            x = torch.cat([requests[i][1] for i in indices])
+            out = self._onnx.classify(memory, x, return_attention=explain)
+            start = 0
+            for i in indices:
+                n = len(requests[i][1])
+                attention = None if out.attention is None else out.attention[start : start + n]
+                outputs[i] = type(out)(out.probs[start : start + n], attention)
+                start += n
+        return outputs
+
+
+@dataclass(frozen=True)
+class _Query:
+    memory: Memory
+    queries: np.ndarray  # (n, S, S) float32
+    explain: bool
 
 
 def pick_device(name: str) -> torch.device:

@@ -16,7 +16,9 @@
     ├── TooManyRequests               429 too_many_requests (Retry-After)
     │   ├── Overloaded                429 overloaded        (the model's queue is full)
     │   └── RateLimited               429 rate_limited      (this key's token bucket is empty)
-    └── NotReady                      503 not_ready
+    ├── ClientDisconnected            499 client_disconnected (nobody reads it: logs and metrics)
+    ├── NotReady                      503 not_ready
+    └── DeadlineExceeded              504 deadline_exceeded (the request's deadline passed first)
 
 Route handlers raise these; `handle_error` (registered for every exception) turns any of them,
 and FastAPI's and Starlette's own, into `{"error": {"type", "message", "details"}}`; under /v2 (the
@@ -129,8 +131,21 @@ class RateLimited(TooManyRequests):
     type = "rate_limited"
 
 
+class ClientDisconnected(ServiceError):
+    """The client went away while its work was queued; the work was dropped before compute."""
+
+    type = "client_disconnected"
+
+
 class NotReady(ServiceError):
     type = "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline (X-Request-Timeout-Ms, or the configured request_timeout_s) passed
+    before the model answered; queued work is dropped, not computed."""
+
+    type = "deadline_exceeded"
 
 
 # The one table from error class to status code; subclasses inherit their parent's row.
@@ -144,7 +159,9 @@ STATUS: dict[type[ServiceError], int] = {
     UnsupportedMediaType: 415,
     InvalidInput: 422,
     TooManyRequests: 429,
+    ClientDisconnected: 499,
     NotReady: 503,
+    DeadlineExceeded: 504,
 }
 
 

@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.batcher import Batcher
 from service.cache import ByteLRU
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -30,7 +31,8 @@ class Metrics:
             ["method", "route"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
         self.model_seconds = Histogram(
-            "metanet_model_seconds", "Model calls (register, classify), queueing included",
+            "metanet_model_seconds",
+            "Model calls (register, classify: queueing included; batch: one forward's compute)",
             ["operation"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
         self._state = _StateCollector()
@@ -39,9 +41,9 @@ class Metrics:
     def observe_model(self, operation: str, seconds: float) -> None:
         self.model_seconds.labels(operation).observe(seconds)
 
-    def watch(self, cache: ByteLRU, n_tasks: Callable[[], int], pending: Callable[[], int]) -> None:
+    def watch(self, cache: ByteLRU, n_tasks: Callable[[], int], batcher: Batcher) -> None:
         """Report these at every scrape (once the service is loaded)."""
-        self._state.sources = (cache, n_tasks, pending)
+        self._state.sources = (cache, n_tasks, batcher)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -51,12 +53,12 @@ class _StateCollector(Collector):
     """Gauges and counters read from the live objects at scrape time, so they never drift."""
 
     def __init__(self) -> None:
-        self.sources: tuple[ByteLRU, Callable[[], int], Callable[[], int]] | None = None
+        self.sources: tuple[ByteLRU, Callable[[], int], Batcher] | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         if self.sources is None:
             return
-        cache, n_tasks, pending = self.sources
+        cache, n_tasks, batcher = self.sources
         yield GaugeMetricFamily("metanet_tasks", "Tasks in the store", value=n_tasks())
         yield GaugeMetricFamily("metanet_cache_bytes", "Bytes of task memories cached", value=cache.nbytes)
         yield GaugeMetricFamily("metanet_cache_budget_bytes", "Cache budget in bytes", value=cache.budget)
@@ -66,7 +68,21 @@ class _StateCollector(Collector):
                                   value=cache.misses)
         yield CounterMetricFamily("metanet_cache_evictions", "Memories evicted for space",
                                   value=cache.evictions)
-        yield GaugeMetricFamily("metanet_model_pending", "Model calls running or queued", value=pending())
+        yield GaugeMetricFamily("metanet_model_pending", "Model calls running or queued",
+                                value=batcher.pending)
+        yield GaugeMetricFamily("metanet_queue_images", "Query images queued for the model",
+                                value=batcher.queued_images)
+        stats = batcher.stats
+        yield CounterMetricFamily("metanet_batches", "Batched forwards run", value=stats.batches)
+        yield CounterMetricFamily("metanet_batched_images", "Query images run in batched forwards",
+                                  value=stats.batched_images)
+        yield CounterMetricFamily("metanet_rejected", "Model jobs refused with 429: the queue was full",
+                                  value=stats.rejected)
+        dropped = CounterMetricFamily("metanet_dropped", "Queued model jobs dropped before compute",
+                                      labels=["reason"])
+        for reason, count in stats.dropped.items():
+            dropped.add_metric([reason], count)
+        yield dropped
 
 
 class MetricsMiddleware:

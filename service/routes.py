@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import Response as RawResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import AdmittedRoute, OwnerDep, RuntimeDep, TasksDep, require_metrics_key
+from service.deps import AdmittedRoute, CallDep, OwnerDep, RuntimeDep, TasksDep, require_metrics_key
 from service.schemas import (
     MAX_PAGE_SIZE,
     ClassifyOnceRequest,
@@ -27,6 +27,7 @@ _ERRORS = {
     400: "Malformed JSON", 401: "Missing or unknown API key", 404: "No such task (or not this key's)",
     413: "Body or image too large", 415: "Body not sent as JSON", 422: "Invalid content",
     429: "Rate limited, or the model's queue is full", 503: "Not ready (loading)",
+    504: "The request's deadline passed before the model answered",
 }
 _HEADERS = {
     401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
@@ -43,15 +44,18 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 _BODY = errors(400, 413, 415)  # routes that take a JSON body
 _TASK = errors(404)  # routes that name a task
+_MODEL = errors(504)  # routes that queue model work under the request's deadline
 
 v1 = APIRouter(prefix="/v1", route_class=AdmittedRoute, responses=errors(401, 422, 429, 503))
 probes = APIRouter()
 
 
-@v1.post("/tasks", status_code=status.HTTP_201_CREATED, responses={**_BODY, 201: {"headers": {
+@v1.post("/tasks", status_code=status.HTTP_201_CREATED, responses={**_BODY, **_MODEL, 201: {"headers": {
     "Location": {"description": "the new task", "required": True, "schema": {"type": "string"}}}}})
-async def register_task(body: TaskCreate, tasks: TasksDep, owner: OwnerDep, response: Response) -> TaskPublic:
-    info = await tasks.register(owner, body.name, body.examples)
+async def register_task(
+    body: TaskCreate, tasks: TasksDep, owner: OwnerDep, call: CallDep, response: Response
+) -> TaskPublic:
+    info = await tasks.register(owner, body.name, body.examples, call)
     response.headers["Location"] = f"/v1/tasks/{info.task_id}"
     return TaskPublic.of(info)
 
@@ -81,16 +85,18 @@ async def add_examples(task_id: str, body: ExamplesAdd, tasks: TasksDep, owner: 
     return TaskPublic.of(await tasks.add_examples(owner, task_id, body.examples))
 
 
-@v1.post("/tasks/{task_id}/classify", responses={**_BODY, **_TASK})
-async def classify(task_id: str, body: ClassifyRequest, tasks: TasksDep, owner: OwnerDep) -> ClassifyResponse:
-    predictions = await tasks.classify(owner, task_id, body.images, body.top_k, body.explain)
+@v1.post("/tasks/{task_id}/classify", responses={**_BODY, **_TASK, **_MODEL})
+async def classify(
+    task_id: str, body: ClassifyRequest, tasks: TasksDep, owner: OwnerDep, call: CallDep
+) -> ClassifyResponse:
+    predictions = await tasks.classify(owner, task_id, body.images, body.top_k, body.explain, call)
     return ClassifyResponse(task_id=task_id, model_version=tasks.engine.info.version,
                             predictions=predictions)
 
 
-@v1.post("/classify", responses=_BODY)
-async def classify_once(body: ClassifyOnceRequest, tasks: TasksDep) -> ClassifyResponse:
-    predictions = await tasks.classify_once(body.support, body.images, body.top_k, body.explain)
+@v1.post("/classify", responses={**_BODY, **_MODEL})
+async def classify_once(body: ClassifyOnceRequest, tasks: TasksDep, call: CallDep) -> ClassifyResponse:
+    predictions = await tasks.classify_once(body.support, body.images, body.top_k, body.explain, call)
     return ClassifyResponse(model_version=tasks.engine.info.version, predictions=predictions)
 
 

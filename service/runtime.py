@@ -46,7 +46,7 @@ class Runtime:
             log.error("%s", self.failure, exc_info=exc)
             self.on_fatal()
             return
-        self.metrics.watch(tasks.cache, lambda: tasks.n_tasks, lambda: tasks.engine.pending)
+        self.metrics.watch(tasks.cache, lambda: tasks.n_tasks, tasks.engine.batcher)
         self.tasks = tasks
         log.info("ready: model %s on %s, %d tasks in %s", self.engine.info.version,
                  self.engine.info.device, tasks.n_tasks, self.store)
@@ -56,7 +56,7 @@ class Runtime:
         close the store, so no write is cut off half way."""
         self.tasks = None
         if self.engine is not None:
-            await run_in_threadpool(self.engine.close)  # lets the model call in flight finish
+            await self.engine.close()  # lets the model call in flight finish
         await self.store.close()
         log.info("stopped: model released, task store closed")
 

@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     device: str = "auto"
     checkpoint: Path | None = None
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default")
+    # Where queries run: "torch", or "onnx" (onnxruntime; registration stays in torch). The ONNX
+    # graph is exported from the loaded weights to `onnx_path` when that file is missing
+    # (default: <data_dir>/onnx/<model version>.onnx).
+    backend: Literal["torch", "onnx"] = "torch"
+    onnx_path: Path | None = None
+    # dtype of each task's M (per-example fast weights, ~155k floats per support example) in the
+    # cache: float16 and bfloat16 halve a task's memory.
+    m_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     # The task store: a SQLite file under data_dir, or, with `store_url` (redis://[:password@]host:
     # port/db or rediss://...), a Redis that many replicas share. The cache of task memories is
@@ -46,7 +54,17 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(16_000_000, ge=1, description="width x height of one image")
     max_images_per_request: int = Field(128, ge=1)
     max_examples: int = Field(100, ge=2, description="support examples per task (capped by the model's)")
-    max_pending: int = Field(32, ge=1, description="model jobs queued before requests get 429")
+    # Cross-request batching: concurrent classify requests are run as one forward of up to
+    # `batch_max_images` images, gathered for at most `batch_max_wait_ms` after the oldest arrived.
+    # The queue is bounded: past `max_pending` model jobs (queued or running) or `max_queue_images`
+    # queued images, requests get 429 with Retry-After rather than an ever longer wait.
+    batch_max_images: int = Field(32, ge=1)
+    batch_max_wait_ms: float = Field(2.0, ge=0)
+    max_pending: int = Field(64, ge=1, description="model jobs queued or running before requests get 429")
+    max_queue_images: int = Field(64, ge=1, description="query images queued before requests get 429")
+    # A request's deadline: this, or less with the header X-Request-Timeout-Ms; work still queued
+    # when it passes is dropped (504), as is work whose client has disconnected.
+    request_timeout_s: float = Field(30.0, gt=0)
 
     # Bearer keys for /v1, one tenant each; empty = no auth. METANET_API_KEYS takes a comma-separated
     # list; METANET_API_KEYS_FILE names a file of one key per line (# starts a comment). Both add up.

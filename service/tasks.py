@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from service.batcher import Call
 from service.cache import ByteLRU
 from service.engine import Engine, Memory, Scores
 from service.errors import ImageTooLarge, InvalidImage, InvalidInput, TooManyRequests
@@ -28,6 +29,7 @@ from service.settings import Settings
 from service.store import Page, TaskChanged, TaskInfo, TaskStore
 
 ImageInput = str | bytes | np.ndarray  # bytes: an image file (the v2 protocol's binary data)
+_NO_LIMIT = Call()
 _UPDATE_ATTEMPTS = 5  # compare-and-set rounds of one add_examples racing writers on other replicas
 
 
@@ -49,11 +51,13 @@ class TaskService:
 
     # ------------------------------------------------------------------------------- tasks
 
-    async def register(self, owner: str, name: str | None, examples: Sequence[Example]) -> TaskInfo:
+    async def register(
+        self, owner: str, name: str | None, examples: Sequence[Example], call: Call = _NO_LIMIT
+    ) -> TaskInfo:
         labels = [e.label for e in examples]
         self._check_support(labels, field="examples")
         support = await self._prepare([e.image for e in examples], lambda i: f"examples[{i}].image")
-        memory = await self.engine.register(support, labels)
+        memory = await self.engine.register(support, labels, call=call)
         now = datetime.now(UTC)
         info = TaskInfo(uuid.uuid4().hex, owner, name, tuple(labels), self.engine.info.version,
                         memory.nbytes, now, now)
@@ -103,24 +107,26 @@ class TaskService:
     # ---------------------------------------------------------------------------- classify
 
     async def classify(
-        self, owner: str, task_id: str, images: Sequence[ImageInput], top_k: int, explain: bool
+        self, owner: str, task_id: str, images: Sequence[ImageInput], top_k: int, explain: bool,
+        call: Call = _NO_LIMIT,
     ) -> list[Prediction]:
         info = await self.store.get(owner, task_id)
         self._check_count(len(images), field="images")
         queries = await self._prepare(images, lambda i: f"images[{i}]")
         memory = await self._memory(info)
-        return _predictions(await self.engine.classify(memory, queries, explain), memory, top_k)
+        return _predictions(await self.engine.classify(memory, queries, explain, call), memory, top_k)
 
     async def classify_once(
-        self, support: Sequence[Example], images: Sequence[ImageInput], top_k: int, explain: bool
+        self, support: Sequence[Example], images: Sequence[ImageInput], top_k: int, explain: bool,
+        call: Call = _NO_LIMIT,
     ) -> list[Prediction]:
         labels = [e.label for e in support]
         self._check_support(labels, field="support")
         self._check_count(len(images), field="images")
         support_x = await self._prepare([e.image for e in support], lambda i: f"support[{i}].image")
         queries = await self._prepare(images, lambda i: f"images[{i}]")
-        memory = await self.engine.register(support_x, labels, field="support")
-        return _predictions(await self.engine.classify(memory, queries, explain), memory, top_k)
+        memory = await self.engine.register(support_x, labels, field="support", call=call)
+        return _predictions(await self.engine.classify(memory, queries, explain, call), memory, top_k)
 
     # ----------------------------------------------------------------------------- helpers
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from model import ClassifyOutput
 from model.data import OmniglotSplit
-from model.evaluate import evaluate, evaluate_grid
+from model.evaluate import M_DTYPES, evaluate, evaluate_grid
 
 
 def test_evaluate_reports_way_shot_episodes_accuracy_and_ci95(model, tiny_split):
@@ -34,7 +34,9 @@ def test_evaluate_reports_way_shot_episodes_accuracy_and_ci95(model, tiny_split)
         "accuracy",
         "ci95",
         "seed",
+        "m_dtype",
     }
+    assert result.m_dtype == "float32"
 
 
 def test_evaluate_is_reproducible_from_its_seed(model, tiny_split):
@@ -46,6 +48,49 @@ def test_evaluate_is_reproducible_from_its_seed(model, tiny_split):
 def test_evaluate_refuses_zero_episodes(model, tiny_split):
     with pytest.raises(ValueError, match="at least 1"):
         evaluate(model, tiny_split, way=2, shot=1, episodes=0)
+
+
+def spy_on_m_dtypes(model, monkeypatch) -> list[torch.dtype]:
+    """The dtype of M in every memory `model.classify` is given, in call order."""
+    seen, classify = [], model.classify
+
+    def recording(memory, images, **kwargs):
+        seen.append(memory.M.dtype)
+        return classify(memory, images, **kwargs)
+
+    monkeypatch.setattr(model, "classify", recording)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_evaluate_holds_m_in_the_given_dtype_between_register_and_classify(model, tiny_split, monkeypatch,
+                                                                           name):
+    seen = spy_on_m_dtypes(model, monkeypatch)
+    result = evaluate(model, tiny_split, way=3, shot=1, episodes=2, seed=1, queries_per_class=2,
+                      m_dtype=M_DTYPES[name])
+    assert seen == [M_DTYPES[name]] * 2
+    assert result.m_dtype == name and result.to_dict()["m_dtype"] == name
+    assert 0.0 <= result.accuracy <= 1.0
+
+
+def test_evaluate_in_float32_classifies_the_memory_as_registered(model, tiny_split, monkeypatch):
+    seen = spy_on_m_dtypes(model, monkeypatch)
+    result = evaluate(model, tiny_split, way=3, shot=1, episodes=2, seed=1, queries_per_class=2)
+    assert result.m_dtype == "float32"
+    assert seen == [torch.float32] * 2
+
+
+def test_evaluate_in_half_precision_scores_the_same_episodes_as_float32(model, tiny_split):
+    # Same seed, same episodes: only the rounding of M differs, which a tiny model barely feels.
+    full = evaluate(model, tiny_split, way=4, shot=1, episodes=3, seed=2, queries_per_class=2)
+    half = evaluate(model, tiny_split, way=4, shot=1, episodes=3, seed=2, queries_per_class=2,
+                    m_dtype=torch.float16)
+    assert half.accuracy == pytest.approx(full.accuracy, abs=0.1)
+
+
+def test_evaluate_refuses_an_m_dtype_the_service_cannot_hold(model, tiny_split):
+    with pytest.raises(ValueError, match="float32, float16, bfloat16"):
+        evaluate(model, tiny_split, way=2, shot=1, episodes=1, m_dtype=torch.float64)
 
 
 class LookupModel(nn.Module):
@@ -97,6 +142,14 @@ def test_evaluate_grid_runs_every_point_that_fits_and_says_why_others_do_not(mod
     assert all(r.episodes == 2 and r.seed == 3 and 0 <= r.accuracy <= 1 for r in grid.results)
     assert [(s.way, s.shot) for s in grid.skipped] == [(7, 1), (7, 3)]
     assert all("max_way=6" in s.reason for s in grid.skipped)
+
+
+def test_evaluate_grid_holds_m_in_the_given_dtype_at_every_point(model, tiny_split, monkeypatch):
+    seen = spy_on_m_dtypes(model, monkeypatch)
+    grid = evaluate_grid(model, tiny_split, ways=(2, 3), shots=(1,), episodes=1, queries_per_class=2,
+                         m_dtype=torch.bfloat16)
+    assert [r.m_dtype for r in grid.results] == ["bfloat16", "bfloat16"]
+    assert seen == [torch.bfloat16] * 2
 
 
 def test_evaluate_grid_point_equals_evaluate_at_that_point(model, tiny_split):

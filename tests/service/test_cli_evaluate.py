@@ -1,5 +1,6 @@
-"""`metanet evaluate --plot`: a grid of N-way K-shot points, its table, and the PNG, run on a tiny
-model and tiny synthetic data (never the shipped weights on real Omniglot: too slow for a test)."""
+"""`metanet evaluate`: one N-way K-shot point, or with --plot a grid of them, its table and the PNG;
+--m-dtype. Run on a tiny model and tiny synthetic data (never the shipped weights on real Omniglot:
+too slow for a test)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,31 @@ def test_evaluate_plot_with_no_point_that_fits_is_an_error(tiny_setup, tmp_path,
     assert run(tiny_setup, "--plot", str(tmp_path / "x.png"), "--ways", "7", "--shots", "1") == 2
     assert "no point of the grid fits" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_evaluate_json_says_which_dtype_m_was_held_in(tiny_setup, capsys):
+    assert run(tiny_setup, "--way", "3", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["m_dtype"] == "float32"
+    assert run(tiny_setup, "--way", "3", "--m-dtype", "bfloat16", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["m_dtype"] == "bfloat16"
+    assert (report["way"], report["episodes"]) == (3, 2) and 0.0 <= report["accuracy"] <= 1.0
+
+
+def test_evaluate_names_the_m_dtype_in_its_summary_line(tiny_setup, capsys):
+    assert run(tiny_setup, "--way", "2", "--m-dtype", "float16") == 0
+    assert "2-way 1-shot over 2 episodes, M in float16: " in capsys.readouterr().out
+
+
+def test_evaluate_grid_json_says_which_dtype_m_was_held_in(tiny_setup, tmp_path, capsys):
+    assert run(tiny_setup, "--plot", str(tmp_path / "a.png"), "--ways", "2", "--shots", "1",
+               "--m-dtype", "float16", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["m_dtype"] == "float16" and [r["m_dtype"] for r in report["results"]] == ["float16"]
+
+
+def test_evaluate_refuses_an_unknown_m_dtype(tiny_setup, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tiny_setup, "--m-dtype", "float64")
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'float64'" in capsys.readouterr().err

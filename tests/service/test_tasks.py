@@ -35,7 +35,7 @@ class CountingEngine:
         return np.resize(ink, (SIZE, SIZE)).astype(np.float32)
 
     async def register(self, support: np.ndarray, labels: Sequence[str], field: str = "examples",
-                       offset: int = 0) -> Memory:
+                       offset: int = 0, call: object = None) -> Memory:
         self.registrations += 1
         return Memory(support.copy(), tuple(dict.fromkeys(labels)), tuple(labels), support.nbytes)
 

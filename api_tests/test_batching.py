@@ -1,0 +1,181 @@
+"""Cross-request batching, the bounded queue, deadlines and disconnects, seen from outside.
+
+One server with a generous batching wait (so concurrent requests surely meet in a batch) and room
+for a 100-example registration, which holds the model thread for a second or more: the tests queue
+work behind it to see what happens to queued work.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from api_tests.helpers import GLYPHS, Server, as_matrix, examples, metrics, png
+
+KINDS = list(GLYPHS)
+QUERY_IMAGES = [png(kind, shift=(dx, 2), stroke=5) for kind in KINDS for dx in (-3, 3)]  # 12
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = Server(tmp_path_factory.mktemp("batching") / "data", batch_max_wait_ms=25,
+                    batch_max_images=64, max_examples=100, max_images_per_request=100)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def task(server: Server) -> dict[str, Any]:
+    with server.client() as client:
+        response = client.post("/v1/tasks", json={"examples": examples(KINDS)})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+
+def classify(client: httpx.Client, task_id: str, images: list[str], **headers: str) -> httpx.Response:
+    return client.post(f"/v1/tasks/{task_id}/classify", json={"images": images, "top_k": 6},
+                       headers=headers)
+
+
+def big_support() -> list[dict[str, Any]]:
+    """100 examples: 20 labels x 5 drawings (a registration that takes a while)."""
+    return [{"label": f"{kind}-{k}", "image": png(kind, shift=(k - 2 + s, s - 2), stroke=4 + k % 3)}
+            for kind in KINDS[:4] for k in range(5) for s in range(5)]
+
+
+def while_busy(server: Server, action: Callable[[], Any]) -> Any:
+    """Run `action` while a 100-example registration holds the model thread; returns its result."""
+    with server.client() as client:
+        body = {"examples": big_support()}
+        holder = threading.Thread(target=lambda: client.post("/v1/tasks", json=body))
+        before = metrics(client)["metanet_model_pending"]
+        holder.start()
+        deadline = time.monotonic() + 30
+        while metrics(client)["metanet_model_pending"] <= before:
+            assert time.monotonic() < deadline, "the registration never reached the model"
+            time.sleep(0.005)
+        try:
+            return action()
+        finally:
+            holder.join()
+
+
+def test_concurrent_requests_are_batched_and_answered_as_if_alone(server: Server, task) -> None:
+    with server.client() as client:
+        alone = [as_matrix(classify(client, task["task_id"], [img]).json()["predictions"], task["labels"])
+                 for img in QUERY_IMAGES]
+        before = metrics(client)
+        with ThreadPoolExecutor(len(QUERY_IMAGES)) as pool:
+            responses = list(pool.map(lambda img: classify(client, task["task_id"], [img]), QUERY_IMAGES))
+        after = metrics(client)
+    assert [r.status_code for r in responses] == [200] * len(QUERY_IMAGES)
+    for want, response in zip(alone, responses, strict=True):
+        got = as_matrix(response.json()["predictions"], task["labels"])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    batches = after["metanet_batches_total"] - before["metanet_batches_total"]
+    images = after["metanet_batched_images_total"] - before["metanet_batched_images_total"]
+    assert images == len(QUERY_IMAGES)
+    assert batches < len(QUERY_IMAGES), f"{batches} forwards for {len(QUERY_IMAGES)} concurrent requests"
+
+
+def test_requests_of_different_tasks_share_a_batch_and_get_their_own_answers(server: Server, task) -> None:
+    with server.client() as client:
+        other = client.post("/v1/tasks", json={"examples": examples(KINDS[:3])}).json()
+        jobs = [(t, [img]) for t in (task, other) for img in QUERY_IMAGES[:6]]
+        alone = [classify(client, t["task_id"], imgs).json()["predictions"] for t, imgs in jobs]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(lambda job: classify(client, job[0]["task_id"], job[1]), jobs))
+    for (t, _), want, response in zip(jobs, alone, together, strict=True):
+        assert response.status_code == 200
+        got = response.json()["predictions"]
+        assert {e["label"] for e in got[0]["top_k"]} <= set(t["labels"])
+        np.testing.assert_allclose(as_matrix(got, t["labels"]), as_matrix(want, t["labels"]), atol=1e-5)
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_gets_504_and_is_not_computed(server, task) -> None:
+    def late() -> httpx.Response:
+        with server.client() as client:
+            return classify(client, task["task_id"], QUERY_IMAGES[:1], **{"X-Request-Timeout-Ms": "50"})
+
+    with server.client() as client:
+        before = metrics(client)
+        response = while_busy(server, late)
+        after = metrics(client)
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["type"] == "deadline_exceeded"
+    assert after["metanet_batched_images_total"] == before["metanet_batched_images_total"]
+    dropped = sum(after[k] - before.get(k, 0) for k in after if k.startswith("metanet_dropped_total"))
+    assert dropped == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "1e400", "nan", "3600001"])
+def test_a_bad_timeout_header_is_refused_with_422_naming_it(client_of, task, value: str) -> None:
+    response = classify(client_of, task["task_id"], QUERY_IMAGES[:1], **{"X-Request-Timeout-Ms": value})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_input" and "X-Request-Timeout-Ms" in error["message"]
+
+
+@pytest.fixture
+def client_of(server: Server) -> Iterator[httpx.Client]:
+    with server.client() as client:
+        yield client
+
+
+def test_work_of_clients_that_hung_up_is_dropped_before_compute(server: Server, task) -> None:
+    def hang_up() -> list[str]:
+        outcomes = []
+        for _ in range(3):
+            with httpx.Client(base_url=server.url, timeout=0.3) as impatient:
+                try:
+                    classify(impatient, task["task_id"], QUERY_IMAGES[:2])
+                    outcomes.append("answered")
+                except httpx.TimeoutException:
+                    outcomes.append("hung up")
+        return outcomes
+
+    with server.client() as client:
+        before = metrics(client)
+        outcomes = while_busy(server, hang_up)
+        time.sleep(0.5)  # the dispatcher looks at the dropped requests once the registration is done
+        after = metrics(client)
+    assert outcomes == ["hung up"] * 3
+    key = 'metanet_dropped_total{reason="disconnected"}'
+    assert after[key] - before.get(key, 0) == 3
+    assert after["metanet_batched_images_total"] == before["metanet_batched_images_total"]
+
+
+def test_past_the_queue_bound_requests_get_429_with_retry_after_and_never_5xx(tmp_path) -> None:
+    server = Server(tmp_path / "data", max_pending=4, max_queue_images=4, batch_max_images=2)
+    try:
+        server.start()
+        with server.client() as client:
+            created = client.post("/v1/tasks", json={"examples": examples(KINDS)}).json()
+            want = classify(client, created["task_id"], QUERY_IMAGES[:1]).json()["predictions"]
+            with ThreadPoolExecutor(40) as pool:
+                responses = list(pool.map(
+                    lambda _: classify(client, created["task_id"], QUERY_IMAGES[:1]), range(120)))
+            statuses = [r.status_code for r in responses]
+            assert set(statuses) <= {200, 429}, statuses
+            assert statuses.count(429) > 0 and statuses.count(200) > 0
+            for response in responses:
+                if response.status_code == 429:
+                    assert response.json()["error"]["type"] == "overloaded"
+                    assert int(response.headers["Retry-After"]) >= 1
+                else:
+                    got = response.json()["predictions"]
+                    assert got[0]["label"] == want[0]["label"]
+            assert metrics(client)["metanet_rejected_total"] == statuses.count(429)
+            assert classify(client, created["task_id"], QUERY_IMAGES[:1]).status_code == 200
+    finally:
+        server.stop()

@@ -1,0 +1,545 @@
+"""Serving benchmark (issue 4): the in-process ceiling of the query path, then the real service under
+a closed-loop HTTP load from a separate process, for each backend; a JSON record and a table.
+
+    python bench/serving.py                                   # the recorded run (both backends)
+    python bench/serving.py --backends torch --concurrency 1,8 --sizes 1 --seconds 2   # a smoke run
+
+(a) In process: `classify` images/s at each batch size (the best is the ceiling), single-query
+latency, registration latency (5-way 1-shot, 20-way 5-shot) and a plain 5-layer conv net's forward
+images/s as a hardware reference. (b) `python -m service` on a free port with a fresh data directory,
+one 20-way 1-shot Omniglot task registered from 105x105 PNGs, then `concurrency` workers of an
+httpx.AsyncClient in a spawned process post classify requests back to back (1- and 32-image bodies,
+encoded once) for --seconds after --warmup; then an overload phase of 1-image requests at 10x the
+saturating concurrency (at least 320).
+(c) JSON under bench/results/serving-<date>-<device>.json and a markdown table, with each target's
+measured value, bar and PASS/FAIL; the exit status is 1 when a target fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime
+import io
+import json
+import multiprocessing
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `model` for the in-process half; torch is imported only there
+
+WAY = 20  # the served task: 20-way 1-shot, as the accuracy test over HTTP
+BODIES = 16  # distinct pre-encoded request bodies per request size, cycled by the workers
+ms = 1000.0
+JSON = {"Content-Type": "application/json"}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def omniglot_ink(data_dir: Path | None, n_chars: int, seed: int) -> tuple[np.ndarray, str]:
+    """(n_chars, 20, 105, 105) uint8 drawings, ink = 1, of random evaluation characters; random
+    strokes (jittered per drawing) when the data is missing, and the second value says which."""
+    rng = np.random.default_rng(seed)
+    path = data_dir / "omniglot_evaluation.npz" if data_dir else None
+    if path is not None and path.is_file():
+        with np.load(path) as d:
+            chars = np.sort(rng.choice(len(d["images"]), size=n_chars, replace=False))
+            ink = np.unpackbits(d["images"][chars], axis=-1)[..., : int(d["width"])]
+        return ink, f"Omniglot evaluation alphabets ({path})"
+    ink = np.zeros((n_chars, 20, 105, 105), np.uint8)
+    for c in range(n_chars):
+        points = rng.integers(15, 90, size=(rng.integers(3, 6), 2))
+        for d in range(20):
+            img = Image.new("L", (105, 105), 0)
+            jitter = points + rng.integers(-4, 5, size=points.shape)
+            ImageDraw.Draw(img).line([tuple(p) for p in jitter.tolist()], fill=1, width=5)
+            ink[c, d] = np.asarray(img)
+    return ink, f"SYNTHETIC random strokes: no {path or 'Omniglot directory'}"
+
+
+def as_png(ink: np.ndarray) -> str:
+    """Black strokes on white, base64 of a PNG file: as Omniglot's own files reach the API."""
+    buf = io.BytesIO()
+    Image.fromarray((255 * (1 - ink)).astype(np.uint8), mode="L").save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# ------------------------------------------------------------------------------------- in process
+
+def timed(fn: Callable[[], object], seconds: float, min_calls: int = 3, warm: int = 2) -> list[float]:
+    """Seconds of each call of `fn` (after `warm` untimed calls) for at least `seconds`."""
+    for _ in range(warm):
+        fn()
+    latencies: list[float] = []
+    start = time.perf_counter()
+    while len(latencies) < min_calls or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        fn()
+        latencies.append(time.perf_counter() - t)
+    return latencies
+
+
+def sweep(fn: Callable[[int], object], batch_sizes: list[int], seconds: float) -> dict[str, Any]:
+    """images/s of fn(batch) at each batch size; the best is the ceiling."""
+    rows = []
+    for b in batch_sizes:
+        lat = timed(lambda b=b: fn(b), seconds)
+        rows.append({"batch": b, "images_per_s": round(b * len(lat) / sum(lat), 1), "calls": len(lat),
+                     "p50_ms": round(ms * percentile(lat, 0.5), 2),
+                     "p99_ms": round(ms * percentile(lat, 0.99), 2)})
+        log(f"  batch {b:4d}: {rows[-1]['images_per_s']:9.1f} images/s, p50 {rows[-1]['p50_ms']} ms")
+    best = max(rows, key=lambda r: r["images_per_s"])
+    return {"batches": rows, "best_batch": best["batch"], "ceiling_images_per_s": best["images_per_s"]}
+
+
+def conv_reference(channels: int, blocks: int) -> Any:
+    """A plain conv net of MetaNet's shape: `blocks` x [3x3 conv, relu, 2x2 ceil max-pool], a linear head."""
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    for i in range(blocks):
+        layers += [nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1), nn.ReLU(),
+                   nn.MaxPool2d(2, ceil_mode=True)]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels, channels))
+
+
+def in_process(args: argparse.Namespace, ink: np.ndarray, tmp: Path) -> dict[str, Any]:
+    import torch
+
+    from model.checkpoint import load_model
+    from model.data import to_model_input
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(os.environ.get("METANET_CHECKPOINT"), args.device)
+    x = to_model_input(ink).to(args.device)  # (n_chars, 20, 28, 28)
+    support = x[:WAY, 0].unsqueeze(1)  # the served task's support set: (20, 1, 28, 28)
+    queries = x[:WAY, 1:].reshape(-1, 1, 28, 28)  # (20 * 19, 1, 28, 28)
+    pool = queries.repeat(-(-max(args.batch_sizes) // len(queries)), 1, 1, 1)
+    labels = [f"char-{c}" for c in range(WAY)]
+    memory = model.register(support, labels)
+    result: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+
+    log("in process: registration")
+    rng = np.random.default_rng(args.seed)
+    register: dict[str, Any] = {}
+    for way, shot in ((5, 1), (20, 5)):
+        episodes = []
+        for _ in range(args.register_repeats + 1):
+            chars = rng.choice(len(x), size=way, replace=False)
+            names = [f"c{c}" for c in chars for _ in range(shot)]
+            episodes.append((x[chars, :shot].reshape(-1, 1, 28, 28), names))
+        it = iter(episodes)
+        lat = timed(lambda it=it: model.register(*next(it)), 0, min_calls=args.register_repeats, warm=1)
+        register[f"{way}-way {shot}-shot"] = {"p50_ms": round(ms * percentile(lat, 0.5), 1),
+                                              "min_ms": round(ms * min(lat), 1), "n": len(lat)}
+        log(f"  {way}-way {shot}-shot: p50 {register[f'{way}-way {shot}-shot']['p50_ms']} ms")
+    result["register"] = register
+
+    backends: dict[str, Any] = {}
+    for backend in args.backends:
+        if backend == "torch":
+            query_path: Any = model
+        else:
+            try:
+                from model.onnx import OnnxQueryPath, export_onnx
+            except ImportError as exc:
+                backends[backend] = {"skipped": f"model.onnx does not import: {exc}"}
+                log(f"in process: ONNX skipped ({exc})")
+                continue
+            onnx_path = tmp / "metanet.onnx"
+            export_onnx(model, onnx_path)
+            query_path = OnnxQueryPath(onnx_path, model, threads=args.threads or None, device=args.device)
+        log(f"in process: classify, {backend}")
+        backends[backend] = sweep(lambda b, q=query_path: q.classify(memory, pool[:b]).probs.cpu(),
+                                  args.batch_sizes, args.inproc_seconds)
+        single = backends[backend]["batches"][0] if args.batch_sizes[0] == 1 else None
+        if single is None:
+            lat = timed(lambda q=query_path: q.classify(memory, pool[:1]).probs.cpu(), args.inproc_seconds)
+            single = {"p50_ms": round(ms * percentile(lat, 0.5), 2),
+                      "p99_ms": round(ms * percentile(lat, 0.99), 2)}
+        backends[backend]["single_query_ms"] = {"p50": single["p50_ms"], "p99": single["p99_ms"]}
+    result["backends"] = backends
+
+    log("in process: plain 5-layer conv net (hardware reference)")
+    cfg = model.config
+    net = conv_reference(cfg.channels, cfg.n_blocks).to(args.device).eval()
+
+    def forward(b: int) -> object:
+        with torch.inference_mode():
+            return net(pool[:b]).cpu()
+
+    result["conv_reference"] = sweep(forward, args.batch_sizes, args.inproc_seconds)
+    return result
+
+
+# ------------------------------------------------------------------------------- load generator
+
+def generate(url: str, path: str, bodies: list[bytes], images: int, concurrency: int, warmup: float,
+             seconds: float, timeout: float) -> dict[str, Any]:
+    """Closed loop, run in a spawned process: `concurrency` workers post `bodies` back to back.
+    Requests that finish within the `seconds` after `warmup` count."""
+    return asyncio.run(_generate(url, path, bodies, images, concurrency, warmup, seconds, timeout))
+
+
+async def _generate(url: str, path: str, bodies: list[bytes], images: int, concurrency: int,
+                    warmup: float, seconds: float, timeout: float) -> dict[str, Any]:
+    ok: list[float] = []
+    rejected: list[float] = []
+    statuses: Counter[str] = Counter()
+    tls = ssl.create_default_context()
+    begin = time.perf_counter()
+    t0, t1 = begin + warmup, begin + warmup + seconds
+    cpu0 = time.process_time()
+
+    async def worker(i: int) -> None:
+        # One client (one keep-alive connection) per worker: httpx's pool scans its connections on
+        # every request, which at 320 connections in one pool made the generator its own bottleneck
+        # (a whole core, 429s taking seconds on the client side). They share one SSL context:
+        # building one per client costs ~25 ms of CPU.
+        k = i
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, verify=tls) as client:
+            while (start := time.perf_counter()) < t1:
+                try:
+                    response = await client.post(path, content=bodies[k % len(bodies)], headers=JSON)
+                    status = str(response.status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                end = time.perf_counter()
+                k += 1
+                if t0 <= end < t1:
+                    statuses[status] += 1
+                    if status == "200":
+                        ok.append(end - start)
+                    elif status == "429":
+                        rejected.append(end - start)
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    cpu = time.process_time() - cpu0
+    return {"ok_latencies": ok, "rejected_latencies": rejected, "statuses": dict(statuses),
+            "images_per_s": len(ok) * images / seconds, "requests_per_s": sum(statuses.values()) / seconds,
+            "client_cpu_share": cpu / (warmup + seconds)}
+
+
+# ----------------------------------------------------------------------------------------- server
+
+class Server:
+    """`python -m service` on a free port, a fresh data directory, and the bench's settings."""
+
+    def __init__(self, backend: str, args: argparse.Namespace, tmp: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        # Hermetic, as api_tests' server: only weights and thread count come from the caller.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("METANET_") or k in ("METANET_CHECKPOINT", "METANET_TORCH_THREADS")}
+        env.setdefault("MALLOC_ARENA_MAX", "2")  # as the container runs (see the soak section)
+        env.update({"METANET_HOST": "127.0.0.1", "METANET_PORT": str(port), "METANET_LOG_LEVEL": "warning",
+                    "METANET_DATA_DIR": str(tmp / f"data-{backend}"), "METANET_BACKEND": backend,
+                    "METANET_DEVICE": args.device})
+        for name in ("batch_max_images", "batch_max_wait_ms", "max_pending"):
+            if getattr(args, name) is not None:
+                env[f"METANET_{name.upper()}"] = str(getattr(args, name))
+        self.settings = {k: v for k, v in env.items() if k.startswith("METANET_") and k != "METANET_DATA_DIR"}
+        self.log_path = tmp / f"server-{backend}.log"
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env,
+                                            stdout=log_file, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"the server exited with {self.process.returncode}:\n"
+                                       f"{self.log_tail()}")
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+        raise RuntimeError(f"the server was not ready after {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def phase_row(raw: dict[str, Any], backend: str, size: int, concurrency: int,
+              ceiling: float | None) -> dict[str, Any]:
+    ok, statuses = raw["ok_latencies"], raw["statuses"]
+    return {
+        "backend": backend, "images_per_request": size, "concurrency": concurrency,
+        "images_per_s": round(raw["images_per_s"], 1), "requests_per_s": round(raw["requests_per_s"], 1),
+        "p50_ms": round(ms * percentile(ok, 0.5), 1), "p99_ms": round(ms * percentile(ok, 0.99), 1),
+        "ratio": round(raw["images_per_s"] / ceiling, 3) if ceiling else None,
+        "statuses": statuses, "n_429": statuses.get("429", 0),
+        "n_5xx": sum(n for s, n in statuses.items() if s.isdigit() and int(s) >= 500),
+        "n_errors": sum(n for s, n in statuses.items() if s not in ("200", "429")),  # 5xx included
+        "reject_p50_ms": round(ms * percentile(raw["rejected_latencies"], 0.5), 1),
+        "client_cpu_share": round(raw["client_cpu_share"], 2),
+    }
+
+
+def serve_backend(backend: str, args: argparse.Namespace, ink: np.ndarray, ceiling: float | None,
+                  pool: ProcessPoolExecutor, tmp: Path) -> dict[str, Any]:
+    server = Server(backend, args, tmp)
+    out: dict[str, Any] = {"settings": server.settings, "rows": []}
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            info = client.get("/v1/model").json()
+            out["model"] = info
+            if info.get("backend", "torch") != backend:
+                out["skipped"] = f"the service runs backend {info.get('backend')!r}, not {backend!r}"
+                log(f"service: {out['skipped']}; skipped")
+                return out
+            support = [{"label": f"char-{c}", "image": as_png(ink[c, 0])} for c in range(WAY)]
+            created = client.post("/v1/tasks", json={"name": "bench-serving", "examples": support})
+            if created.status_code != 201:
+                raise RuntimeError(f"registration: {created.status_code} {created.text[:300]}")
+            path = f"/v1/tasks/{created.json()['task_id']}/classify"
+            queries = [as_png(ink[c, d]) for d in range(1, ink.shape[1]) for c in range(WAY)]
+            bodies: dict[int, list[bytes]] = {}
+            for size in sorted({*args.sizes, 1}):
+                bodies[size] = [json.dumps({"images": [queries[(i * size + j) % len(queries)]
+                                                       for j in range(size)], "top_k": 1}).encode()
+                                for i in range(BODIES)]
+                check = client.post(path, content=bodies[size][0], headers=JSON)
+                if check.status_code != 200 or len(check.json()["predictions"]) != size:
+                    raise RuntimeError(f"check of a {size}-image request: {check.status_code} "
+                                       f"{check.text[:300]}")
+
+        def drive(size: int, concurrency: int) -> dict[str, Any]:
+            raw = pool.submit(generate, server.url, path, bodies[size], size, concurrency, args.warmup,
+                              args.seconds, args.timeout).result()
+            row = phase_row(raw, backend, size, concurrency, ceiling)
+            log(f"  {backend} {size:3d} images x {concurrency:4d}: {row['images_per_s']:8.1f} images/s, "
+                f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, statuses {row['statuses']}, "
+                f"client CPU {row['client_cpu_share']}")
+            return row
+
+        log(f"service: {backend}")
+        for size in args.sizes:
+            for concurrency in args.concurrency:
+                out["rows"].append(drive(size, concurrency))
+        if args.overload_concurrency != 0:
+            singles = {r["concurrency"]: r for r in out["rows"] if r["images_per_request"] == 1}
+            unloaded = singles.get(1) or drive(1, 1)
+            best = max((r["images_per_s"] for r in singles.values()), default=0.0)
+            saturating = min((c for c, r in singles.items() if r["images_per_s"] >= 0.9 * best), default=32)
+            # A closed loop below max_pending (32 by default) only queues; so never less than 10 x 32.
+            concurrency = args.overload_concurrency or 10 * max(32, saturating)
+            log(f"  overload: concurrency {concurrency} (saturating concurrency {saturating})")
+            row = drive(1, concurrency)
+            out["overload"] = {**row, "overload": True, "saturating_concurrency": saturating,
+                               "unloaded_p99_ms": unloaded["p99_ms"],
+                               "p99_ratio": round(row["p99_ms"] / unloaded["p99_ms"], 2)}
+    finally:
+        out["server_exit_status"] = server.stop()
+    return out
+
+
+# ----------------------------------------------------------------------------------------- report
+
+def targets(inproc: dict[str, Any], service: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+
+    def target(name: str, backend: str, value: float | None, bar: str, passed: bool | None) -> None:
+        found.append({"target": name, "backend": backend, "value": value, "bar": bar,
+                      "result": "NOT MEASURED" if passed is None else "PASS" if passed else "FAIL"})
+
+    for backend, run in service.items():
+        rows = {(r["images_per_request"], r["concurrency"]): r for r in run.get("rows", [])}
+        for size, bar in ((32, 0.85), (1, 0.60)):
+            ratio = rows[size, 32]["ratio"] if (size, 32) in rows else None
+            target(f"{size}-image requests at concurrency 32 / in-process ceiling", backend, ratio,
+                   f">= {bar:.2f}", None if ratio is None else ratio >= bar)
+        single = inproc["backends"].get(backend, {}).get("single_query_ms", {}).get("p50")
+        p99 = rows[1, 1]["p99_ms"] if (1, 1) in rows else None
+        limit = 2 * single + 5 if single is not None else None
+        target("p99 of 1-image requests at concurrency 1 (ms)", backend, p99,
+               f"<= 2 x {single} + 5 = {limit:.1f}" if limit else "<= 2 x single query + 5",
+               None if p99 is None or limit is None else p99 <= limit)
+        over = run.get("overload")
+        if over is None:
+            target("overload: 429s, no 5xx or errors", backend, None, "429 > 0, 5xx = errors = 0", None)
+            target("overload: p99 of admitted / unloaded p99", backend, None, "<= 3", None)
+            continue
+        target("overload: 429s, no 5xx or errors", backend,
+               f"{over['n_429']} x 429, {over['n_5xx']} x 5xx, {over['n_errors'] - over['n_5xx']} other",
+               "429 > 0, 5xx = errors = 0", over["n_429"] > 0 and over["n_errors"] == 0)
+        target("overload: p99 of admitted / unloaded p99", backend, over["p99_ratio"],
+               f"<= 3 ({over['p99_ms']} / {over['unloaded_p99_ms']} ms)", over["p99_ratio"] <= 3)
+    return found
+
+
+def markdown(r: dict[str, Any]) -> str:
+    s = r["settings"]
+    lines = [f"Serving benchmark, {r['date']}, {r['device']}, {r['cpu_count']} CPUs, torch threads "
+             f"{r['in_process']['torch_threads']}; data: {r['data']}",
+             "", f"Service: closed loop, {s['seconds']} s after a {s['warmup']} s warm-up "
+             "(20-way 1-shot task, 105x105 PNGs)", "",
+             "| backend | images/request | concurrency | images/s | req/s | p50 ms | p99 ms | / in-process "
+             "| 429 | other errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for backend, run in r["service"].items():
+        if "skipped" in run:
+            lines.append(f"| {backend} | skipped: {run['skipped']} |||||||||")
+        for w in run.get("rows", []) + ([run["overload"]] if "overload" in run else []):
+            ratio = f"{w['ratio']:.2f}" if w["ratio"] is not None else "-"
+            overload = " (overload)" if w.get("overload") else ""
+            lines.append(f"| {backend} | {w['images_per_request']} | {w['concurrency']}{overload} "
+                         f"| {w['images_per_s']:.1f} | {w['requests_per_s']:.1f} | {w['p50_ms']} "
+                         f"| {w['p99_ms']} | {ratio} | {w['n_429']} | {w['n_errors']} |")
+    ip = r["in_process"]
+    lines += ["", "In process:", "",
+              "| backend | best batch | images/s (ceiling) | single query p50 / p99 ms |",
+              "|---|---|---|---|"]
+    for backend, b in ip["backends"].items():
+        if "skipped" in b:
+            lines.append(f"| {backend} | skipped: {b['skipped']} |||")
+        else:
+            lines.append(f"| {backend} | {b['best_batch']} | {b['ceiling_images_per_s']:.1f} "
+                         f"| {b['single_query_ms']['p50']} / {b['single_query_ms']['p99']} |")
+    conv = ip["conv_reference"]
+    reg = "; ".join(f"{k} {v['p50_ms']} ms" for k, v in ip["register"].items())
+    lines += ["", f"Registration (p50, torch): {reg}. Plain 5-layer conv net: "
+              f"{conv['ceiling_images_per_s']:.1f} images/s at batch {conv['best_batch']}.", "",
+              "| target | backend | measured | bar | result |", "|---|---|---|---|---|"]
+    lines += [f"| {t['target']} | {t['backend']} | {'-' if t['value'] is None else t['value']} | {t['bar']} "
+              f"| {t['result']} |"
+              for t in r["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def device_slug(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        device = torch.cuda.get_device_name(torch.device(device))
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+
+
+def versions() -> dict[str, Any]:
+    import torch
+
+    try:
+        import onnxruntime
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = None
+    def git(*words: str) -> str:
+        return subprocess.run(["git", *words], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    return {"torch": torch.__version__, "onnxruntime": ort, "python": platform.python_version(),
+            "git_commit": commit + ("-dirty" if dirty else ""), "cpu_count": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine()}
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", type=lambda t: t.split(","), default=["torch", "onnx"])
+    parser.add_argument("--concurrency", type=ints, default=[1, 8, 32, 128], help="closed-loop workers")
+    parser.add_argument("--sizes", type=ints, default=[1, 32], help="images per request")
+    parser.add_argument("--seconds", type=float, default=10, help="measured seconds of each load phase")
+    parser.add_argument("--warmup", type=float, default=2, help="unmeasured seconds before each phase")
+    parser.add_argument("--overload-concurrency", type=int, default=None,
+                        help="workers of the overload phase (default 10 x the saturating concurrency, "
+                        "at least 320; 0 = no overload phase)")
+    parser.add_argument("--batch-sizes", type=ints, default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+                        help="in-process batch sizes")
+    parser.add_argument("--inproc-seconds", type=float, default=1.0, help="seconds per in-process batch size")
+    parser.add_argument("--register-repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (in process and the service)")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("METANET_TORCH_THREADS") or 0),
+                        help="torch threads in process and in the service (default $METANET_TORCH_THREADS)")
+    parser.add_argument("--batch-max-images", type=int, help="METANET_BATCH_MAX_IMAGES of the service")
+    parser.add_argument("--batch-max-wait-ms", type=float, help="METANET_BATCH_MAX_WAIT_MS of the service")
+    parser.add_argument("--max-pending", type=int, help="METANET_MAX_PENDING of the service")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds before a request is an error")
+    omniglot = os.environ.get("METANET_OMNIGLOT_DIR") or REPO.parent / "shared" / "data" / "omniglot"
+    parser.add_argument("--data-dir", type=Path, default=Path(omniglot), help="omniglot_evaluation.npz's")
+    parser.add_argument("--seed", type=int, default=2017)
+    parser.add_argument("--out", type=Path,
+                        help="JSON file (default: bench/results/serving-<date>-<device>.json)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        os.environ["METANET_TORCH_THREADS"] = str(args.threads)  # reaches the service too
+
+    ink, data = omniglot_ink(args.data_dir, max(WAY, 40), args.seed)
+    log(f"data: {data}")
+    service: dict[str, Any] = {}
+    spawn = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="metanet-bench-") as tmp, \
+            ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        inproc = in_process(args, ink, Path(tmp))
+        for backend in args.backends:
+            ceiling = inproc["backends"].get(backend, {}).get("ceiling_images_per_s")
+            service[backend] = serve_backend(backend, args, ink, ceiling, pool, Path(tmp))
+
+    date = datetime.date.today().isoformat()
+    result = {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]), "date": date, "device": args.device,
+        **versions(), "data": data,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "in_process": inproc, "service": service, "targets": targets(inproc, service),
+    }
+    result["passed"] = all(t["result"] != "FAIL" for t in result["targets"])
+    out = args.out or REPO / "bench" / "results" / f"serving-{date}-{device_slug(args.device)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    log(f"wrote {out}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Cross-request batching in front of the one model worker thread.
+
+Every model call of the service goes through one `Batcher`: a bounded FIFO served by a dispatcher
+task on the event loop, which hands one job or one batch at a time to a single worker thread
+(torch and onnxruntime already spread one call over every core). Classify jobs are batchable:
+when the worker is free, the dispatcher gathers the queued classify jobs, up to `max_batch_images`
+images (waiting at most `max_wait_s` after the oldest arrived for more to come), and runs them as
+one forward. Registrations run alone, in their turn.
+
+Admission is bounded: past `max_pending` jobs, or `max_queue_images` queued images, a request gets
+`Overloaded` (429 with Retry-After) at once instead of a latency that grows without bound. Work
+whose client disconnected, or whose deadline passed while it waited, is dropped before compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from service.errors import ClientDisconnected, DeadlineExceeded, NotReady, Overloaded
+
+log = logging.getLogger("service.batcher")
+P = TypeVar("P")  # what one batchable job carries
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the caller of a model job allows: a deadline (time.monotonic() seconds) and a way to
+    ask whether its client is still there."""
+
+    deadline: float = math.inf
+    disconnected: Callable[[], Awaitable[bool]] | None = None
+
+
+@dataclass(eq=False)
+class _Job(Generic[P]):
+    call: Call
+    future: asyncio.Future[Any]
+    n_images: int = 0
+    payload: P | None = None  # batchable job
+    solo: Callable[[], Any] | None = None  # job that runs alone
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """Counters the metrics read at scrape time."""
+
+    batches: int = 0
+    batched_images: int = 0
+    dropped: dict[str, int] = field(
+        default_factory=lambda: {"disconnected": 0, "deadline": 0, "cancelled": 0}
+    )
+    rejected: int = 0
+
+
+class Batcher(Generic[P, R]):
+    """See the module docstring. `run_batch(payloads)` runs in the worker thread and returns one
+    result, or the exception for that payload alone, per payload."""
+
+    def __init__(
+        self, executor: Executor, run_batch: Callable[[Sequence[P]], list[R | Exception]], *,
+        max_batch_images: int, max_wait_s: float, max_pending: int, max_queue_images: int,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self._executor = executor
+        self._run_batch = run_batch
+        self.max_batch_images = max_batch_images
+        self.max_wait_s = max_wait_s
+        self.max_pending = max_pending
+        self.max_queue_images = max_queue_images
+        self._on_batch = on_batch  # (images in the batch, seconds of compute)
+        self._queue: deque[_Job[P]] = deque()
+        self._queued_images = 0  # images of the batchable jobs in the queue
+        self._running = 0  # jobs handed to the worker
+        self._wake: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._images_per_s = 0.0  # moving estimate, for Retry-After
+        self.stats = BatchStats()
+
+    # ------------------------------------------------------------------------------ public
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running."""
+        return len(self._queue) + self._running
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    async def submit(self, payload: P, n_images: int, call: Call) -> R:
+        """Queue a batchable job and wait for its result."""
+        self._admit(n_images)
+        return await self._wait(_Job(call, self._future(), n_images=n_images, payload=payload))
+
+    async def submit_solo(self, fn: Callable[[], R], call: Call) -> R:
+        """Queue a job that runs alone (a registration) and wait for its result."""
+        self._admit(0)
+        return await self._wait(_Job(call, self._future(), solo=fn))
+
+    async def close(self) -> None:
+        """Stop dispatching; jobs still queued get NotReady."""
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+            self._dispatcher = None
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(NotReady("the service is shutting down"))
+
+    # ---------------------------------------------------------------------------- admission
+
+    def _admit(self, n_images: int) -> None:
+        if self.pending >= self.max_pending:
+            self._reject(f"{self.pending} model jobs are already queued or running")
+        if n_images and self._queued_images and self._queued_images + n_images > self.max_queue_images:
+            self._reject(f"{self._queued_images} images are already queued for the model")
+
+    def _reject(self, why: str) -> None:
+        self.stats.rejected += 1
+        backlog = self._queued_images + self.max_batch_images * self._running
+        wait = backlog / self._images_per_s if self._images_per_s else 1.0
+        raise Overloaded(f"{why}; retry shortly", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+    def _future(self) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        if self._dispatcher is None or self._dispatcher.done():
+            self._wake = asyncio.Event()
+            self._dispatcher = loop.create_task(self._dispatch(), name="metanet-batcher")
+        return loop.create_future()
+
+    async def _wait(self, job: _Job[P]) -> Any:
+        self._queue.append(job)
+        self._queued_images += job.n_images if job.payload is not None else 0
+        assert self._wake is not None
+        self._wake.set()
+        timeout = job.call.deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout if timeout < math.inf else None)
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed before the model answered") from None
+        finally:
+            if not job.future.done():
+                job.future.cancel()  # the dispatcher drops it, or discards its result
+
+    # ---------------------------------------------------------------------------- dispatcher
+
+    async def _dispatch(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            head = self._queue[0]
+            if head.payload is not None:
+                await self._fill(head)
+                batch = self._take_batch()
+            else:
+                batch = [self._queue.popleft()]
+            batch = await self._still_wanted(batch)
+            if not batch:
+                continue
+            self._running = len(batch)
+            try:
+                await self._run(loop, batch)
+            finally:
+                self._running = 0
+
+    async def _fill(self, head: _Job[P]) -> None:
+        """Wait until a full batch is queued or the oldest job has waited max_wait_s."""
+        assert self._wake is not None
+        until = head.enqueued + self.max_wait_s
+        while self._queued_images < self.max_batch_images:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Job[P]]:
+        """Batchable jobs in arrival order up to max_batch_images (at least one); solo jobs keep
+        their place in the queue."""
+        batch: list[_Job[P]] = []
+        kept: deque[_Job[P]] = deque()
+        images = 0
+        while self._queue:
+            job = self._queue.popleft()
+            if job.payload is not None and (not batch or images + job.n_images <= self.max_batch_images):
+                batch.append(job)
+                images += job.n_images
+                self._queued_images -= job.n_images
+            else:
+                kept.append(job)
+                if job.payload is not None:
+                    break  # the batch is full: everything after it waits for the next
+        kept.extend(self._queue)
+        self._queue = kept
+        return batch
+
+    async def _still_wanted(self, batch: list[_Job[P]]) -> list[_Job[P]]:
+        live = []
+        now = time.monotonic()
+        for job in batch:
+            if job.future.done():  # its caller gave up (its deadline, or it was cancelled)
+                self.stats.dropped["cancelled"] += 1
+            elif now > job.call.deadline:
+                self.stats.dropped["deadline"] += 1
+                job.future.set_exception(DeadlineExceeded("the request's deadline passed in the queue"))
+            elif job.call.disconnected is not None and await job.call.disconnected():
+                self.stats.dropped["disconnected"] += 1
+                job.future.set_exception(ClientDisconnected("the client disconnected while queued"))
+            else:
+                live.append(job)
+        if len(live) < len(batch):
+            log.info("dropped %d of %d queued model jobs before compute", len(batch) - len(live), len(batch))
+        return live
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P]]) -> None:
+        start = time.perf_counter()
+        if batch[0].solo is not None:
+            job = batch[0]
+            try:
+                outcome: list[Any] = [await loop.run_in_executor(self._executor, job.solo)]
+            except Exception as exc:  # handed to the waiter, raised there
+                outcome = [exc]
+        else:
+            payloads = [job.payload for job in batch]
+            try:
+                outcome = await loop.run_in_executor(self._executor, self._run_batch, payloads)
+            except Exception as exc:
+                outcome = [exc] * len(batch)
+            images = sum(job.n_images for job in batch)
+            seconds = time.perf_counter() - start
+            self.stats.batches += 1
+            self.stats.batched_images += images
+            if seconds > 0:
+                rate = images / seconds
+                self._images_per_s = rate if not self._images_per_s else 0.8 * self._images_per_s + 0.2 * rate
+            if self._on_batch is not None:
+                self._on_batch(images, seconds)
+        for job, result in zip(batch, outcome, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)

@@ -1,0 +1,228 @@
+"""The batcher in front of the model thread: gathering, limits, admission, dropping, order.
+
+A stand-in `run_batch` records every batch it is handed and can be held on an event, so a test
+decides exactly what is queued while the worker is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.batcher import Batcher, Call
+from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded
+
+
+class Worker:
+    """Doubles every payload; records batches; blocks while `gate` is clear."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.fail_on: int | None = None
+
+    def __call__(self, payloads: Sequence[int]) -> list[int | Exception]:
+        self.started.set()
+        self.gate.wait(10)
+        self.batches.append(list(payloads))
+        if self.fail_on in payloads:
+            raise RuntimeError("boom")
+        return [2 * p for p in payloads]
+
+
+def make(worker: Worker, **limits: float) -> Batcher[int, int]:
+    settings = {"max_batch_images": 8, "max_wait_s": 0.0, "max_pending": 100, "max_queue_images": 100}
+    settings.update(limits)
+    return Batcher(ThreadPoolExecutor(1), worker, **settings)  # type: ignore[arg-type]
+
+
+async def occupy(batcher: Batcher[int, int], worker: Worker) -> asyncio.Task[int]:
+    """Start a solo job that holds the worker until the gate opens."""
+    worker.gate.clear()
+    worker.started.clear()
+
+    def hold() -> int:
+        worker.started.set()
+        worker.gate.wait(10)
+        return -1
+
+    task = asyncio.create_task(batcher.submit_solo(hold, Call()))
+    while not worker.started.is_set():
+        await asyncio.sleep(0.001)
+    return task
+
+
+def test_requests_queued_while_the_worker_is_busy_run_as_one_batch() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker)
+        busy = await occupy(batcher, worker)
+        jobs = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(5)]
+        await asyncio.sleep(0.01)
+        worker.gate.set()
+        assert await asyncio.gather(*jobs) == [0, 2, 4, 6, 8]
+        assert await busy == -1
+        assert worker.batches == [[0, 1, 2, 3, 4]]
+        assert (batcher.stats.batches, batcher.stats.batched_images) == (1, 5)
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_holds_at_most_max_batch_images_and_keeps_arrival_order() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, max_batch_images=4)
+        busy = await occupy(batcher, worker)
+        sizes = [3, 1, 2, 2, 5]  # 5 > max: it still runs, alone
+        jobs = [asyncio.create_task(batcher.submit(i, n, Call())) for i, n in enumerate(sizes)]
+        await asyncio.sleep(0.01)
+        worker.gate.set()
+        await asyncio.gather(*jobs, busy)
+        assert worker.batches == [[0, 1], [2, 3], [4]]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_oldest_request_waits_at_most_max_wait_for_company() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, max_wait_s=0.2)
+        first = asyncio.create_task(batcher.submit(1, 1, Call()))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(batcher.submit(2, 1, Call()))
+        start = time.monotonic()
+        assert await asyncio.gather(first, second) == [2, 4]
+        assert worker.batches == [[1, 2]]  # gathered within the wait
+        assert time.monotonic() - start < 1.0
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_full_batch_does_not_wait() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, max_wait_s=5.0, max_batch_images=2)
+        start = time.monotonic()
+        await asyncio.gather(batcher.submit(1, 1, Call()), batcher.submit(2, 1, Call()))
+        assert time.monotonic() - start < 2.0
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_past_max_pending_or_max_queue_images_requests_get_overloaded_with_retry_after() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, max_pending=3, max_queue_images=10)
+        busy = await occupy(batcher, worker)
+        queued = [asyncio.create_task(batcher.submit(i, 4, Call())) for i in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as too_many_jobs:
+            await batcher.submit(9, 1, Call())
+        assert int(too_many_jobs.value.headers["Retry-After"]) >= 1
+        assert "3 model jobs" in too_many_jobs.value.message
+        worker.gate.set()
+        await asyncio.gather(*queued, busy)
+
+        busy = await occupy(batcher, worker)
+        queued = [asyncio.create_task(batcher.submit(1, 8, Call()))]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="8 images are already queued"):
+            await batcher.submit(2, 4, Call())
+        worker.gate.set()
+        assert await asyncio.gather(*queued, busy) == [2, -1]
+        assert batcher.stats.rejected == 2
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_work_whose_deadline_passed_in_the_queue_is_dropped_before_compute() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker)
+        busy = await occupy(batcher, worker)
+        late = asyncio.create_task(batcher.submit(7, 1, Call(deadline=time.monotonic() + 0.05)))
+        on_time = asyncio.create_task(batcher.submit(8, 1, Call()))
+        with pytest.raises(DeadlineExceeded):
+            await late  # the caller hears at its deadline, not when the worker frees up
+        worker.gate.set()
+        assert await on_time == 16
+        await busy
+        assert worker.batches == [[8]]  # 7 never reached the model
+        assert sum(batcher.stats.dropped.values()) == 1
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_work_of_a_client_that_disconnected_is_dropped_before_compute() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker)
+        busy = await occupy(batcher, worker)
+
+        async def gone() -> bool:
+            return True
+
+        left = asyncio.create_task(batcher.submit(5, 1, Call(disconnected=gone)))
+        stayed = asyncio.create_task(batcher.submit(6, 1, Call()))
+        await asyncio.sleep(0.01)
+        worker.gate.set()
+        with pytest.raises(ClientDisconnected):
+            await left
+        assert await stayed == 12
+        await busy
+        assert worker.batches == [[6]]
+        assert batcher.stats.dropped["disconnected"] == 1
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        worker.fail_on = 3
+        batcher = make(worker)
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.submit(3, 1, Call())
+        assert await batcher.submit(4, 1, Call()) == 8
+        assert batcher.pending == 0
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_solo_jobs_run_alone_in_their_turn() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker)
+        busy = await occupy(batcher, worker)
+        order: list[str] = []
+
+        def solo() -> str:
+            order.append("solo")
+            return "done"
+
+        first = asyncio.create_task(batcher.submit(1, 1, Call()))
+        lone = asyncio.create_task(batcher.submit_solo(solo, Call()))
+        await asyncio.sleep(0.01)
+        worker.gate.set()
+        assert await lone == "done"
+        assert await first == 2
+        await busy
+        assert worker.batches == [[1]]
+        await batcher.close()
+
+    asyncio.run(scenario())

@@ -54,12 +54,14 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(16_000_000, ge=1, description="width x height of one image")
     max_images_per_request: int = Field(128, ge=1)
     max_examples: int = Field(100, ge=2, description="support examples per task (capped by the model's)")
-    # Cross-request batching: concurrent classify requests are run as one forward of up to
-    # `batch_max_images` images, gathered for at most `batch_max_wait_ms` after the oldest arrived.
+    # Cross-request batching: classify requests that queue while the model is busy run as one
+    # forward of up to `batch_max_images` images. With `batch_max_wait_ms` > 0, an idle model also
+    # waits that long after a request arrives for others to join it (0: run at once; on a GPU a
+    # few ms can pay off).
     # The queue is bounded: past `max_pending` model jobs (queued or running) or `max_queue_images`
     # queued images, requests get 429 with Retry-After rather than an ever longer wait.
     batch_max_images: int = Field(32, ge=1)
-    batch_max_wait_ms: float = Field(2.0, ge=0)
+    batch_max_wait_ms: float = Field(0.0, ge=0)
     max_pending: int = Field(64, ge=1, description="model jobs queued or running before requests get 429")
     max_queue_images: int = Field(64, ge=1, description="query images queued before requests get 429")
     # A request's deadline: this, or less with the header X-Request-Timeout-Ms; work still queued

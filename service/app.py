@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -64,6 +65,10 @@ def serve(settings: Settings) -> int:
     signal's."""
     import uvicorn
 
+    # The model thread needs the GIL between torch ops (hundreds per forward) while the event loop
+    # thread runs Python for every request; with the default 5 ms switch interval a busy loop made
+    # each of those hand-overs wait up to 5 ms. A shorter interval lets the model thread back in.
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     configure_logging(settings)
     app = create_app(settings)
     # log_config=None: keep our handlers; access_log=False: RequestLogMiddleware writes that line.

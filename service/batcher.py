@@ -97,6 +97,11 @@ class Batcher(Generic[P, R]):
     def queued_images(self) -> int:
         return self._queued_images
 
+    def check_admission(self, n_images: int) -> None:
+        """Raise Overloaded now if a job of n_images would not be admitted (callers check before
+        spending CPU on a request that would be refused; `submit` checks again)."""
+        self._admit(n_images)
+
     async def submit(self, payload: P, n_images: int, call: Call) -> R:
         """Queue a batchable job and wait for its result."""
         self._admit(n_images)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import load_model
-from model.data import to_model_input
+from model.data import to_model_input_np
 from model.errors import InvalidTaskError
 from model.metanet import MetaNet, TaskMemory
 from service.batcher import Batcher, Call
@@ -108,7 +108,7 @@ class Engine:
 
     def to_input(self, ink: np.ndarray) -> np.ndarray:
         """An ink map (H, W) -> the model's input (S, S), the exact preprocessing of training."""
-        return to_model_input(ink, self.info.image_size).numpy()
+        return to_model_input_np(ink, self.info.image_size)
 
     async def warm_up(self) -> None:
         """A tiny registration and classifications, so the first client does not pay for them."""

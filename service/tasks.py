@@ -112,6 +112,7 @@ class TaskService:
     ) -> list[Prediction]:
         info = await self.store.get(owner, task_id)
         self._check_count(len(images), field="images")
+        self.engine.batcher.check_admission(len(images))  # refuse before decoding when full
         queries = await self._prepare(images, lambda i: f"images[{i}]")
         memory = await self._memory(info)
         return _predictions(await self.engine.classify(memory, queries, explain, call), memory, top_k)

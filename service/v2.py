@@ -48,7 +48,7 @@ class InferenceRoute(LimitedRoute):
             )
 
 
-def model_version(request: Request, tasks: TasksDep) -> str:
+async def model_version(request: Request, tasks: TasksDep) -> str:
     """The weights serving every task; /versions/{version} routes must name them."""
     served = tasks.engine.info.version
     asked = request.path_params.get("version")

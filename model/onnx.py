@@ -109,6 +109,9 @@ class OnnxQueryPath:
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # onnxruntime's threads spin between runs by default: in a server that leaves no core for
+        # the request handling between batches. Sleep instead (like OMP_WAIT_POLICY=PASSIVE).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")

@@ -80,6 +80,7 @@ class Batcher(Generic[P, R]):
         self._on_batch = on_batch  # (images in the batch, seconds of compute)
         self._queue: deque[_Job[P]] = deque()
         self._queued_images = 0  # images of the batchable jobs in the queue
+        self._reserved_images = 0  # images of requests admitted by `reserve`, still being decoded
         self._running = 0  # jobs handed to the worker
         self._wake: asyncio.Event | None = None
         self._dispatcher: asyncio.Task[None] | None = None
@@ -98,13 +99,26 @@ class Batcher(Generic[P, R]):
         return self._queued_images
 
     def check_admission(self, n_images: int) -> None:
-        """Raise Overloaded now if a job of n_images would not be admitted (callers check before
-        spending CPU on a request that would be refused; `submit` checks again)."""
+        """Raise Overloaded now if a job of n_images would not be admitted."""
         self._admit(n_images)
 
-    async def submit(self, payload: P, n_images: int, call: Call) -> R:
-        """Queue a batchable job and wait for its result."""
+    def reserve(self, n_images: int) -> int:
+        """Admit a job of n_images before its inputs are prepared (decoded): its images count as
+        queued from now on, so concurrent requests cannot all decode and then be refused. Hand the
+        result to `submit(reserved=...)`, or to `release` if the job is abandoned."""
         self._admit(n_images)
+        self._reserved_images += n_images
+        return n_images
+
+    def release(self, reserved: int) -> None:
+        self._reserved_images -= reserved
+
+    async def submit(self, payload: P, n_images: int, call: Call, reserved: int = 0) -> R:
+        """Queue a batchable job and wait for its result (`reserved`: what `reserve` returned)."""
+        if reserved:
+            self.release(reserved)
+        else:
+            self._admit(n_images)
         return await self._wait(_Job(call, self._future(), n_images=n_images, payload=payload))
 
     async def submit_solo(self, fn: Callable[[], R], call: Call) -> R:
@@ -128,12 +142,13 @@ class Batcher(Generic[P, R]):
     def _admit(self, n_images: int) -> None:
         if self.pending >= self.max_pending:
             self._reject(f"{self.pending} model jobs are already queued or running")
-        if n_images and self._queued_images and self._queued_images + n_images > self.max_queue_images:
-            self._reject(f"{self._queued_images} images are already queued for the model")
+        queued = self._queued_images + self._reserved_images
+        if n_images and queued and queued + n_images > self.max_queue_images:
+            self._reject(f"{queued} images are already queued for the model")
 
     def _reject(self, why: str) -> None:
         self.stats.rejected += 1
-        backlog = self._queued_images + self.max_batch_images * self._running
+        backlog = self._queued_images + self._reserved_images + self.max_batch_images * self._running
         wait = backlog / self._images_per_s if self._images_per_s else 1.0
         raise Overloaded(f"{why}; retry shortly", headers={"Retry-After": str(max(1, math.ceil(wait)))})
 

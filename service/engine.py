@@ -139,11 +139,13 @@ class Engine:
         return await self._timed("register", self.batcher.submit_solo(run, call))
 
     async def classify(
-        self, memory: Memory, queries: np.ndarray, explain: bool, call: Call = _NO_LIMIT
+        self, memory: Memory, queries: np.ndarray, explain: bool, call: Call = _NO_LIMIT,
+        reserved: int = 0,
     ) -> Scores:
-        """Class probabilities of queries (n, S, S), batched with other requests' queries."""
+        """Class probabilities of queries (n, S, S), batched with other requests' queries
+        (`reserved`: the images this request was admitted for by `batcher.reserve`)."""
         job = _Query(memory, queries, explain)
-        return await self._timed("classify", self.batcher.submit(job, len(queries), call))
+        return await self._timed("classify", self.batcher.submit(job, len(queries), call, reserved))
 
     async def close(self) -> None:
         await self.batcher.close()

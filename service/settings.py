@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     batch_max_images: int = Field(32, ge=1)
     batch_max_wait_ms: float = Field(0.0, ge=0)
     max_pending: int = Field(64, ge=1, description="model jobs queued or running before requests get 429")
-    max_queue_images: int = Field(256, ge=1, description="query images queued before requests get 429")
+    max_queue_images: int = Field(1024, ge=1, description="query images queued before requests get 429")
     # A request's deadline: this, or less with the header X-Request-Timeout-Ms; work still queued
     # when it passes is dropped (504), as is work whose client has disconnected.
     request_timeout_s: float = Field(30.0, gt=0)

@@ -30,6 +30,9 @@ from service.store import Page, TaskChanged, TaskInfo, TaskStore
 
 ImageInput = str | bytes | np.ndarray  # bytes: an image file (the v2 protocol's binary data)
 _NO_LIMIT = Call()
+_INLINE_IMAGES = 2  # requests of at most this many images, each at most _INLINE_BYTES encoded
+_INLINE_BYTES = 16 * 1024  # (or pixels of a pixel array) and _INLINE_PIXELS decoded, are decoded
+_INLINE_PIXELS = 256 * 256  # on the event loop
 _UPDATE_ATTEMPTS = 5  # compare-and-set rounds of one add_examples racing writers on other replicas
 
 
@@ -112,10 +115,17 @@ class TaskService:
     ) -> list[Prediction]:
         info = await self.store.get(owner, task_id)
         self._check_count(len(images), field="images")
-        self.engine.batcher.check_admission(len(images))  # refuse before decoding when full
-        queries = await self._prepare(images, lambda i: f"images[{i}]")
-        memory = await self._memory(info)
-        return _predictions(await self.engine.classify(memory, queries, explain, call), memory, top_k)
+        # A place in the model's queue first (429 when full), then the decoding: a crowd of
+        # requests cannot all be decoded only for most of them to be refused.
+        reserved = self.engine.batcher.reserve(len(images))
+        try:
+            queries = await self._prepare(images, lambda i: f"images[{i}]")
+            memory = await self._memory(info)
+        except BaseException:
+            self.engine.batcher.release(reserved)
+            raise
+        scores = await self.engine.classify(memory, queries, explain, call, reserved)
+        return _predictions(scores, memory, top_k)
 
     async def classify_once(
         self, support: Sequence[Example], images: Sequence[ImageInput], top_k: int, explain: bool,
@@ -179,15 +189,26 @@ class TaskService:
 
     async def _prepare(self, images: Sequence[ImageInput], field_of: Callable[[int], str]) -> np.ndarray:
         """Decode, find the ink, resize: (n, S, S) float32 model inputs, in a worker thread."""
-        def run() -> np.ndarray:
+        def run(limits: ImageLimits = self.limits) -> np.ndarray:
             size = self.engine.info.image_size
             out = np.empty((len(images), size, size), dtype=np.float32)
             for i, image in enumerate(images):
                 try:
-                    out[i] = self.engine.to_input(ink_map(decode(image, self.limits)))
+                    out[i] = self.engine.to_input(ink_map(decode(image, limits)))
                 except (InvalidImage, ImageTooLarge) as exc:
                     raise exc.located(field_of(i), i) from None
             return out
+
+        if len(images) <= _INLINE_IMAGES and all(_small(image) for image in images):
+            # A drawing or two of modest size decodes in a fraction of a millisecond: cheaper on
+            # the event loop than the hop to a worker thread and back. The pixel cap keeps a
+            # small file that inflates to a large image off the loop: it goes to a thread.
+            inline = ImageLimits(self.limits.max_bytes, min(self.limits.max_pixels, _INLINE_PIXELS))
+            try:
+                return run(inline)
+            except ImageTooLarge:
+                if self.limits.max_pixels <= _INLINE_PIXELS:
+                    raise
         return await run_in_threadpool(run)
 
     def _lock(self, task_id: str) -> asyncio.Lock:
@@ -195,6 +216,10 @@ class TaskService:
         if lock is None:
             lock = self._locks[task_id] = asyncio.Lock()
         return lock
+
+
+def _small(image: ImageInput) -> bool:
+    return (image.size if isinstance(image, np.ndarray) else len(image)) <= _INLINE_BYTES
 
 
 def _later_than(moment: datetime) -> datetime:

@@ -226,3 +226,24 @@ def test_solo_jobs_run_alone_in_their_turn() -> None:
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_a_reservation_counts_as_queued_until_its_job_is_submitted_or_released() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, max_queue_images=10)
+        busy = await occupy(batcher, worker)
+        first = batcher.reserve(8)  # admitted while its images are still being decoded
+        with pytest.raises(Overloaded, match="8 images are already queued"):
+            batcher.reserve(4)
+        batcher.release(batcher.reserve(2))  # fits; abandoned, given back
+        job = asyncio.create_task(batcher.submit(5, 8, Call(), reserved=first))
+        await asyncio.sleep(0.01)
+        assert batcher.queued_images == 8
+        worker.gate.set()
+        assert await job == 10
+        await busy
+        assert batcher.queued_images == 0 and batcher.reserve(10) == 10
+        await batcher.close()
+
+    asyncio.run(scenario())

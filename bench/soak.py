@@ -8,8 +8,8 @@ this command starts itself (`python -m service` on a free port, a fresh data dir
 Each worker loops: register a small task (2-3 way, mostly 1-shot, 28x28 PNGs), classify it five
 times, read it, now and then list its tasks or classify a one-off episode, delete it. The warm-up
 lasts at least --warmup seconds and until every worker has done --warmup-rounds rounds; then the
-traffic pauses, connections are closed, and the server's resident memory and open file descriptors
-are read from /proc. Then --seconds of traffic, and the same readings. It passes (exit 0) with zero
+traffic pauses, connections are closed, and once the idle server has settled (its idle heap trim
+has run) its resident memory and open file descriptors are read from /proc. Then --seconds of traffic, and the same readings. It passes (exit 0) with zero
 errors, resident memory at most --max-rss-growth above the warm-up reading, no more open file
 descriptors than after warm-up, and a clean exit on SIGTERM. METANET_* variables in the environment
 reach the server (METANET_TORCH_THREADS, METANET_DEVICE, ...); data directory and port are its own.
@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,16 +208,23 @@ class Traffic:
         return time.monotonic() - start
 
 
-async def settled_fds(server: Server, timeout: float = 10) -> int:
-    """The server's open fds once closed connections are gone (two equal readings in a row)."""
-    deadline, last = time.monotonic() + timeout, -1
+async def settled(read: Callable[[], int], tolerance: int = 0, timeout: float = 10) -> int:
+    """A reading of the idle server once it has settled: two in a row, 0.5 s apart, within
+    `tolerance` (closed connections gone; freed heap returned to the OS on the idle trim)."""
+    deadline, last = time.monotonic() + timeout, -(2**62)
     while time.monotonic() < deadline:
-        now = server.open_fds()
-        if now == last:
+        now = read()
+        if abs(now - last) <= tolerance:
             return now
         last = now
         await asyncio.sleep(0.5)
     return last
+
+
+async def settled_readings(server: Server) -> tuple[int, int]:
+    """(resident bytes, open fds) of the idle server, after its idle heap trim has had time to run."""
+    await asyncio.sleep(1.5)  # METANET_HEAP_TRIM_IDLE_S is 1 s by default
+    return await settled(server.rss_bytes, tolerance=2**20), await settled(server.open_fds)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -240,7 +248,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             # Warm-up: until every worker has been through a few rounds, so caches, pools and the
             # allocator have seen the whole mix at full concurrency before the first reading.
             warmup = await traffic.run(args.warmup, rounds=args.warmup_rounds, max_seconds=args.warmup_max)
-            warm_rss, warm_fds = server.rss_bytes(), await settled_fds(server)
+            warm_rss, warm_fds = await settled_readings(server)
             warm_requests = traffic.tally.requests
 
             rss_samples: list[int] = []
@@ -253,7 +261,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             sampler = asyncio.create_task(sample_rss())
             elapsed = await traffic.run(args.seconds)
             sampler.cancel()
-            end_rss, end_fds = server.rss_bytes(), await settled_fds(server)
+            end_rss, end_fds = await settled_readings(server)
         finally:
             exit_status = server.stop()
 

@@ -70,6 +70,7 @@ class Batcher(Generic[P, R]):
         self, executor: Executor, run_batch: Callable[[Sequence[P]], list[R | Exception]], *,
         max_batch_images: int, max_wait_s: float, max_pending: int, max_queue_images: int,
         on_batch: Callable[[int, float], None] | None = None,
+        on_idle: Callable[[], object] | None = None, idle_s: float = 1.0,
     ) -> None:
         self._executor = executor
         self._run_batch = run_batch
@@ -78,6 +79,9 @@ class Batcher(Generic[P, R]):
         self.max_pending = max_pending
         self.max_queue_images = max_queue_images
         self._on_batch = on_batch  # (images in the batch, seconds of compute)
+        self._on_idle = on_idle  # run on the worker once the queue has been empty for idle_s
+        self.idle_s = idle_s
+        self._busy_since_idle = False
         self._queue: deque[_Job[P]] = deque()
         self._queued_images = 0  # images of the batchable jobs in the queue
         self._reserved_images = 0  # images of requests admitted by `reserve`, still being decoded
@@ -181,7 +185,10 @@ class Batcher(Generic[P, R]):
         while True:
             while not self._queue:
                 self._wake.clear()
-                await self._wake.wait()
+                if self._on_idle is not None and self._busy_since_idle:
+                    await self._idle(loop)
+                else:
+                    await self._wake.wait()
             head = self._queue[0]
             if head.payload is not None:
                 await self._fill(head)
@@ -192,10 +199,26 @@ class Batcher(Generic[P, R]):
             if not batch:
                 continue
             self._running = len(batch)
+            self._busy_since_idle = True
             try:
                 await self._run(loop, batch)
             finally:
                 self._running = 0
+
+    async def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait for work; after idle_s without any, run on_idle on the worker (once per idle
+        spell). Jobs that arrive meanwhile wait for it: it is short next to a model call."""
+        assert self._wake is not None and self._on_idle is not None
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.idle_s)
+            return
+        except TimeoutError:
+            pass
+        self._busy_since_idle = False
+        try:
+            await loop.run_in_executor(self._executor, self._on_idle)
+        except Exception:  # a housekeeping failure must not stop the dispatcher
+            log.exception("the idle callback failed")
 
     async def _fill(self, head: _Job[P]) -> None:
         """Wait until a full batch is queued or the oldest job has waited max_wait_s."""

@@ -19,6 +19,7 @@ from model.checkpoint import load_model
 from model.data import to_model_input_np
 from model.errors import InvalidTaskError
 from model.metanet import MetaNet, TaskMemory
+from service import heap
 from service.batcher import Batcher, Call
 from service.errors import InvalidInput
 from service.settings import Settings
@@ -75,6 +76,8 @@ class Engine:
             max_batch_images=settings.batch_max_images, max_wait_s=settings.batch_max_wait_ms / 1000,
             max_pending=settings.max_pending, max_queue_images=settings.max_queue_images,
             on_batch=None if observe is None else lambda n, seconds: observe("batch", seconds),
+            on_idle=heap.trim if settings.heap_trim_idle_s > 0 and heap.available() else None,
+            idle_s=settings.heap_trim_idle_s,
         )
         cfg = model.config
         backend = "torch" if onnx is None else "onnx"

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     # A request's deadline: this, or less with the header X-Request-Timeout-Ms; work still queued
     # when it passes is dropped (504), as is work whose client has disconnected.
     request_timeout_s: float = Field(30.0, gt=0)
+    # After this many seconds with no model work, freed heap memory goes back to the OS (glibc's
+    # malloc_trim on the model thread), so resident memory follows what the service holds rather
+    # than its largest burst so far; 0 = never.
+    heap_trim_idle_s: float = Field(1.0, ge=0)
     # Python's thread switch interval for the server process (sys.setswitchinterval), in ms.
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
 

@@ -247,3 +247,57 @@ def test_a_reservation_counts_as_queued_until_its_job_is_submitted_or_released()
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_the_idle_callback_runs_on_the_worker_once_per_idle_spell_and_never_beside_a_job() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        idle_threads: list[str] = []
+        busy = threading.Lock()
+
+        def run_batch(payloads: Sequence[int]) -> list[int | Exception]:
+            with busy:
+                return worker(payloads)  # type: ignore[return-value]
+
+        def on_idle() -> None:
+            assert busy.acquire(blocking=False), "the idle callback ran beside a model job"
+            busy.release()
+            idle_threads.append(threading.current_thread().name)
+
+        executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        batcher: Batcher[int, int] = Batcher(
+            executor, run_batch, max_batch_images=8, max_wait_s=0.0, max_pending=100,
+            max_queue_images=100, on_idle=on_idle, idle_s=0.05,
+        )
+        assert await batcher.submit(1, 1, Call()) == 2
+        await asyncio.sleep(0.02)
+        assert idle_threads == []  # not idle long enough yet
+        await asyncio.sleep(0.2)
+        assert len(idle_threads) == 1 and idle_threads[0].startswith("model")
+        await asyncio.sleep(0.2)
+        assert len(idle_threads) == 1  # once per idle spell, not every idle_s
+        assert await asyncio.gather(*(batcher.submit(i, 1, Call()) for i in range(3))) == [0, 2, 4]
+        await asyncio.sleep(0.2)
+        assert len(idle_threads) == 2
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_idle_callback_does_not_stop_the_batcher() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+
+        def on_idle() -> None:
+            raise OSError("no")
+
+        batcher: Batcher[int, int] = Batcher(
+            ThreadPoolExecutor(1), worker, max_batch_images=8, max_wait_s=0.0, max_pending=100,
+            max_queue_images=100, on_idle=on_idle, idle_s=0.01,
+        )
+        assert await batcher.submit(1, 1, Call()) == 2
+        await asyncio.sleep(0.1)
+        assert await batcher.submit(2, 1, Call()) == 4
+        await batcher.close()
+
+    asyncio.run(scenario())

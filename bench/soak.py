@@ -10,8 +10,8 @@ times, read it, now and then list its tasks or classify a one-off episode, delet
 lasts at least --warmup seconds and until every worker has done --warmup-rounds rounds; then the
 traffic pauses, connections are closed, and once the idle server has settled (its idle heap trim
 has run) its resident memory and open file descriptors are read from /proc. Then --seconds of
-traffic, and the same readings. It passes (exit 0) with zero errors, resident memory at most --max-
-rss-growth above the warm-up reading, no more open file descriptors than after warm-up, and a clean
+traffic, and the same readings. It passes (exit 0) with zero errors, resident memory at most
+--max-rss-growth above the warm-up reading, no more open file descriptors than after warm-up, and a clean
 exit on SIGTERM. METANET_* variables in the environment reach the server (METANET_TORCH_THREADS,
 METANET_DEVICE, ...); data directory and port are its own.
 """

@@ -223,9 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except Exception as exc:
+        if not _user_error(exc):
+            raise
         print(f"metanet {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _user_error(exc: Exception) -> bool:
+    """A missing file, a bad value, or what the model refuses (weights that are missing or do not
+    match, a task it cannot take): a one-line message, not a traceback."""
+    if isinstance(exc, FileNotFoundError | ValueError):
+        return True
+    errors = sys.modules.get("model.errors")  # not imported by the client commands: no torch there
+    return errors is not None and isinstance(exc, errors.MetaNetError)
 
 
 if __name__ == "__main__":

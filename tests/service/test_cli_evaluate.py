@@ -90,3 +90,18 @@ def test_evaluate_refuses_an_unknown_m_dtype(tiny_setup, capsys):
         run(tiny_setup, "--m-dtype", "float64")
     assert exit_info.value.code == 2
     assert "invalid choice: 'float64'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["export-onnx", "--out", "graph.onnx"]])
+def test_missing_or_broken_weights_are_a_one_line_error_not_a_traceback(command, tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shipped = Path(__file__).resolve().parents[2] / "model" / "weights"
+    (broken / "config.json").write_text((shipped / "config.json").read_text())
+    (broken / "metanet.safetensors").write_bytes(b"not safetensors")
+    for weights, named in ((missing, "is missing"), (broken, "is not a readable safetensors file")):
+        assert main([*command, "--weights", str(weights)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"metanet {command[0]}: error: ") and named in err, err
+        assert "Traceback" not in err and err.count("\n") == 1, err

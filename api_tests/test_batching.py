@@ -102,6 +102,32 @@ def test_requests_of_different_tasks_share_a_batch_and_get_their_own_answers(ser
         np.testing.assert_allclose(as_matrix(got, t["labels"]), as_matrix(want, t["labels"]), atol=1e-5)
 
 
+def test_a_bad_image_queued_with_good_requests_fails_alone_with_a_422_naming_it(server: Server, task) -> None:
+    """Query images are decoded on the model thread just before their batch's forward: a broken
+    file must fail its own request, by name, and nothing else in the batch."""
+    garbage = ["iVBORw0KGgoAAAANSUhEUgAA" + "A" * 40, "not base64 at all!", png(KINDS[0])[:60]]
+    with server.client() as client:
+        alone = [as_matrix(classify(client, task["task_id"], [img]).json()["predictions"], task["labels"])
+                 for img in QUERY_IMAGES[:6]]
+
+        def mixed() -> list[httpx.Response]:
+            with ThreadPoolExecutor(9) as pool:
+                good = [pool.submit(classify, client, task["task_id"], [img]) for img in QUERY_IMAGES[:6]]
+                bad = [pool.submit(classify, client, task["task_id"], [QUERY_IMAGES[0], junk])
+                       for junk in garbage]
+                return [f.result() for f in good + bad]
+
+        responses = while_busy(server, mixed)
+    for want, response in zip(alone, responses[:6], strict=True):
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(as_matrix(response.json()["predictions"], task["labels"]), want, atol=1e-5)
+    for response in responses[6:]:
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["type"] in ("invalid_image", "image_too_large"), error
+        assert error["details"]["field"] == "images[1]", error
+
+
 def test_a_request_whose_deadline_passes_in_the_queue_gets_504_and_is_not_computed(server, task) -> None:
     def late() -> httpx.Response:
         with server.client() as client:

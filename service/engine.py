@@ -142,11 +142,12 @@ class Engine:
         return await self._timed("register", self.batcher.submit_solo(run, call))
 
     async def classify(
-        self, memory: Memory, queries: np.ndarray, explain: bool, call: Call = _NO_LIMIT,
+        self, memory: Memory, queries: np.ndarray | Deferred, explain: bool, call: Call = _NO_LIMIT,
         reserved: int = 0,
     ) -> Scores:
-        """Class probabilities of queries (n, S, S), batched with other requests' queries
-        (`reserved`: the images this request was admitted for by `batcher.reserve`)."""
+        """Class probabilities of queries (n, S, S), or of what a Deferred prepares on the model
+        thread, batched with other requests' queries (`reserved`: the images this request was
+        admitted for by `batcher.reserve`)."""
         job = _Query(memory, queries, explain)
         return await self._timed("classify", self.batcher.submit(job, len(queries), call, reserved))
 
@@ -165,13 +166,27 @@ class Engine:
     # ------------------------------------------------------------------ in the worker thread
 
     def _classify_batch(self, jobs: Sequence[_Query]) -> list[Scores | Exception]:
+        """Prepare the deferred inputs, then one forward for the queries of every job that has
+        them; a job whose inputs are bad fails alone."""
+        prepared: list[_Query | Exception] = []
+        for job in jobs:
+            try:
+                prepared.append(job.prepared())
+            except Exception as exc:
+                prepared.append(exc)
+        results = iter(self._run_forward([p for p in prepared if isinstance(p, _Query)]))
+        return [p if isinstance(p, Exception) else next(results) for p in prepared]
+
+    def _run_forward(self, jobs: Sequence[_Query]) -> list[Scores | Exception]:
         """One forward for the queries of every job; should it fail, each job alone, so one bad
         job fails only its own request."""
+        if not jobs:
+            return []
         try:
             return list(self._forward(jobs))
-        except Exception:
+        except Exception as exc:
             if len(jobs) == 1:
-                raise
+                return [exc]
             log.warning("a batch of %d requests failed; running them one by one", len(jobs), exc_info=True)
         out: list[Scores | Exception] = []
         for job in jobs:
@@ -220,10 +235,30 @@ class Engine:
 
 
 @dataclass(frozen=True)
+class Deferred:
+    """Query inputs prepared on the model thread just before their forward: `prepare()` returns
+    the (n, S, S) float32 model inputs, or raises the client's error."""
+
+    n: int
+    prepare: Callable[[], np.ndarray]
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@dataclass(frozen=True)
 class _Query:
     memory: Memory
-    queries: np.ndarray  # (n, S, S) float32
+    queries: np.ndarray | Deferred  # (n, S, S) float32
     explain: bool
+
+    def prepared(self) -> _Query:
+        if not isinstance(self.queries, Deferred):
+            return self
+        x = self.queries.prepare()
+        if len(x) != self.queries.n:
+            raise RuntimeError(f"prepared {len(x)} inputs for a job of {self.queries.n} images")
+        return _Query(self.memory, x, self.explain)
 
 
 def pick_device(name: str) -> torch.device:

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.batcher import Call
 from service.cache import ByteLRU
-from service.engine import Engine, Memory, Scores
+from service.engine import Deferred, Engine, Memory, Scores
 from service.errors import ImageTooLarge, InvalidImage, InvalidInput, TooManyRequests
 from service.images import ImageLimits, decode, ink_map
 from service.schemas import AttentionWeight, Example, LabelProbability, Prediction
@@ -119,11 +119,13 @@ class TaskService:
         # requests cannot all be decoded only for most of them to be refused.
         reserved = self.engine.batcher.reserve(len(images))
         try:
-            queries = await self._prepare(images, lambda i: f"images[{i}]")
             memory = await self._memory(info)
         except BaseException:
             self.engine.batcher.release(reserved)
             raise
+        # Decoded on the model thread, just before the forward: decoding beside a forward would
+        # take a core from torch's thread team, which then waits on it at every parallel region.
+        queries = Deferred(len(images), self._decoder(images, lambda i: f"images[{i}]"))
         scores = await self.engine.classify(memory, queries, explain, call, reserved)
         return _predictions(scores, memory, top_k)
 
@@ -187,10 +189,15 @@ class TaskService:
                 f"{n_images} images in one request; at most {self.max_images} are allowed", field=field
             )
 
-    async def _prepare(self, images: Sequence[ImageInput], field_of: Callable[[int], str]) -> np.ndarray:
-        """Decode, find the ink, resize: (n, S, S) float32 model inputs, in a worker thread."""
-        def run(limits: ImageLimits = self.limits) -> np.ndarray:
-            size = self.engine.info.image_size
+    def _decoder(
+        self, images: Sequence[ImageInput], field_of: Callable[[int], str], limits: ImageLimits | None = None,
+    ) -> Callable[[], np.ndarray]:
+        """A function that decodes, finds the ink and resizes: (n, S, S) float32 model inputs. A
+        bad image raises InvalidImage or ImageTooLarge naming its field."""
+        size = self.engine.info.image_size
+        limits = limits or self.limits
+
+        def run() -> np.ndarray:
             out = np.empty((len(images), size, size), dtype=np.float32)
             for i, image in enumerate(images):
                 try:
@@ -198,18 +205,21 @@ class TaskService:
                 except (InvalidImage, ImageTooLarge) as exc:
                     raise exc.located(field_of(i), i) from None
             return out
+        return run
 
+    async def _prepare(self, images: Sequence[ImageInput], field_of: Callable[[int], str]) -> np.ndarray:
+        """Support images -> model inputs, in a worker thread (or on the loop when tiny)."""
         if len(images) <= _INLINE_IMAGES and all(_small(image) for image in images):
             # A drawing or two of modest size decodes in a fraction of a millisecond: cheaper on
             # the event loop than the hop to a worker thread and back. The pixel cap keeps a
             # small file that inflates to a large image off the loop: it goes to a thread.
             inline = ImageLimits(self.limits.max_bytes, min(self.limits.max_pixels, _INLINE_PIXELS))
             try:
-                return run(inline)
+                return self._decoder(images, field_of, inline)()
             except ImageTooLarge:
                 if self.limits.max_pixels <= _INLINE_PIXELS:
                     raise
-        return await run_in_threadpool(run)
+        return await run_in_threadpool(self._decoder(images, field_of))
 
     def _lock(self, task_id: str) -> asyncio.Lock:
         lock = self._locks.get(task_id)

@@ -1,0 +1,29 @@
+"""Settings refuse nonsense by name, from the environment as from code."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+BAD = [
+    ("heap_trim_idle_s", "-1"), ("heap_trim_idle_s", "soon"), ("batch_max_images", "0"),
+    ("batch_max_wait_ms", "-5"), ("max_pending", "0"), ("max_queue_images", "-1"),
+    ("request_timeout_s", "0"), ("gil_switch_interval_ms", "1000"), ("m_dtype", "float8"),
+    ("backend", "tensorrt"), ("device", "tpu"), ("cache_bytes", "lots"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD)
+def test_a_bad_value_in_the_environment_is_refused_naming_its_setting(field, value, monkeypatch) -> None:
+    monkeypatch.setenv(f"METANET_{field.upper()}", value)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert [e["loc"] for e in caught.value.errors()] == [(field,)]
+
+
+def test_zero_turns_the_idle_heap_trim_off_and_the_default_is_one_second(monkeypatch) -> None:
+    assert Settings().heap_trim_idle_s == 1.0
+    monkeypatch.setenv("METANET_HEAP_TRIM_IDLE_S", "0")
+    assert Settings().heap_trim_idle_s == 0.0

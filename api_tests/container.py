@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 import uuid
 from collections.abc import Iterator, Sequence
@@ -23,10 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from api_tests.helpers import REPO
+from bench.harness import wait_ready
 
 TORCH_VERSION = "2.13.0"  # the Dockerfile's default TORCH_VERSION
 WHEELS_IN_CONTEXT = REPO / "docker" / "wheels"  # the Dockerfile's default WHEELS_DIR
@@ -203,19 +202,8 @@ class Container:
         return self
 
     def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=5) as client:
-            while time.monotonic() < deadline:
-                assert self.process is not None
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"container exited with {self.process.returncode}:\n{self.log_tail()}")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.5)
-        raise RuntimeError(f"not ready after {timeout} s:\n{self.log_tail()}")
+        assert self.process is not None
+        wait_ready(self.url, self.process, timeout, self.log_tail, interval=0.5)
 
     def exec(self, cmd: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Another process in the running container (as `docker exec`), with the same settings."""

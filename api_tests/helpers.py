@@ -7,12 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,84 +15,28 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.harness import REPO as REPO  # re-exported: the tests' way to the repository
+from bench.harness import ServiceProcess, parse_metrics
+from bench.harness import free_port as free_port
+
 KiB = 1024
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m service` on a free port with its own data directory and settings."""
+class Server(ServiceProcess):
+    """`python -m service` on a free port with its own data directory and settings; hermetic (see
+    bench.harness.ServiceProcess), logging at info."""
 
     def __init__(self, data_dir: Path, **settings: Any) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # Hermetic: the caller's METANET_* settings stay out, except METANET_CHECKPOINT, so the
-        # suite (the real-data test above all) can judge candidate weights before they ship, and
-        # METANET_TORCH_THREADS, so a busy machine can keep the servers to fewer cores.
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("METANET_") or k in ("METANET_CHECKPOINT", "METANET_TORCH_THREADS")}
-        self.env.update({"METANET_DATA_DIR": str(data_dir), "METANET_DEVICE": "cpu",
-                         "METANET_LOG_LEVEL": "info"})
-        self.env.update({f"METANET_{k.upper()}": str(v) for k, v in settings.items()})
-        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.statuses_before_ready: list[int] = []
+        super().__init__(data_dir, data_dir.parent / f"{data_dir.name}-server.log",
+                         {"log_level": "info", **settings})
 
     @property
     def database(self) -> Path:
         return self.data_dir / "tasks.sqlite3"
 
-    def start(self, wait: bool = True) -> Server:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )
-        if wait:
-            self.wait_ready()
+    def start(self, wait: bool = True, timeout: float = 180) -> Server:
+        super().start(wait, timeout)
         return self
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        """Poll /readyz until 200, noting every other status seen on the way."""
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=5) as client:
-            while time.monotonic() < deadline:
-                if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
-                try:
-                    response = client.get("/readyz")
-                except httpx.TransportError:
-                    time.sleep(0.2)
-                    continue
-                if response.status_code == 200:
-                    return
-                self.statuses_before_ready.append(response.status_code)
-                time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM (a clean stop); SIGKILL only if it hangs. Returns the exit status."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as in a crash or an OOM kill."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
@@ -106,11 +44,6 @@ class Server:
     def as_user(self, key: str) -> httpx.Client:
         """A client that sends `key` as its bearer token (a tenant of a keyed server)."""
         return self.client(headers={"Authorization": f"Bearer {key}"})
-
-    def log_tail(self, n: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
 # ------------------------------------------------------------------------------------- images
@@ -197,8 +130,7 @@ def metrics(client: httpx.Client) -> dict[str, float]:
     (`metanet_dropped_total{reason="deadline"}`); counters under their _total names."""
     response = client.get("/metrics")
     assert response.status_code == 200, response.text
-    return {name: float(value) for line in response.text.splitlines()
-            if line.startswith("metanet_") for name, value in [line.rsplit(" ", 1)]}
+    return parse_metrics(response.text)
 
 
 def as_matrix(predictions: list[dict[str, Any]], labels: Sequence[str]) -> np.ndarray:

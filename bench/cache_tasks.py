@@ -26,11 +26,8 @@ import asyncio
 import base64
 import datetime as dt
 import io
-import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,71 +40,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.harness import ServiceProcess, parse_metrics, write_result  # noqa: E402  (run as a script)
+
 PROB_TOLERANCE = 1e-5  # a rebuilt memory is the same computation; allow for float summation order
 
 
-# ----------------------------------------------------------------------------------- server
-
-class Server:
-    """`python -m service` on a free port, configured through METANET_* variables."""
-
-    def __init__(self, data_dir: Path, log_path: Path, cache_bytes: int | None) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "METANET_HOST": "127.0.0.1", "METANET_PORT": str(port),
-               "METANET_DATA_DIR": str(data_dir), "METANET_LOG_LEVEL": "warning"}
-        if cache_bytes is not None:
-            env["METANET_CACHE_BYTES"] = str(cache_bytes)
-        env.setdefault("METANET_DEVICE", "cpu")
-        env.setdefault("MALLOC_ARENA_MAX", "2")  # as bench/soak.py: RSS readings about the service
-        self.log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-
-    async def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(base_url=self.url, timeout=5) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"the server exited with {self.process.returncode}")
-                try:
-                    if (await client.get("/readyz")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.2)
-        raise RuntimeError(f"the server was not ready after {timeout} s")
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
-
-
 async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
-    """The unlabelled metanet_* samples of /metrics (counters under their _total names)."""
     response = await client.get("/metrics")
     response.raise_for_status()
-    samples = {}
-    for line in response.text.splitlines():
-        if line.startswith("metanet_") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
+    return parse_metrics(response.text)
 
 
 # ----------------------------------------------------------------------------------- tasks
@@ -201,7 +143,7 @@ async def register_all(client: httpx.AsyncClient, drawings: Drawings, run: Run, 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def read_state(server: Server, client: httpx.AsyncClient, run: Run, budget: int) -> None:
+async def read_state(server: ServiceProcess, client: httpx.AsyncClient, run: Run, budget: int) -> None:
     """One reading: the cache gauge against the budget, and the server's resident memory."""
     metrics = await scrape(client)
     run.cache_bytes.append(metrics["metanet_cache_bytes"])
@@ -211,7 +153,8 @@ async def read_state(server: Server, client: httpx.AsyncClient, run: Run, budget
     run.rss.append(server.rss_bytes())
 
 
-async def watch(server: Server, client: httpx.AsyncClient, run: Run, budget: int, every: float) -> None:
+async def watch(server: ServiceProcess, client: httpx.AsyncClient, run: Run, budget: int,
+                every: float) -> None:
     while True:  # until cancelled
         await read_state(server, client, run, budget)
         await asyncio.sleep(every)
@@ -243,9 +186,9 @@ def same_predictions(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[
 
 async def probe_task_bytes(tmp: Path, drawings: Drawings) -> int:
     """memory_bytes of one 2-way 1-shot task, as the server (its weights, its M dtype) counts it."""
-    server = Server(tmp / "probe", tmp / "probe.log", cache_bytes=None)
+    server = ServiceProcess(tmp / "probe", tmp / "probe.log", hermetic=False).start(wait=False)
     try:
-        await server.wait_ready()
+        await asyncio.to_thread(server.wait_ready)
         async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
             response = await client.post("/v1/tasks", json={"examples": drawings.task(0)[0]})
             response.raise_for_status()
@@ -262,10 +205,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             budget = args.cache_bytes
         else:
             budget = args.cache_tasks * await probe_task_bytes(tmp, drawings)
-        server = Server(tmp / "data", Path(args.server_log or tmp / "server.log"), cache_bytes=budget)
+        server = ServiceProcess(tmp / "data", Path(args.server_log or tmp / "server.log"),
+                                {"cache_bytes": budget}, hermetic=False).start(wait=False)
         run = Run()
         try:
-            await server.wait_ready()
+            await asyncio.to_thread(server.wait_ready)
             limits = httpx.Limits(max_connections=args.concurrency + 1)
             async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as client:
                 rss_start = server.rss_bytes()
@@ -395,12 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     args.sample = min(args.sample, args.tasks)
     result = asyncio.run(bench(args))
     result["command"] = "python bench/cache_tasks.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"cache-tasks-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    print(f"wrote {path}")
+    write_result(result, Path(args.out) / f"cache-tasks-{dt.date.today().isoformat()}.json", markdown(result))
     return 0 if result["passed"] else 1
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import sys
 import time
@@ -31,6 +30,8 @@ from model.data import EpisodeSampler, load_split
 from model.evaluate import M_DTYPES
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.harness import write_result  # noqa: E402  (run as a script: the repository first on the path)
 
 BAR_POINTS = 0.2  # issue 4: 20-way one-shot accuracy within 0.2 points of float32
 
@@ -140,12 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     result = compare(args)
     result["command"] = "python bench/m_dtype.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"m-dtype-{dt.date.today().isoformat()}-{args.device.replace(':', '')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    print(f"wrote {path}")
+    name = f"m-dtype-{dt.date.today().isoformat()}-{args.device.replace(':', '')}.json"
+    write_result(result, Path(args.out) / name, markdown(result))
     return 0
 
 

@@ -28,8 +28,6 @@ import os
 import platform
 import re
 import shlex
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -46,7 +44,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # `model` for the in-process half; torch is imported only there
+sys.path.insert(0, str(REPO))  # `model` for the in-process half (torch is imported only there), `bench`
+from bench.harness import ServiceProcess, write_result  # noqa: E402
 
 WAY = 20  # the served task: 20-way 1-shot, as the accuracy test over HTTP
 BODIES = 16  # distinct pre-encoded request bodies per request size, cycled by the workers
@@ -253,57 +252,14 @@ async def _generate(url: str, path: str, bodies: list[bytes], images: int, concu
 
 # ----------------------------------------------------------------------------------------- server
 
-class Server:
-    """`python -m service` on a free port, a fresh data directory, and the bench's settings."""
-
-    def __init__(self, backend: str, args: argparse.Namespace, tmp: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        # Hermetic, as api_tests' server: only weights and thread count come from the caller.
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("METANET_") or k in ("METANET_CHECKPOINT", "METANET_TORCH_THREADS")}
-        env.setdefault("MALLOC_ARENA_MAX", "2")  # as the container runs (see the soak section)
-        env.update({"METANET_HOST": "127.0.0.1", "METANET_PORT": str(port), "METANET_LOG_LEVEL": "warning",
-                    "METANET_DATA_DIR": str(tmp / f"data-{backend}"), "METANET_BACKEND": backend,
-                    "METANET_DEVICE": args.device})
-        for name in ("batch_max_images", "batch_max_wait_ms", "max_pending", "max_queue_images"):
-            if getattr(args, name) is not None:
-                env[f"METANET_{name.upper()}"] = str(getattr(args, name))
-        self.settings = {k: v for k, v in env.items() if k.startswith("METANET_") and k != "METANET_DATA_DIR"}
-        self.log_path = tmp / f"server-{backend}.log"
-        with open(self.log_path, "wb") as log_file:
-            self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env,
-                                            stdout=log_file, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=5) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"the server exited with {self.process.returncode}:\n"
-                                       f"{self.log_tail()}")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-        raise RuntimeError(f"the server was not ready after {timeout} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+def start_server(backend: str, args: argparse.Namespace, tmp: Path) -> ServiceProcess:
+    """The service on a free port with a fresh data directory and the bench's settings; hermetic,
+    as api_tests' server: only weights and thread count come from the caller's METANET_*."""
+    settings = {"backend": backend, "device": args.device,
+                **{name: getattr(args, name) for name in
+                   ("batch_max_images", "batch_max_wait_ms", "max_pending", "max_queue_images")}}
+    server = ServiceProcess(tmp / f"data-{backend}", tmp / f"server-{backend}.log", settings)
+    return server.start(wait=False)
 
 
 def phase_row(raw: dict[str, Any], backend: str, size: int, concurrency: int,
@@ -324,10 +280,10 @@ def phase_row(raw: dict[str, Any], backend: str, size: int, concurrency: int,
 
 def serve_backend(backend: str, args: argparse.Namespace, ink: np.ndarray, ceiling: float | None,
                   pool: ProcessPoolExecutor, tmp: Path) -> dict[str, Any]:
-    server = Server(backend, args, tmp)
+    server = start_server(backend, args, tmp)
     out: dict[str, Any] = {"settings": server.settings, "rows": []}
     try:
-        server.wait_ready()
+        server.wait_ready(timeout=600)
         with httpx.Client(base_url=server.url, timeout=300) as client:
             info = client.get("/v1/model").json()
             out["model"] = info
@@ -542,10 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["passed"] = all(t["result"] != "FAIL" for t in result["targets"])
     out = args.out or REPO / "bench" / "results" / f"serving-{date}-{device_slug(args.device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    log(f"wrote {out}")
+    write_result(result, out, markdown(result))
     return 0 if result["passed"] else 1
 
 

@@ -23,11 +23,8 @@ import asyncio
 import base64
 import io
 import json
-import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,64 +38,10 @@ import httpx
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.harness import ServiceProcess  # noqa: E402  (run as a script: the repository first on the path)
+
 CLASSIFY_PER_TASK = 5  # as in use: a task is registered once and classified against many times
-
-
-# ----------------------------------------------------------------------------------- server
-
-class Server:
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "METANET_DATA_DIR": str(data_dir), "METANET_LOG_LEVEL": "warning"}
-        env.setdefault("METANET_DEVICE", "cpu")
-        # glibc gives threads up to 8 malloc arenas per core, and each keeps its high-water mark:
-        # resident memory then climbs in steps as the threadpool's threads land on fresh arenas,
-        # bounded but unrelated to leaks. Two arenas (as the container should run with) keep the
-        # reading about what the service holds; an explicit MALLOC_ARENA_MAX wins.
-        env.setdefault("MALLOC_ARENA_MAX", "2")
-        self.malloc_arena_max = env["MALLOC_ARENA_MAX"]
-        self.log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-
-    async def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(base_url=self.url, timeout=5) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"the server exited with {self.process.returncode}")
-                try:
-                    if (await client.get("/readyz")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.2)
-        raise RuntimeError(f"the server was not ready after {timeout} s")
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
-
-    def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
 
 
 # ---------------------------------------------------------------------------------- traffic
@@ -222,7 +165,7 @@ async def settled(read: Callable[[], int], tolerance: int = 0, timeout: float = 
     return last
 
 
-async def settled_readings(server: Server) -> tuple[int, int]:
+async def settled_readings(server: ServiceProcess) -> tuple[int, int]:
     """(resident bytes, open fds) of the idle server, after its idle heap trim has had time to run."""
     await asyncio.sleep(1.5)  # METANET_HEAP_TRIM_IDLE_S is 1 s by default
     return await settled(server.rss_bytes, tolerance=2**20), await settled(server.open_fds)
@@ -242,9 +185,11 @@ def summary(seconds: list[float]) -> dict[str, float]:
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="metanet-soak-") as tmp:
-        server = Server(Path(tmp) / "data", Path(args.server_log or Path(tmp) / "server.log"))
+        # The caller's METANET_* variables reach it (METANET_TORCH_THREADS, METANET_DEVICE, ...).
+        server = ServiceProcess(Path(tmp) / "data", Path(args.server_log or Path(tmp) / "server.log"),
+                                hermetic=False).start(wait=False)
         try:
-            await server.wait_ready()
+            await asyncio.to_thread(server.wait_ready)
             traffic = Traffic(server.url, args.concurrency, glyphs(64))
             # Warm-up: until every worker has been through a few rounds, so caches, pools and the
             # allocator have seen the whole mix at full concurrency before the first reading.
@@ -280,7 +225,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     "max": round(max(rss_samples, default=end_rss) / 2**20, 1)},
         "rss_growth": round(growth, 4), "max_rss_growth": args.max_rss_growth,
         "open_fds": {"warmup": warm_fds, "end": end_fds},
-        "server_exit_status": exit_status, "malloc_arena_max": server.malloc_arena_max,
+        "server_exit_status": exit_status, "malloc_arena_max": server.env["MALLOC_ARENA_MAX"],
     }
     result["failures"] = [
         *([f"{result['errors']} errors"] if result["errors"] else []),

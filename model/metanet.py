@@ -336,8 +336,12 @@ class MetaNet(nn.Module):
             x_all = torch.cat([x for _, x in checked])
             task_of = torch.cat([torch.full((len(x),), tasks[id(m)], dtype=torch.long) for m, x in checked])
             memories = list({id(m): m for m, _ in checked}.values())
+            # Several tasks: each layer's Q* of every task, stacked once for all query blocks.
+            Q_stacked = None if len(memories) == 1 else [
+                torch.stack([m.Q_fast[k] for m in memories]) for k in range(len(memories[0].Q_fast))
+            ]
             r_all = torch.cat([
-                self._represent(memories, x, idx.to(x.device))
+                self._represent(memories, Q_stacked, x, idx.to(x.device))
                 for x, idx in zip(x_all.split(_QUERY_BLOCK), task_of.split(_QUERY_BLOCK), strict=True)
             ])
             attentions, rows, start = [], [], 0
@@ -361,17 +365,19 @@ class MetaNet(nn.Module):
             )
         return outputs
 
-    def _represent(self, memories: Sequence[TaskMemory], x: Tensor, task_of: Tensor) -> Tensor:
-        """r for queries x of shape (n, 1, S, S), query i under memories[task_of[i]].Q_fast.
+    def _represent(
+        self, memories: Sequence[TaskMemory], Q_stacked: Sequence[Tensor] | None, x: Tensor, task_of: Tensor
+    ) -> Tensor:
+        """r for queries x of shape (n, 1, S, S), query i under memories[task_of[i]].Q_fast
+        (`Q_stacked`: each layer's Q* of every task stacked, None when there is one task).
 
         One task: its Q* is shared by the batch (plain convolutions, slow and fast fused). Several:
         each query gets its task's Q* and the trunk runs as per-image batched matmuls.
         """
         first = int(task_of[0])
-        if bool((task_of == first).all()):
+        if Q_stacked is None or bool((task_of == first).all()):
             return self.u(x, memories[first].Q_fast)
-        n_layers = len(self.u_convs) + 1
-        per_query = [torch.stack([m.Q_fast[k] for m in memories])[task_of] for k in range(n_layers)]
+        per_query = [Q[task_of] for Q in Q_stacked]
         h = conv_trunk_per_sample(x, self.u_convs, per_query[:-1])
         return h @ self.u_fc.T + torch.einsum("noc,nc->no", per_query[-1], h)
 

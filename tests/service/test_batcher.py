@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -27,8 +28,17 @@ class Worker:
         self.gate.set()
         self.started = threading.Event()
         self.fail_on: int | None = None
+        self.thread: int | None = None  # the thread it last ran on
+        self.running = False
 
     def __call__(self, payloads: Sequence[int]) -> list[int | Exception]:
+        self.thread, self.running = threading.get_ident(), True
+        try:
+            return self._run(payloads)
+        finally:
+            self.running = False
+
+    def _run(self, payloads: Sequence[int]) -> list[int | Exception]:
         self.started.set()
         self.gate.wait(10)
         self.batches.append(list(payloads))
@@ -37,8 +47,9 @@ class Worker:
         return [2 * p for p in payloads]
 
 
-def make(worker: Worker, **limits: float) -> Batcher[int, int]:
-    settings = {"max_batch_images": 8, "max_wait_s": 0.0, "max_pending": 100, "max_queue_images": 100}
+def make(worker: Worker, **limits: Any) -> Batcher[int, int]:
+    settings: dict[str, Any] = {"max_batch_images": 8, "max_wait_s": 0.0, "max_pending": 100,
+                                "max_queue_images": 100}
     settings.update(limits)
     return Batcher(ThreadPoolExecutor(1), worker, **settings)  # type: ignore[arg-type]
 
@@ -252,28 +263,18 @@ def test_a_reservation_counts_as_queued_until_its_job_is_submitted_or_released()
 def test_the_idle_callback_runs_on_the_worker_once_per_idle_spell_and_never_beside_a_job() -> None:
     async def scenario() -> None:
         worker = Worker()
-        idle_threads: list[str] = []
-        busy = threading.Lock()
-
-        def run_batch(payloads: Sequence[int]) -> list[int | Exception]:
-            with busy:
-                return worker(payloads)  # type: ignore[return-value]
+        idle_threads: list[int] = []
 
         def on_idle() -> None:
-            assert busy.acquire(blocking=False), "the idle callback ran beside a model job"
-            busy.release()
-            idle_threads.append(threading.current_thread().name)
+            assert not worker.running, "the idle callback ran beside a model job"
+            idle_threads.append(threading.get_ident())
 
-        executor = ThreadPoolExecutor(1, thread_name_prefix="model")
-        batcher: Batcher[int, int] = Batcher(
-            executor, run_batch, max_batch_images=8, max_wait_s=0.0, max_pending=100,
-            max_queue_images=100, on_idle=on_idle, idle_s=0.05,
-        )
+        batcher = make(worker, on_idle=on_idle, idle_s=0.05)
         assert await batcher.submit(1, 1, Call()) == 2
         await asyncio.sleep(0.02)
         assert idle_threads == []  # not idle long enough yet
         await asyncio.sleep(0.2)
-        assert len(idle_threads) == 1 and idle_threads[0].startswith("model")
+        assert idle_threads == [worker.thread]  # on the model thread
         await asyncio.sleep(0.2)
         assert len(idle_threads) == 1  # once per idle spell, not every idle_s
         assert await asyncio.gather(*(batcher.submit(i, 1, Call()) for i in range(3))) == [0, 2, 4]
@@ -286,15 +287,10 @@ def test_the_idle_callback_runs_on_the_worker_once_per_idle_spell_and_never_besi
 
 def test_a_failing_idle_callback_does_not_stop_the_batcher() -> None:
     async def scenario() -> None:
-        worker = Worker()
-
         def on_idle() -> None:
             raise OSError("no")
 
-        batcher: Batcher[int, int] = Batcher(
-            ThreadPoolExecutor(1), worker, max_batch_images=8, max_wait_s=0.0, max_pending=100,
-            max_queue_images=100, on_idle=on_idle, idle_s=0.01,
-        )
+        batcher = make(Worker(), on_idle=on_idle, idle_s=0.01)
         assert await batcher.submit(1, 1, Call()) == 2
         await asyncio.sleep(0.1)
         assert await batcher.submit(2, 1, Call()) == 4

@@ -2,13 +2,13 @@
 
 import os
 
-# torch's CPU thread team (OpenMP, GNU libgomp in the Linux wheels) waits for work by spinning
-# for GOMP_SPINCOUNT iterations (300,000 by default) before it sleeps. Spinning that long takes
-# cores from the service's other threads (the event loop) and slowed a model call several-fold on
-# 2 cores; sleeping at once (OMP_WAIT_POLICY=PASSIVE) pays a futex wake-up at every parallel
-# region and doubled a 1-image classify (8.6 ms against 3.5 ms, in process). A short spin keeps a
-# forward's back-to-back regions awake and gives the cores back within microseconds after it.
+# torch's CPU thread team (OpenMP, GNU libgomp in the Linux wheels) spins while it waits for work
+# by default. Beside another busy thread (the event loop under load) a spinning team makes model
+# calls several-fold slower; sleeping at once (PASSIVE) costs some latency on an idle machine but
+# holds up under contention. `python bench/omp_wait.py` (bench/results/omp-wait-*.json), 1-image
+# classify beside a busy process, p50 / p99: passive 7.3 / 8.8 ms, libgomp's default spin
+# 7.5 / 161 ms, GOMP_SPINCOUNT=10000 37 / 44 ms; alone: passive 13.2 / 26.7 ms, default 3.1 / 6.7.
 # Set before torch loads its OpenMP runtime; OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment
 # wins.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "10000"
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

@@ -137,8 +137,8 @@ class TaskService:
         self._check_support(labels, field="support")
         self._check_count(len(images), field="images")
         support_x = await self._prepare([e.image for e in support], lambda i: f"support[{i}].image")
-        queries = await self._prepare(images, lambda i: f"images[{i}]")
         memory = await self.engine.register(support_x, labels, field="support", call=call)
+        queries = Deferred(len(images), self._decoder(images, lambda i: f"images[{i}]"))  # as in classify
         return _predictions(await self.engine.classify(memory, queries, explain, call), memory, top_k)
 
     # ----------------------------------------------------------------------------- helpers

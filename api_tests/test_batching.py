@@ -205,3 +205,28 @@ def test_past_the_queue_bound_requests_get_429_with_retry_after_and_never_5xx(tm
             assert classify(client, created["task_id"], QUERY_IMAGES[:1]).status_code == 200
     finally:
         server.stop()
+
+
+def test_queries_decoded_in_worker_threads_answer_as_on_the_model_thread(server, task, tmp_path) -> None:
+    """METANET_QUERY_DECODE=workers (what a GPU server picks by itself) decodes requests in
+    parallel worker threads: same answers as decoding on the model thread, and a broken image still
+    fails its own request with a 422 naming it while the good ones queued beside it succeed."""
+    workers = Server(tmp_path / "data", query_decode="workers", batch_max_wait_ms=25)
+    try:
+        workers.start()
+        with server.client() as client:
+            want = classify(client, task["task_id"], QUERY_IMAGES).json()["predictions"]
+        with workers.client() as client:
+            created = client.post("/v1/tasks", json={"examples": examples(KINDS)}).json()
+            assert created["labels"] == task["labels"]
+            with ThreadPoolExecutor(8) as pool:
+                good = [pool.submit(classify, client, created["task_id"], [img]) for img in QUERY_IMAGES]
+                bad = pool.submit(classify, client, created["task_id"], [QUERY_IMAGES[0], "not base64!"])
+                responses = [f.result() for f in good]
+                broken = bad.result()
+    finally:
+        workers.stop()
+    got = [r.json()["predictions"][0] for r in responses]
+    np.testing.assert_allclose(as_matrix(got, task["labels"]), as_matrix(want, task["labels"]), atol=1e-5)
+    assert broken.status_code == 422, broken.text
+    assert broken.json()["error"]["details"]["field"] == "images[1]"

@@ -2,10 +2,14 @@
 
 Probes CUDA with one episode (falling back to PyTorch's own kernels if cuDNN refuses the
 150k-sequence LSTM batch), times episodes, meta-trains for a time budget from scratch or from a
-run directory, evaluates briefly, and copies the run's checkpoint files to $OUT so a later session
+run directory, evaluates briefly, and archives the run's checkpoint files in $OUT so a later session
 on CPU resumes them with `metanet train --resume`.
 
-    python3 bench/gpu_burst.py --seconds 450 [--resume-from DIR]
+    python3 bench/gpu_burst.py --seconds 450 [--resume-from DIR] [--lr 1e-4 --lr-halve-every 1500
+                               --restart-schedule] [--tag NAME]
+
+The run's files come back as $OUT/NAME.tar.gz (last/, best/ if this burst beat the run's best
+validation, history.jsonl, train_config.json).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -61,6 +66,13 @@ def main() -> int:
     parser.add_argument("--eval-seconds", type=float, default=60)
     parser.add_argument("--eval-episodes", type=int, default=200)
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
+    parser.add_argument("--lr", type=float, help="Adam's rate (default: the run's)")
+    parser.add_argument("--lr-halve-every", type=int, help="episodes per halving (default: the run's)")
+    parser.add_argument("--restart-schedule", action="store_true",
+                        help="count the halving from the resumed step (a warm restart at --lr)")
+    parser.add_argument("--val-every", type=int, default=1000)
+    parser.add_argument("--val-episodes", type=int, default=100)
+    parser.add_argument("--tag", default="run", help="name of the archive written to $OUT")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/out"))
     device = args.device
@@ -80,21 +92,33 @@ def main() -> int:
         shutil.copytree(args.resume_from, run, dirs_exist_ok=True)
     saved = run / "train_config.json"
     cfg = TrainConfig.from_dict(json.loads(saved.read_text())) if saved.is_file() else TrainConfig()
-    cfg = TrainConfig.from_dict({**cfg.to_dict(), "episodes": 200_000, "val_every": 1000,
-                                 "val_episodes": 100, "checkpoint_every": 500})
+    overrides = {"episodes": 200_000, "val_every": args.val_every, "val_episodes": args.val_episodes,
+                 "checkpoint_every": 500}
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    if args.lr_halve_every is not None:
+        overrides["lr_halve_every"] = args.lr_halve_every
+    last_state = run / "last" / "state.json"
+    if args.restart_schedule and last_state.is_file():
+        overrides["lr_schedule_start"] = json.loads(last_state.read_text())["step"]
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
+    print("recipe:", json.dumps(overrides), flush=True)
     started = time.time()
     state = train(cfg, run, device=device, resume=bool(args.resume_from), max_seconds=args.seconds,
                   progress=False, splits=splits)
     print(f"trained to step {state.step} in {time.time() - started:.0f}s; best val {state.best_val:.4f}")
     print((run / "history.jsonl").read_text(), flush=True)
 
-    for sub in ("last", "best"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        for f in (run / sub).iterdir():
-            if not f.name.endswith(".tmp"):
-                shutil.copy(f, out / sub / f.name)
-    shutil.copy(run / "history.jsonl", out / "history.jsonl")
-    shutil.copy(run / "train_config.json", out / "train_config.json")
+    # One archive per run ($OUT takes few files): last/ and best/ (when this burst beat the run's
+    # best validation), history.jsonl and train_config.json.
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out / f"{args.tag}.tar.gz", "w:gz") as tar:
+        for name in ("last", "best", "history.jsonl", "train_config.json"):
+            if (run / name).exists():
+                tar.add(run / name, arcname=name,
+                        filter=lambda info: None if info.name.endswith(".tmp") else info)
+    if not (run / "best").is_dir() or args.eval_episodes <= 0:
+        return 0
 
     from model.checkpoint import load_model
 

@@ -7,10 +7,12 @@ model thread).
 
 Each policy runs in a fresh process (the OpenMP runtime reads its variables once, at load), on the
 shipped weights and one 20-way 1-shot task of random strokes: 1-image classify latency (p50, p99)
-and 16-image images/s, first alone, then with a pure-Python busy loop in another process taking
-one core. Policies: libgomp's default (spin 300,000 iterations, then sleep), OMP_WAIT_POLICY=ACTIVE
-(spin without end), OMP_WAIT_POLICY=PASSIVE (sleep at once) and GOMP_SPINCOUNT=10000 (a short
-spin). The service sets PASSIVE. Writes bench/results/omp-wait-<date>-cpu.json.
+and 16-image images/s, with torch's whole thread team and then with one intra-op thread, first
+alone, then with a pure-Python busy loop in another process taking one core. Policies: libgomp's
+default (spin 300,000 iterations, then sleep), OMP_WAIT_POLICY=ACTIVE (spin without end),
+OMP_WAIT_POLICY=PASSIVE (sleep at once) and GOMP_SPINCOUNT=10000 (a short spin). The service sets
+PASSIVE, and runs forwards of few images on one thread (METANET_ONE_THREAD_BELOW_IMAGES).
+Writes bench/results/omp-wait-<date>-cpu.json.
 """
 
 from __future__ import annotations
@@ -62,10 +64,15 @@ def measure(seconds: float) -> dict[str, float]:
             out.append(time.perf_counter() - t)
         return sorted(out)
 
-    one, sixteen = timings(queries[:1]), timings(queries)
-    return {"p50_ms_1": round(1000 * one[len(one) // 2], 2),
-            "p99_ms_1": round(1000 * one[int(0.99 * len(one))], 2),
-            "images_per_s_16": round(16 * len(sixteen) / sum(sixteen), 1)}
+    def figures(suffix: str = "") -> dict[str, float]:
+        one, sixteen = timings(queries[:1]), timings(queries)
+        return {f"p50_ms_1{suffix}": round(1000 * one[len(one) // 2], 2),
+                f"p99_ms_1{suffix}": round(1000 * one[int(0.99 * len(one))], 2),
+                f"images_per_s_16{suffix}": round(16 * len(sixteen) / sum(sixteen), 1)}
+
+    team = figures()
+    torch.set_num_threads(1)  # as the service runs small batches (METANET_ONE_THREAD_BELOW_IMAGES)
+    return {**team, **figures("_1_thread")}
 
 
 def spin(stop: multiprocessing.synchronize.Event) -> None:
@@ -90,12 +97,14 @@ def run_policy(env: dict[str, str], seconds: float, busy: bool) -> dict[str, flo
 
 
 def markdown(result: dict) -> str:
-    lines = ["| policy | 1 image p50 / p99 ms, alone | beside a busy process | 16 images/s, alone | beside |",
-             "|---|---|---|---|---|"]
+    lines = ["| policy | threads | 1 image p50 / p99 ms, alone | beside a busy process | 16 images/s, alone "
+             "| beside |", "|---|---|---|---|---|---|"]
     for name, row in result["policies"].items():
         alone, busy = row["alone"], row["beside_busy_process"]
-        lines.append(f"| {name} | {alone['p50_ms_1']} / {alone['p99_ms_1']} | {busy['p50_ms_1']} / "
-                     f"{busy['p99_ms_1']} | {alone['images_per_s_16']} | {busy['images_per_s_16']} |")
+        for threads, k in (("all", ""), ("1", "_1_thread")):
+            lines.append(f"| {name} | {threads} | {alone['p50_ms_1' + k]} / {alone['p99_ms_1' + k]} | "
+                         f"{busy['p50_ms_1' + k]} / {busy['p99_ms_1' + k]} | "
+                         f"{alone['images_per_s_16' + k]} | {busy['images_per_s_16' + k]} |")
     return "\n".join(lines)
 
 

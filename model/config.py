@@ -71,6 +71,9 @@ class TrainConfig:
     # authors' code does). Our budgets are tens of thousands of episodes, and a decayed rate turns
     # the late, noisy part of training into accuracy.
     lr_halve_every: int = 4000
+    # The step the halving counts from: a resumed run that restarts its schedule (a warm restart at
+    # a new lr) sets it to the step it resumes at, so the rate starts at lr again there.
+    lr_schedule_start: int = 0
     # Each episode draws n_way uniformly from [min_way, max_train_way] and, with probability
     # multi_shot_prob, n_shot uniformly from [2, max_shot] (else 1): one model serves every size.
     # Training must reach max_way: a model trained only up to 20-way answers at chance at 21-way

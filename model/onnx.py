@@ -94,7 +94,7 @@ class OnnxQueryPath:
     """
 
     def __init__(self, path: Path | str, model: MetaNet, *, threads: int | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", one_thread_below: int = 0) -> None:
         import onnxruntime as ort
 
         path = Path(path)
@@ -117,6 +117,13 @@ class OnnxQueryPath:
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.providers = self.session.get_providers()
+        # Fewer images than `one_thread_below` run on a second, one-thread CPU session: waking a
+        # sleeping thread pool costs more than a small batch gains from it.
+        self._one_thread_below, self._solo = 0, self.session
+        if one_thread_below > 0 and providers == ["CPUExecutionProvider"] and threads != 1:
+            options.intra_op_num_threads = 1
+            self._solo = ort.InferenceSession(str(path), options, providers=providers)
+            self._one_thread_below = one_thread_below
         self._model = model
         self._names = input_names(model)
 
@@ -130,7 +137,8 @@ class OnnxQueryPath:
         ], strict=False))
         arrays = {k: np.ascontiguousarray(v.detach().cpu().float().numpy()) for k, v in feeds.items()}
         arrays["n_way"] = np.array(memory.n_way, dtype=np.int64)
-        probs, attention = self.session.run(None, arrays)
+        session = self._solo if len(images) < self._one_thread_below else self.session
+        probs, attention = session.run(None, arrays)
         probs_t = torch.from_numpy(probs[:, : memory.n_way])
         return ClassifyOutput(probs_t, torch.from_numpy(attention) if return_attention else None)
 

@@ -48,10 +48,11 @@ def sample_episode_size(cfg: TrainConfig, rng: np.random.Generator, n_drawings: 
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """The rate for the episode after `step` episodes: cfg.lr halved every cfg.lr_halve_every."""
+    """The rate for the episode after `step` episodes: cfg.lr halved every cfg.lr_halve_every,
+    counted from cfg.lr_schedule_start (before it, cfg.lr)."""
     if cfg.lr_halve_every <= 0:
         return cfg.lr
-    return cfg.lr * 0.5 ** (step // cfg.lr_halve_every)
+    return cfg.lr * 0.5 ** (max(0, step - cfg.lr_schedule_start) // cfg.lr_halve_every)
 
 
 def train(

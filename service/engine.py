@@ -5,9 +5,10 @@ and turns its errors into the service's. No other service module imports `model`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -69,6 +70,8 @@ class Engine:
         self._model = model
         self._onnx = onnx  # a model.onnx.OnnxQueryPath when queries run on onnxruntime
         self._m_dtype = _M_DTYPES[settings.m_dtype]
+        # Small CPU forwards run on one torch thread (Settings.one_thread_below_images).
+        self._one_thread_below = settings.one_thread_below_images if device.type == "cpu" else 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metanet-model")
         self._observe = observe  # (operation, seconds) of every model call, queueing included
         self.batcher: Batcher[_Query, Scores] = Batcher(
@@ -101,7 +104,8 @@ class Engine:
             if not path.is_file():
                 log.info("exporting the query path to %s", path)
                 export_onnx(model, path)
-            onnx = OnnxQueryPath(path, model, threads=settings.torch_threads, device=str(device))
+            onnx = OnnxQueryPath(path, model, threads=settings.torch_threads, device=str(device),
+                                 one_thread_below=settings.one_thread_below_images)
             log.info("queries run on onnxruntime (%s) from %s", ", ".join(onnx.providers), path)
         return cls(model, device, settings, observe, onnx)
 
@@ -201,7 +205,8 @@ class Engine:
         explain = any(job.explain for job in jobs)
         try:
             if self._onnx is None:
-                outputs = self._model.classify_many(requests, return_attention=explain)
+                with _threads_for(sum(len(x) for _, x in requests) < self._one_thread_below):
+                    outputs = self._model.classify_many(requests, return_attention=explain)
             else:
                 outputs = self._onnx_forward(requests, explain)
         except InvalidTaskError as exc:
@@ -232,6 +237,20 @@ class Engine:
                 outputs[i] = type(out)(out.probs[start : start + n], attention)
                 start += n
         return outputs
+
+
+@contextlib.contextmanager
+def _threads_for(one: bool) -> Iterator[None]:
+    """torch's intra-op threads for one forward on this thread: one when `one`, else unchanged."""
+    if not one:
+        yield
+        return
+    team = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(team)
 
 
 @dataclass(frozen=True)

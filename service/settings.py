@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     # malloc_trim on the model thread), so resident memory follows what the service holds rather
     # than its largest burst so far; 0 = never.
     heap_trim_idle_s: float = Field(1.0, ge=0)
+    # A torch forward on the CPU of fewer query images than this runs on one intra-op thread:
+    # waking torch's sleeping thread team (OMP_WAIT_POLICY=PASSIVE, see service/__init__.py) at
+    # each of a forward's parallel regions costs more than a small batch gains from a second core
+    # (`python bench/omp_wait.py`). 0 = always the whole team.
+    one_thread_below_images: int = Field(8, ge=0)
+    # Where query images are decoded: "model-thread" (just before their forward, one request after
+    # another) or "workers" (a thread pool, requests in parallel); "auto" picks the model thread on
+    # a CPU device and workers on a GPU (see TaskService._queries).
+    query_decode: Literal["auto", "model-thread", "workers"] = "auto"
     # Python's thread switch interval for the server process (sys.setswitchinterval), in ms.
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
 

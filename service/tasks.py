@@ -50,6 +50,7 @@ class TaskService:
         self.max_examples = min(settings.max_examples, engine.info.max_examples)
         self.max_images = settings.max_images_per_request
         self.n_tasks = n_tasks  # for the tasks gauge; counted once at startup, then kept current
+        self.query_decode = settings.query_decode
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # ------------------------------------------------------------------------------- tasks
@@ -120,12 +121,10 @@ class TaskService:
         reserved = self.engine.batcher.reserve(len(images))
         try:
             memory = await self._memory(info)
+            queries = await self._queries(images)
         except BaseException:
             self.engine.batcher.release(reserved)
             raise
-        # Decoded on the model thread, just before the forward: decoding beside a forward would
-        # take a core from torch's thread team, which then waits on it at every parallel region.
-        queries = Deferred(len(images), self._decoder(images, lambda i: f"images[{i}]"))
         scores = await self.engine.classify(memory, queries, explain, call, reserved)
         return _predictions(scores, memory, top_k)
 
@@ -138,7 +137,7 @@ class TaskService:
         self._check_count(len(images), field="images")
         support_x = await self._prepare([e.image for e in support], lambda i: f"support[{i}].image")
         memory = await self.engine.register(support_x, labels, field="support", call=call)
-        queries = Deferred(len(images), self._decoder(images, lambda i: f"images[{i}]"))  # as in classify
+        queries = await self._queries(images)
         return _predictions(await self.engine.classify(memory, queries, explain, call), memory, top_k)
 
     # ----------------------------------------------------------------------------- helpers
@@ -206,6 +205,25 @@ class TaskService:
                     raise exc.located(field_of(i), i) from None
             return out
         return run
+
+    async def _queries(self, images: Sequence[ImageInput]) -> np.ndarray | Deferred:
+        """Query images -> what engine.classify takes.
+
+        On a CPU they are decoded on the model thread just before their forward (a Deferred):
+        decoding beside a forward would take a core from torch's thread team, which then waits on
+        it at every parallel region. On a GPU the model thread mostly waits for the device, and
+        decoding there one request after another held an H100 to about one core's decode rate
+        (2.4k images/s against a 40k in-process ceiling,
+        bench/results/serving-2026-11-26-nvidia-h100-80gb-hbm3.json): there requests decode in
+        parallel worker threads. Settings.query_decode overrides the choice.
+        """
+        decode = self._decoder(images, lambda i: f"images[{i}]")
+        where = self.query_decode
+        if where == "auto":
+            where = "model-thread" if self.engine.info.device.startswith("cpu") else "workers"
+        if where == "model-thread":
+            return Deferred(len(images), decode)
+        return await run_in_threadpool(decode)
 
     async def _prepare(self, images: Sequence[ImageInput], field_of: Callable[[int], str]) -> np.ndarray:
         """Support images -> model inputs, in a worker thread (or on the loop when tiny)."""

@@ -75,3 +75,17 @@ def test_onnx_takes_a_half_precision_memory(shipped: MetaNet, exported: Path) ->
     want = shipped.classify(memory, images[4:])
     got = runner.classify(memory, images[4:])
     assert float((got.probs - want.probs).abs().max()) <= 1e-4
+
+
+def test_small_batches_run_on_a_one_thread_session_with_the_same_answers(shipped, exported) -> None:
+    runner = OnnxQueryPath(exported, shipped, threads=2, one_thread_below=4)
+    assert runner._solo is not runner.session
+    assert runner._solo.get_session_options().intra_op_num_threads == 1
+    images = glyphs(10, seed=2)
+    memory = shipped.register(images[:4], ["a", "b", "c", "d"])
+    want = shipped.classify(memory, images[4:])
+    for n in (1, 3, 6):  # below the threshold on the solo session, then on the team
+        got = runner.classify(memory, images[4 : 4 + n])
+        assert float((got.probs - want.probs[:n]).abs().max()) <= 1e-4
+    single = OnnxQueryPath(exported, shipped, threads=1, one_thread_below=4)
+    assert single._solo is single.session  # already one thread: no second session

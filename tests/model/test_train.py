@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from model import MetaNet, TrainConfig
 from model.checkpoint import WEIGHTS_FILE
 from model.data import EpisodeSampler
-from model.train import STATE_FILE, sample_episode_size, train
+from model.train import STATE_FILE, learning_rate, sample_episode_size, train
 from tests.model.conftest import TINY
 from tests.model.omniglot_fixtures import write_omniglot_npz_dir
 
@@ -88,6 +88,15 @@ def _tiny_train_config(episodes: int) -> TrainConfig:
         val_ways=(4,),
         checkpoint_every=2,
     )
+
+
+def test_the_rate_halves_on_schedule_counted_from_a_warm_restart():
+    cfg = TrainConfig(lr=1e-3, lr_halve_every=1000)
+    assert [learning_rate(cfg, s) for s in (0, 999, 1000, 2500)] == [1e-3, 1e-3, 5e-4, 2.5e-4]
+    restarted = TrainConfig(lr=3e-5, lr_halve_every=3000, lr_schedule_start=24127)
+    assert [learning_rate(restarted, s) for s in (24127, 27126, 27127, 30127)] == [3e-5, 3e-5, 1.5e-5, 7.5e-6]
+    assert learning_rate(TrainConfig(lr=1e-3, lr_halve_every=0, lr_schedule_start=5), 10**6) == 1e-3
+    assert TrainConfig.from_dict(restarted.to_dict()) == restarted
 
 
 def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, tiny_split):

@@ -12,6 +12,7 @@ BAD = [
     ("batch_max_wait_ms", "-5"), ("max_pending", "0"), ("max_queue_images", "-1"),
     ("request_timeout_s", "0"), ("gil_switch_interval_ms", "1000"), ("m_dtype", "float8"),
     ("backend", "tensorrt"), ("device", "tpu"), ("cache_bytes", "lots"),
+    ("one_thread_below_images", "-1"), ("one_thread_below_images", "few"), ("query_decode", "gpu"),
 ]
 
 

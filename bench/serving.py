@@ -164,6 +164,21 @@ def in_process(args: argparse.Namespace, ink: np.ndarray, tmp: Path) -> dict[str
         log(f"  {way}-way {shot}-shot: p50 {register[f'{way}-way {shot}-shot']['p50_ms']} ms")
     result["register"] = register
 
+    # What one thread decodes: the service's path for a query image (base64 PNG -> ink -> model
+    # input), which runs on the model thread on a CPU and in worker threads on a GPU.
+    from model.data import to_model_input_np
+    from service.images import ImageLimits, decode, ink_map
+
+    limits = ImageLimits(max_bytes=1 << 24, max_pixels=1 << 24)
+    pngs = [as_png(ink[c, d]) for d in range(1, ink.shape[1]) for c in range(WAY)]
+    size = model.config.image_size
+    lat = timed(lambda: [to_model_input_np(ink_map(decode(p, limits)), size) for p in pngs],
+                args.inproc_seconds)
+    per_image = sum(lat) / len(lat) / len(pngs)
+    result["decode"] = {"images": "105x105 PNG, base64", "ms_per_image": round(ms * per_image, 3),
+                        "images_per_s_one_thread": round(1 / per_image, 1)}
+    log(f"in process: query decoding, one thread: {ms * per_image:.3f} ms per image")
+
     backends: dict[str, Any] = {}
     for backend in args.backends:
         if backend == "torch":
@@ -408,7 +423,8 @@ def markdown(r: dict[str, Any]) -> str:
     conv = ip["conv_reference"]
     reg = "; ".join(f"{k} {v['p50_ms']} ms" for k, v in ip["register"].items())
     lines += ["", f"Registration (p50, torch): {reg}. Plain 5-layer conv net: "
-              f"{conv['ceiling_images_per_s']:.1f} images/s at batch {conv['best_batch']}.", "",
+              f"{conv['ceiling_images_per_s']:.1f} images/s at batch {conv['best_batch']}. Query decoding: "
+              f"{ip['decode']['ms_per_image']} ms per image on one thread.", "",
               "| target | backend | measured | bar | result |", "|---|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['backend']} | {'-' if t['value'] is None else t['value']} | {t['bar']} "
               f"| {t['result']} |"

@@ -211,10 +211,10 @@ class TaskService:
 
         On a CPU they are decoded on the model thread just before their forward (a Deferred):
         decoding beside a forward would take a core from torch's thread team, which then waits on
-        it at every parallel region. On a GPU the model thread mostly waits for the device, and
-        decoding there one request after another held an H100 to about one core's decode rate
-        (2.4k images/s against a 40k in-process ceiling,
-        bench/results/serving-2026-11-26-nvidia-h100-80gb-hbm3.json): there requests decode in
+        it at every parallel region. On a GPU the forward is short and decoding on the model thread
+        serialises with it: on an H100 each 32-image request took about 13.5 ms of the model
+        thread against a 3.5 ms forward of 32 images
+        (bench/results/serving-2026-11-26-nvidia-h100-80gb-hbm3.json), so there requests decode in
         parallel worker threads. Settings.query_decode overrides the choice.
         """
         decode = self._decoder(images, lambda i: f"images[{i}]")

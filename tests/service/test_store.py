@@ -239,3 +239,62 @@ def test_the_store_is_chosen_by_store_url_and_its_password_is_never_shown(tmp_pa
         Settings(store_url="postgres://user:s3cret@db/x")
     assert "s3cret" not in str(caught.value)
 
+
+
+def test_sqlite_reads_on_the_loop_without_waiting_for_a_writer_and_falls_back_when_busy(tmp_path) -> None:
+    """`get` reads on the event loop through its own connection: a writer holding the database
+    (a registration's transaction on another connection) neither blocks it nor shows it a
+    half-written task; and when SQLite answers busy, the read goes to the worker thread."""
+    import sqlite3
+
+    path = tmp_path / "tasks.sqlite3"
+    task, other = info("t1"), info("t2")
+
+    class Counted:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db, self.calls = db, 0
+
+        def execute(self, *args: object) -> sqlite3.Cursor:
+            self.calls += 1
+            return self.db.execute(*args)
+
+    async def scenario(store: SqliteTaskStore) -> None:
+        await store.add(task, support(3))
+        store._reader = counted = Counted(store._reader)
+        writer = sqlite3.connect(path, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("DELETE FROM tasks WHERE task_id = 't1'")
+        try:
+            assert (await store.get("", "t1")).task_id == "t1"  # the committed version, at once
+            assert counted.calls == 1
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+
+        class Busy:
+            def execute(self, *args: object) -> None:
+                raise sqlite3.OperationalError("database is locked")
+
+        store._reader = Busy()
+        try:
+            await store.add(other, support(2))
+            assert (await store.get("", "t2")).task_id == "t2"  # through the worker thread
+            with pytest.raises(TaskNotFound):
+                await store.get("", "nope")
+        finally:
+            store._reader = counted.db
+
+    run(SqliteTaskStore(path), scenario=scenario)
+
+
+def test_sqlite_refuses_reads_once_closed(tmp_path) -> None:
+    store = SqliteTaskStore(tmp_path / "tasks.sqlite3")
+
+    async def scenario() -> None:
+        await store.open()
+        await store.add(info("t1"), support(1))
+        await store.close()
+        with pytest.raises(RuntimeError, match="not open"):
+            await store.get("", "t1")
+
+    asyncio.run(scenario())

@@ -207,11 +207,12 @@ def test_past_the_queue_bound_requests_get_429_with_retry_after_and_never_5xx(tm
         server.stop()
 
 
-def test_queries_decoded_in_worker_threads_answer_as_on_the_model_thread(server, task, tmp_path) -> None:
-    """METANET_QUERY_DECODE=workers (what a GPU server picks by itself) decodes requests in
-    parallel worker threads: same answers as decoding on the model thread, and a broken image still
-    fails its own request with a 422 naming it while the good ones queued beside it succeed."""
-    workers = Server(tmp_path / "data", query_decode="workers", batch_max_wait_ms=25)
+def test_two_model_workers_and_worker_decoding_answer_as_one_model_thread(server, task, tmp_path) -> None:
+    """METANET_MODEL_WORKERS=2 runs batches side by side on one torch thread each, and
+    METANET_QUERY_DECODE=workers (what a GPU server picks by itself) decodes requests in parallel
+    worker threads: same answers as the default server, registrations in between, and a broken
+    image still fails its own request with a 422 naming it while the good ones beside it succeed."""
+    workers = Server(tmp_path / "data", query_decode="workers", model_workers=2, batch_max_images=2)
     try:
         workers.start()
         with server.client() as client:
@@ -222,11 +223,16 @@ def test_queries_decoded_in_worker_threads_answer_as_on_the_model_thread(server,
             with ThreadPoolExecutor(8) as pool:
                 good = [pool.submit(classify, client, created["task_id"], [img]) for img in QUERY_IMAGES]
                 bad = pool.submit(classify, client, created["task_id"], [QUERY_IMAGES[0], "not base64!"])
+                again = pool.submit(client.post, "/v1/tasks", json={"examples": examples(KINDS)})
                 responses = [f.result() for f in good]
                 broken = bad.result()
+                assert again.result().status_code == 201
+            batches = metrics(client)["metanet_batches_total"]
     finally:
         workers.stop()
+    assert [r.status_code for r in responses] == [200] * len(QUERY_IMAGES)
     got = [r.json()["predictions"][0] for r in responses]
     np.testing.assert_allclose(as_matrix(got, task["labels"]), as_matrix(want, task["labels"]), atol=1e-5)
+    assert batches >= len(QUERY_IMAGES) // 2  # batches of at most 2 images
     assert broken.status_code == 422, broken.text
     assert broken.json()["error"]["details"]["field"] == "images[1]"

@@ -1,11 +1,11 @@
-"""Cross-request batching in front of the one model worker thread.
+"""Cross-request batching in front of the model's worker threads.
 
 Every model call of the service goes through one `Batcher`: a bounded FIFO served by a dispatcher
-task on the event loop, which hands one job or one batch at a time to a single worker thread
-(torch and onnxruntime already spread one call over every core). Classify jobs are batchable:
-when the worker is free, the dispatcher gathers the queued classify jobs, up to `max_batch_images`
-images (waiting at most `max_wait_s` after the oldest arrived for more to come), and runs them as
-one forward. Registrations run alone, in their turn.
+task on the event loop, which hands jobs and batches to `workers` worker threads (one by default:
+torch and onnxruntime already spread one call over every core). Classify jobs are batchable: when
+a worker is free, the dispatcher gathers the queued classify jobs, up to `max_batch_images` images
+(waiting at most `max_wait_s` after the oldest arrived for more to come), and runs them as one
+forward. Registrations run alone, in their turn: with no other job beside them.
 
 Admission is bounded: past `max_pending` jobs, or `max_queue_images` queued images, a request gets
 `Overloaded` (429 with Retry-After) at once instead of a latency that grows without bound. Work
@@ -70,9 +70,10 @@ class Batcher(Generic[P, R]):
         self, executor: Executor, run_batch: Callable[[Sequence[P]], list[R | Exception]], *,
         max_batch_images: int, max_wait_s: float, max_pending: int, max_queue_images: int,
         on_batch: Callable[[int, float], None] | None = None,
-        on_idle: Callable[[], object] | None = None, idle_s: float = 1.0,
+        on_idle: Callable[[], object] | None = None, idle_s: float = 1.0, workers: int = 1,
     ) -> None:
-        self._executor = executor
+        self._executor = executor  # with at least `workers` threads
+        self.workers = workers
         self._run_batch = run_batch
         self.max_batch_images = max_batch_images
         self.max_wait_s = max_wait_s
@@ -85,7 +86,9 @@ class Batcher(Generic[P, R]):
         self._queue: deque[_Job[P]] = deque()
         self._queued_images = 0  # images of the batchable jobs in the queue
         self._reserved_images = 0  # images of requests admitted by `reserve`, still being decoded
-        self._running = 0  # jobs handed to the worker
+        self._running = 0  # jobs handed to the workers
+        self._batches: dict[asyncio.Task[None], list[_Job[P]]] = {}  # what each worker runs
+        self._solo_running = False
         self._wake: asyncio.Event | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._images_per_s = 0.0  # moving estimate, for Retry-After
@@ -131,13 +134,18 @@ class Batcher(Generic[P, R]):
         return await self._wait(_Job(call, self._future(), solo=fn))
 
     async def close(self) -> None:
-        """Stop dispatching; jobs still queued get NotReady."""
+        """Stop dispatching; jobs still queued or running get NotReady."""
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
             self._dispatcher = None
+        running = [job for batch in self._batches.values() for job in batch]
+        for task in list(self._batches):
+            task.cancel()
+        await asyncio.gather(*self._batches, return_exceptions=True)
         while self._queue:
-            job = self._queue.popleft()
+            running.append(self._queue.popleft())
+        for job in running:
             if not job.future.done():
                 job.future.set_exception(NotReady("the service is shutting down"))
 
@@ -183,9 +191,10 @@ class Batcher(Generic[P, R]):
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         while True:
-            while not self._queue:
+            while not self._can_start():
                 self._wake.clear()
-                if self._on_idle is not None and self._busy_since_idle:
+                if not self._queue and not self._batches and self._on_idle is not None \
+                        and self._busy_since_idle:
                     await self._idle(loop)
                 else:
                     await self._wake.wait()
@@ -196,14 +205,34 @@ class Batcher(Generic[P, R]):
             else:
                 batch = [self._queue.popleft()]
             batch = await self._still_wanted(batch)
-            if not batch:
-                continue
-            self._running = len(batch)
-            self._busy_since_idle = True
-            try:
-                await self._run(loop, batch)
-            finally:
-                self._running = 0
+            if batch:
+                self._start(loop, batch)
+
+    def _can_start(self) -> bool:
+        """Is there a job at the head of the queue, and a worker it may have? A registration
+        waits for every worker to be free, and nothing starts beside it."""
+        if not self._queue or self._solo_running:
+            return False
+        if self._queue[0].solo is not None:
+            return not self._batches
+        return len(self._batches) < self.workers
+
+    def _start(self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P]]) -> None:
+        self._running += len(batch)
+        self._solo_running = batch[0].solo is not None
+        self._busy_since_idle = True
+        task = loop.create_task(self._run(loop, batch))
+        self._batches[task] = batch
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self._batches.pop(task, None)
+            self._running -= len(batch)
+            if batch[0].solo is not None:
+                self._solo_running = False
+            if self._wake is not None:
+                self._wake.set()
+
+        task.add_done_callback(finished)
 
     async def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait for work; after idle_s without any, run on_idle on the worker (once per idle
@@ -224,7 +253,7 @@ class Batcher(Generic[P, R]):
         """Wait until a full batch is queued or the oldest job has waited max_wait_s."""
         assert self._wake is not None
         until = head.enqueued + self.max_wait_s
-        while self._queued_images < self.max_batch_images:
+        while self._queued_images < self.max_batch_images and self._queue and self._queue[0] is head:
             remaining = until - time.monotonic()
             if remaining <= 0:
                 return

@@ -70,9 +70,14 @@ class Engine:
         self._model = model
         self._onnx = onnx  # a model.onnx.OnnxQueryPath when queries run on onnxruntime
         self._m_dtype = _M_DTYPES[settings.m_dtype]
-        # Small CPU forwards run on one torch thread (Settings.one_thread_below_images).
+        # Small CPU forwards run on one torch thread (Settings.one_thread_below_images), and every
+        # classify forward does when several workers share the cores (Settings.model_workers).
         self._one_thread_below = settings.one_thread_below_images if device.type == "cpu" else 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metanet-model")
+        if device.type == "cpu" and settings.model_workers > 1:
+            self._one_thread_below = 1 << 30
+        self._workers = settings.model_workers
+        self._team = torch.get_num_threads()  # a registration's threads (and a large batch's)
+        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="metanet-model")
         self._observe = observe  # (operation, seconds) of every model call, queueing included
         self.batcher: Batcher[_Query, Scores] = Batcher(
             self._executor, self._classify_batch,
@@ -80,7 +85,7 @@ class Engine:
             max_pending=settings.max_pending, max_queue_images=settings.max_queue_images,
             on_batch=None if observe is None else lambda n, seconds: observe("batch", seconds),
             on_idle=heap.trim if settings.heap_trim_idle_s > 0 and heap.available() else None,
-            idle_s=settings.heap_trim_idle_s,
+            idle_s=settings.heap_trim_idle_s, workers=self._workers,
         )
         cfg = model.config
         backend = "torch" if onnx is None else "onnx"
@@ -104,8 +109,9 @@ class Engine:
             if not path.is_file():
                 log.info("exporting the query path to %s", path)
                 export_onnx(model, path)
+            below = settings.one_thread_below_images if settings.model_workers == 1 else 1 << 30
             onnx = OnnxQueryPath(path, model, threads=settings.torch_threads, device=str(device),
-                                 one_thread_below=settings.one_thread_below_images)
+                                 one_thread_below=below)
             log.info("queries run on onnxruntime (%s) from %s", ", ".join(onnx.providers), path)
         return cls(model, device, settings, observe, onnx)
 
@@ -136,7 +142,8 @@ class Engine:
         """
         def run() -> Memory:
             try:
-                state = self._model.register(torch.from_numpy(support), list(labels))
+                with _threads_for(self._team):
+                    state = self._model.register(torch.from_numpy(support), list(labels))
             except InvalidTaskError as exc:
                 raise _located(exc, field, offset) from None
             if self._m_dtype != torch.float32:
@@ -205,7 +212,8 @@ class Engine:
         explain = any(job.explain for job in jobs)
         try:
             if self._onnx is None:
-                with _threads_for(sum(len(x) for _, x in requests) < self._one_thread_below):
+                n = sum(len(x) for _, x in requests)
+                with _threads_for(1 if n < self._one_thread_below else self._team):
                     outputs = self._model.classify_many(requests, return_attention=explain)
             else:
                 outputs = self._onnx_forward(requests, explain)
@@ -240,17 +248,18 @@ class Engine:
 
 
 @contextlib.contextmanager
-def _threads_for(one: bool) -> Iterator[None]:
-    """torch's intra-op threads for one forward on this thread: one when `one`, else unchanged."""
-    if not one:
+def _threads_for(n: int) -> Iterator[None]:
+    """torch's intra-op threads on this thread for one model call: n, then back as they were.
+    (OpenMP keeps the count per thread, so model workers side by side each keep their own.)"""
+    before = torch.get_num_threads()
+    if n == before:
         yield
         return
-    team = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(team)
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

@@ -297,3 +297,100 @@ def test_a_failing_idle_callback_does_not_stop_the_batcher() -> None:
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+class Overlap:
+    """A run_batch for several workers: holds each batch on `gate`, records how many ran at once."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+        self.batches: list[list[int]] = []
+        self.log: list[str] = []
+
+    def __call__(self, payloads: Sequence[int]) -> list[int | Exception]:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            self.batches.append(list(payloads))
+            self.log.append("batch")
+        try:
+            self.gate.wait(10)
+            return [2 * p for p in payloads]
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def several(run: Overlap, workers: int = 2, **limits: Any) -> Batcher[int, int]:
+    settings: dict[str, Any] = {"max_batch_images": 2, "max_wait_s": 0.0, "max_pending": 100,
+                                "max_queue_images": 100, "workers": workers}
+    settings.update(limits)
+    return Batcher(ThreadPoolExecutor(workers), run, **settings)  # type: ignore[arg-type]
+
+
+async def until(condition: Any, seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.002)
+
+
+def test_with_two_workers_two_batches_run_side_by_side_and_no_more() -> None:
+    async def scenario() -> None:
+        run = Overlap()
+        batcher = several(run)
+        jobs = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(6)]
+        await until(lambda: run.now == 2)
+        await asyncio.sleep(0.05)
+        assert run.now == 2 and batcher.pending == 6  # two batches running, the third waits
+        run.gate.set()
+        assert await asyncio.gather(*jobs) == [0, 2, 4, 6, 8, 10]
+        assert run.most == 2
+        assert sorted(p for b in run.batches for p in b) == list(range(6))
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_with_two_workers_a_registration_waits_for_both_and_runs_alone() -> None:
+    async def scenario() -> None:
+        run = Overlap()
+        batcher = several(run)
+        first = [asyncio.create_task(batcher.submit(i, 2, Call())) for i in range(2)]
+        await until(lambda: run.now == 2)
+
+        def register() -> str:
+            with run.lock:
+                run.log.append(f"register beside {run.now}")
+            return "registered"
+
+        lone = asyncio.create_task(batcher.submit_solo(register, Call()))
+        await asyncio.sleep(0.01)
+        after = asyncio.create_task(batcher.submit(9, 1, Call()))
+        await asyncio.sleep(0.05)
+        assert run.log == ["batch", "batch"]  # the registration waits for both workers
+        run.gate.set()
+        assert await lone == "registered"
+        assert await asyncio.gather(*first, after) == [0, 2, 18]
+        assert run.log == ["batch", "batch", "register beside 0", "batch"]  # and runs alone
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_closing_answers_running_and_queued_jobs_not_ready() -> None:
+    async def scenario() -> None:
+        from service.errors import NotReady
+
+        run = Overlap()
+        batcher = several(run, workers=1, max_batch_images=1)
+        jobs = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(2)]
+        await until(lambda: run.now == 1)
+        await batcher.close()
+        run.gate.set()
+        for outcome in await asyncio.gather(*jobs, return_exceptions=True):
+            assert isinstance(outcome, NotReady)
+
+    asyncio.run(scenario())

@@ -1,6 +1,9 @@
-"""The engine's per-forward thread choice: small CPU forwards run on one torch thread."""
+"""The engine's per-call thread count: small CPU forwards (and every forward beside other model
+workers) run on one torch thread, registrations on the whole team."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -16,18 +19,38 @@ def team() -> int:
     torch.set_num_threads(before)
 
 
-def test_a_small_forward_runs_on_one_thread_and_the_team_comes_back(team: int) -> None:
-    with _threads_for(True):
+def test_a_call_runs_on_the_threads_asked_for_and_the_count_comes_back(team: int) -> None:
+    with _threads_for(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == team
+    with _threads_for(team):
+        assert torch.get_num_threads() == team
 
 
-def test_the_team_comes_back_when_the_forward_fails(team: int) -> None:
-    with pytest.raises(ValueError), _threads_for(True):
+def test_the_count_comes_back_when_the_call_fails(team: int) -> None:
+    with pytest.raises(ValueError), _threads_for(1):
         raise ValueError("a bad batch")
     assert torch.get_num_threads() == team
 
 
-def test_a_large_forward_keeps_the_whole_team(team: int) -> None:
-    with _threads_for(False):
-        assert torch.get_num_threads() == team
+def test_each_worker_thread_keeps_its_own_count(team: int) -> None:
+    """Two model workers side by side: one inside a one-thread forward must not shrink the other's
+    registration (OpenMP keeps the count per thread)."""
+    inside, seen = threading.Event(), {}
+
+    def one() -> None:
+        with _threads_for(1):
+            inside.set()
+            seen["one"] = torch.get_num_threads()
+            done.wait(5)
+
+    done = threading.Event()
+    worker = threading.Thread(target=one)
+    worker.start()
+    assert inside.wait(5)
+    try:
+        seen["team"] = torch.get_num_threads()  # this thread's count, untouched by the worker's
+    finally:
+        done.set()
+        worker.join()
+    assert seen == {"one": 1, "team": team}

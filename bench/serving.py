@@ -32,6 +32,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -120,6 +121,40 @@ def sweep(fn: Callable[[int], object], batch_sizes: list[int], seconds: float) -
     return {"batches": rows, "best_batch": best["batch"], "ceiling_images_per_s": best["images_per_s"]}
 
 
+def side_by_side(make: Callable[[], Callable[[int], object]], workers: int, batch_sizes: list[int],
+                 seconds: float) -> dict[str, Any]:
+    """images/s of `workers` threads side by side, each running one-thread forwards of each batch
+    size (what METANET_MODEL_WORKERS does); `make()` builds one thread's forward."""
+    import torch
+
+    rows = []
+    for b in batch_sizes:
+        done: list[tuple[int, float]] = []
+        ready = threading.Barrier(workers)
+
+        def run(b: int = b, ready: threading.Barrier = ready, done: list[tuple[int, float]] = done) -> None:
+            torch.set_num_threads(1)
+            fn = make()
+            fn(b)
+            fn(b)
+            ready.wait()
+            calls, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                fn(b)
+                calls += 1
+            done.append((calls, time.perf_counter() - start))
+
+        threads = [threading.Thread(target=run) for _ in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rows.append({"batch": b, "images_per_s": round(sum(b * n / t for n, t in done), 1)})
+    best = max(rows, key=lambda r: r["images_per_s"])
+    return {"workers": workers, "batches": rows, "best_batch": best["batch"],
+            "images_per_s": best["images_per_s"]}
+
+
 def conv_reference(channels: int, blocks: int) -> Any:
     """A plain conv net of MetaNet's shape: `blocks` x [3x3 conv, relu, 2x2 ceil max-pool], a linear head."""
     from torch import nn
@@ -202,6 +237,24 @@ def in_process(args: argparse.Namespace, ink: np.ndarray, tmp: Path) -> dict[str
             single = {"p50_ms": round(ms * percentile(lat, 0.5), 2),
                       "p99_ms": round(ms * percentile(lat, 0.99), 2)}
         backends[backend]["single_query_ms"] = {"p50": single["p50_ms"], "p99": single["p99_ms"]}
+        workers = os.cpu_count() or 1
+        if args.device == "cpu" and workers > 1:
+            # The ceiling is the best the machine does in process: one call over every core, or
+            # one-thread calls side by side. The service gets the second with model workers.
+            log(f"in process: classify, {backend}, {workers} one-thread calls side by side")
+            if backend == "torch":
+                def make(q: Any = query_path) -> Callable[[int], object]:
+                    return lambda n: q.classify(memory, pool[:n]).probs.cpu()
+            else:
+                def make(path: Path = onnx_path) -> Callable[[int], object]:
+                    q = OnnxQueryPath(path, model, threads=1, device=args.device)
+                    return lambda n: q.classify(memory, pool[:n]).probs.cpu()
+            sides = side_by_side(make, workers, [b for b in args.batch_sizes if 8 <= b <= 64] or [32],
+                                 args.inproc_seconds)
+            backends[backend]["side_by_side"] = sides
+            if sides["images_per_s"] > backends[backend]["ceiling_images_per_s"]:
+                backends[backend]["ceiling_images_per_s"] = sides["images_per_s"]
+                backends[backend]["best_batch"] = f"{sides['best_batch']} x {workers} threads"
     result["backends"] = backends
 
     log("in process: plain 5-layer conv net (hardware reference)")
@@ -272,7 +325,8 @@ def start_server(backend: str, args: argparse.Namespace, tmp: Path) -> ServicePr
     as api_tests' server: only weights and thread count come from the caller's METANET_*."""
     settings = {"backend": backend, "device": args.device,
                 **{name: getattr(args, name) for name in
-                   ("batch_max_images", "batch_max_wait_ms", "max_pending", "max_queue_images")}}
+                   ("batch_max_images", "batch_max_wait_ms", "max_pending", "max_queue_images",
+                    "model_workers", "one_thread_below_images", "query_decode")}}
     server = ServiceProcess(tmp / f"data-{backend}", tmp / f"server-{backend}.log", settings)
     return server.start(wait=False)
 
@@ -484,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-max-wait-ms", type=float, help="METANET_BATCH_MAX_WAIT_MS of the service")
     parser.add_argument("--max-pending", type=int, help="METANET_MAX_PENDING of the service")
     parser.add_argument("--max-queue-images", type=int, help="METANET_MAX_QUEUE_IMAGES of the service")
+    parser.add_argument("--model-workers", type=int, help="METANET_MODEL_WORKERS of the service")
+    parser.add_argument("--one-thread-below-images", type=int,
+                        help="METANET_ONE_THREAD_BELOW_IMAGES of the service")
+    parser.add_argument("--query-decode", help="METANET_QUERY_DECODE of the service")
     parser.add_argument("--timeout", type=float, default=60, help="seconds before a request is an error")
     omniglot = os.environ.get("METANET_OMNIGLOT_DIR") or REPO.parent / "shared" / "data" / "omniglot"
     parser.add_argument("--data-dir", type=Path, default=Path(omniglot), help="omniglot_evaluation.npz's")

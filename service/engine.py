@@ -70,13 +70,13 @@ class Engine:
         self._model = model
         self._onnx = onnx  # a model.onnx.OnnxQueryPath when queries run on onnxruntime
         self._m_dtype = _M_DTYPES[settings.m_dtype]
-        # Small CPU forwards run on one torch thread (Settings.one_thread_below_images), and every
-        # classify forward does when several workers share the cores (Settings.model_workers).
-        self._one_thread_below = settings.one_thread_below_images if device.type == "cpu" else 0
-        if device.type == "cpu" and settings.model_workers > 1:
-            self._one_thread_below = 1 << 30
+        # Threads per call: a registration runs alone on the whole team; a classify batch on its
+        # worker's share of it (Settings.model_workers), and on one thread when small
+        # (Settings.one_thread_below_images, CPU only).
         self._workers = settings.model_workers
-        self._team = torch.get_num_threads()  # a registration's threads (and a large batch's)
+        self._team = torch.get_num_threads()
+        self._batch_threads = max(1, self._team // self._workers)
+        self._one_thread_below = settings.one_thread_below_images if device.type == "cpu" else 0
         self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="metanet-model")
         self._observe = observe  # (operation, seconds) of every model call, queueing included
         self.batcher: Batcher[_Query, Scores] = Batcher(
@@ -109,9 +109,12 @@ class Engine:
             if not path.is_file():
                 log.info("exporting the query path to %s", path)
                 export_onnx(model, path)
-            below = settings.one_thread_below_images if settings.model_workers == 1 else 1 << 30
-            onnx = OnnxQueryPath(path, model, threads=settings.torch_threads, device=str(device),
-                                 one_thread_below=below)
+            # Several workers: each runs on its share of the cores, as torch does.
+            threads = settings.torch_threads
+            if settings.model_workers > 1:
+                threads = max(1, (threads or torch.get_num_threads()) // settings.model_workers)
+            onnx = OnnxQueryPath(path, model, threads=threads, device=str(device),
+                                 one_thread_below=settings.one_thread_below_images)
             log.info("queries run on onnxruntime (%s) from %s", ", ".join(onnx.providers), path)
         return cls(model, device, settings, observe, onnx)
 
@@ -213,7 +216,7 @@ class Engine:
         try:
             if self._onnx is None:
                 n = sum(len(x) for _, x in requests)
-                with _threads_for(1 if n < self._one_thread_below else self._team):
+                with _threads_for(1 if n < self._one_thread_below else self._batch_threads):
                     outputs = self._model.classify_many(requests, return_attention=explain)
             else:
                 outputs = self._onnx_forward(requests, explain)

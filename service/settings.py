@@ -76,8 +76,9 @@ class Settings(BaseSettings):
     # each of a forward's parallel regions costs more than a small batch gains from a second core
     # (`python bench/omp_wait.py`). 0 = always the whole team.
     one_thread_below_images: int = Field(8, ge=0)
-    # Model worker threads. With more than one, classify batches run side by side, each forward on
-    # one torch thread (no thread team to wake), and a registration runs alone with the whole team.
+    # Model worker threads. With more than one, classify batches run side by side, each on its
+    # share of the CPU threads (one each when workers = cores: no thread team to wake), and a
+    # registration runs alone with all of them.
     model_workers: int = Field(1, ge=1, le=64)
     # Where query images are decoded: "model-thread" (just before their forward, one request after
     # another) or "workers" (a thread pool, requests in parallel); "auto" picks the model thread on

@@ -71,14 +71,17 @@ def classify(client: httpx.Client, task: dict[str, Any]) -> dict[str, Any]:
 
 
 def assert_same_predictions(got: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Same labels in the same order; probabilities and attention equal to float rounding."""
+    """Same labels in the same order; probabilities and attention equal to float rounding. Under
+    load a request may share its forward with others, and a forward's torch thread count follows
+    its size (one thread below METANET_ONE_THREAD_BELOW_IMAGES): a different summation order,
+    which moves probabilities by up to about 1e-5."""
     assert [p["label"] for p in got["predictions"]] == [p["label"] for p in expected["predictions"]]
     for mine, theirs in zip(got["predictions"], expected["predictions"], strict=True):
         assert [e["label"] for e in mine["top_k"]] == [e["label"] for e in theirs["top_k"]]
         np.testing.assert_allclose([e["probability"] for e in mine["top_k"]],
-                                   [e["probability"] for e in theirs["top_k"]], atol=1e-6, rtol=0)
+                                   [e["probability"] for e in theirs["top_k"]], atol=2e-5, rtol=0)
         np.testing.assert_allclose([w["weight"] for w in mine["attention"]],
-                                   [w["weight"] for w in theirs["attention"]], atol=1e-6, rtol=0)
+                                   [w["weight"] for w in theirs["attention"]], atol=2e-5, rtol=0)
 
 
 def listing(client: httpx.Client) -> list[dict[str, Any]]:

@@ -253,7 +253,7 @@ class Batcher(Generic[P, R]):
         """Wait until a full batch is queued or the oldest job has waited max_wait_s."""
         assert self._wake is not None
         until = head.enqueued + self.max_wait_s
-        while self._queued_images < self.max_batch_images and self._queue and self._queue[0] is head:
+        while self._queued_images < self.max_batch_images:
             remaining = until - time.monotonic()
             if remaining <= 0:
                 return

@@ -75,7 +75,7 @@ class Engine:
         # (Settings.one_thread_below_images, CPU only).
         self._workers = settings.model_workers
         self._team = torch.get_num_threads()
-        self._batch_threads = max(1, self._team // self._workers)
+        self._batch_threads = _batch_threads(self._team, self._workers)
         self._one_thread_below = settings.one_thread_below_images if device.type == "cpu" else 0
         self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="metanet-model")
         self._observe = observe  # (operation, seconds) of every model call, queueing included
@@ -112,7 +112,7 @@ class Engine:
             # Several workers: each runs on its share of the cores, as torch does.
             threads = settings.torch_threads
             if settings.model_workers > 1:
-                threads = max(1, (threads or torch.get_num_threads()) // settings.model_workers)
+                threads = _batch_threads(threads or torch.get_num_threads(), settings.model_workers)
             onnx = OnnxQueryPath(path, model, threads=threads, device=str(device),
                                  one_thread_below=settings.one_thread_below_images)
             log.info("queries run on onnxruntime (%s) from %s", ", ".join(onnx.providers), path)
@@ -248,6 +248,11 @@ class Engine:
                 outputs[i] = type(out)(out.probs[start : start + n], attention)
                 start += n
         return outputs
+
+
+def _batch_threads(team: int, workers: int) -> int:
+    """A classify batch's threads: its worker's share of the team."""
+    return max(1, team // workers)
 
 
 @contextlib.contextmanager

@@ -50,7 +50,10 @@ class TaskService:
         self.max_examples = min(settings.max_examples, engine.info.max_examples)
         self.max_images = settings.max_images_per_request
         self.n_tasks = n_tasks  # for the tasks gauge; counted once at startup, then kept current
-        self.query_decode = settings.query_decode
+        where = settings.query_decode  # see _queries
+        if where == "auto":
+            where = "model-thread" if engine.info.device.startswith("cpu") else "workers"
+        self.decode_on_model_thread = where == "model-thread"
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # ------------------------------------------------------------------------------- tasks
@@ -217,16 +220,12 @@ class TaskService:
         (bench/results/serving-2026-11-26-nvidia-h100-80gb-hbm3.json), so there requests decode in
         parallel worker threads. Settings.query_decode overrides the choice.
         """
-        decode = self._decoder(images, lambda i: f"images[{i}]")
-        where = self.query_decode
-        if where == "auto":
-            where = "model-thread" if self.engine.info.device.startswith("cpu") else "workers"
-        if where == "model-thread":
-            return Deferred(len(images), decode)
-        return await run_in_threadpool(decode)
+        if self.decode_on_model_thread:
+            return Deferred(len(images), self._decoder(images, lambda i: f"images[{i}]"))
+        return await self._prepare(images, lambda i: f"images[{i}]")
 
     async def _prepare(self, images: Sequence[ImageInput], field_of: Callable[[int], str]) -> np.ndarray:
-        """Support images -> model inputs, in a worker thread (or on the loop when tiny)."""
+        """Images -> model inputs, in a worker thread (or on the loop when tiny)."""
         if len(images) <= _INLINE_IMAGES and all(_small(image) for image in images):
             # A drawing or two of modest size decodes in a fraction of a millisecond: cheaper on
             # the event loop than the hop to a worker thread and back. The pixel cap keeps a

@@ -6,7 +6,7 @@ run directory, evaluates briefly, and archives the run's checkpoint files in $OU
 on CPU resumes them with `metanet train --resume`.
 
     python3 bench/gpu_burst.py --seconds 450 [--resume-from DIR] [--lr 1e-4 --lr-halve-every 1500
-                               --restart-schedule] [--tag NAME]
+                               --restart-schedule] [--set FIELD=JSON ...] [--tag NAME]
 
 The run's files come back as $OUT/NAME.tar.gz (last/, best/ if this burst beat the run's best
 validation, history.jsonl, train_config.json).
@@ -73,6 +73,8 @@ def main() -> int:
     parser.add_argument("--val-every", type=int, default=1000)
     parser.add_argument("--val-episodes", type=int, default=100)
     parser.add_argument("--tag", default="run", help="name of the archive written to $OUT")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="override a TrainConfig field, e.g. --set multi_shot_prob=0.15")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/out"))
     device = args.device
@@ -98,6 +100,11 @@ def main() -> int:
         overrides["lr"] = args.lr
     if args.lr_halve_every is not None:
         overrides["lr_halve_every"] = args.lr_halve_every
+    for item in args.set:
+        field, _, value = item.partition("=")
+        if field not in TrainConfig.__dataclass_fields__ or field == "model":
+            parser.error(f"--set {item!r}: {field!r} is not a TrainConfig field")
+        overrides[field] = json.loads(value)
     last_state = run / "last" / "state.json"
     if args.restart_schedule and last_state.is_file():
         overrides["lr_schedule_start"] = json.loads(last_state.read_text())["step"]

@@ -207,6 +207,34 @@ def test_past_the_queue_bound_requests_get_429_with_retry_after_and_never_5xx(tm
         server.stop()
 
 
+def test_with_a_queue_wait_bound_a_request_behind_too_much_work_gets_429_naming_the_wait(tmp_path) -> None:
+    """METANET_MAX_QUEUE_WAIT_MS (here with no allowance in proportion to the request): 32-image
+    requests sent together cannot all wait behind each other; the refused ones get a 429 that
+    says how much work was ahead, the admitted ones their right answers."""
+    server = Server(tmp_path / "data", max_queue_wait_ms=1, max_queue_wait_factor=0, batch_max_images=32)
+    images = (QUERY_IMAGES * 4)[:32]
+    try:
+        server.start()
+        with server.client() as client:
+            created = client.post("/v1/tasks", json={"examples": examples(KINDS)}).json()
+            want = classify(client, created["task_id"], images).json()["predictions"]  # a batch's cost
+            with ThreadPoolExecutor(8) as pool:
+                responses = list(pool.map(lambda _: classify(client, created["task_id"], images), range(16)))
+            statuses = [r.status_code for r in responses]
+            assert set(statuses) <= {200, 429}, statuses
+            assert statuses.count(200) > 0 and statuses.count(429) > 0, statuses
+            for response in responses:
+                if response.status_code == 429:
+                    error = response.json()["error"]
+                    assert error["type"] == "overloaded"
+                    assert "ms of work queued ahead" in error["message"]
+                    assert int(response.headers["Retry-After"]) >= 1
+                else:
+                    assert [p["label"] for p in response.json()["predictions"]] == [p["label"] for p in want]
+    finally:
+        server.stop()
+
+
 def test_two_model_workers_and_worker_decoding_answer_as_one_model_thread(server, task, tmp_path) -> None:
     """METANET_MODEL_WORKERS=2 runs batches side by side on one torch thread each, and
     METANET_QUERY_DECODE=workers (what a GPU server picks by itself) decodes requests in parallel

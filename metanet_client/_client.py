@@ -1,13 +1,16 @@
 """`MetaNetClient` and `AsyncMetaNetClient`: one method per endpoint of docs/api.md.
 
 Each method builds a `_Call` (the request plus how to read its answer) with the shared functions
-below; the two classes differ only in how they send it, so the protocol is written down once.
+below; the two classes differ only in how they send it (and sleep before a retry), so the protocol
+and the retry policy are written down once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import random
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -19,6 +22,8 @@ import httpx
 from metanet_client._errors import (
     APIConnectionError,
     APITimeoutError,
+    NotReady,
+    TooManyRequests,
     UnexpectedResponse,
     error_from_response,
 )
@@ -33,6 +38,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # a dead host should still fail fast.
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 PAGE_SIZE = 200  # the service's largest page
+DEFAULT_MAX_RETRY_WAIT = 30.0  # seconds; a longer Retry-After is an outage to report, not to sit out
+FIRST_BACKOFF = 0.5  # seconds before the first retry when the answer has no Retry-After; doubles after
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +52,7 @@ class _Call(Generic[T]):
     json: Any = None
     params: Mapping[str, Any] | None = None
     raise_errors: bool = True  # False: `parse` sees every status (the probes)
+    read_only: bool = False  # a POST that only reads (classify): as safe to resend as a GET
 
     def finish(self, response: httpx.Response) -> T:
         if self.raise_errors and response.is_error:
@@ -95,13 +103,14 @@ def _add_examples(task_id: str, examples: Examples) -> _Call[Task]:
 
 def _classify(task_id: str, images: Any, top_k: int, explain: bool) -> _Call[ClassifyResult]:
     body = {"images": encode_images(images), "top_k": top_k, "explain": explain}
-    return _Call("POST", _task_path(task_id, "/classify"), _body_as(ClassifyResult), json=body)
+    return _Call("POST", _task_path(task_id, "/classify"), _body_as(ClassifyResult), json=body,
+                 read_only=True)
 
 
 def _classify_once(support: Examples, images: Any, top_k: int, explain: bool) -> _Call[ClassifyResult]:
     body = {"support": encode_examples(support), "images": encode_images(images),
             "top_k": top_k, "explain": explain}
-    return _Call("POST", "/v1/classify", _body_as(ClassifyResult), json=body)
+    return _Call("POST", "/v1/classify", _body_as(ClassifyResult), json=body, read_only=True)
 
 
 def _model_info() -> _Call[ModelInfo]:
@@ -115,8 +124,14 @@ def _probe(path: str) -> _Call[bool]:
 class _BaseClient:
     def __init__(
         self, base_url: str, api_key: str | None, timeout: float | httpx.Timeout | None,
-        headers: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None, retries: int, max_retry_wait: float,
     ) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, not {retries!r}")
+        if not max_retry_wait >= 0:  # NaN too
+            raise ValueError(f"max_retry_wait must be 0 or more seconds, not {max_retry_wait!r}")
+        self.retries = retries
+        self.max_retry_wait = float(max_retry_wait)
         self.base_url = str(base_url).rstrip("/")
         merged = {"Accept": "application/json", "User-Agent": "metanet-client", **(headers or {})}
         if api_key:
@@ -137,20 +152,46 @@ class _BaseClient:
         except httpx.RequestError as exc:
             raise APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
 
+    def _retry_wait(self, call: _Call[Any], response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to sleep before sending `call` again after `response` (its `attempt`-th retry,
+        from 0), or None to take this answer. Only a 429 or 503 is worth waiting out: the service
+        refused the request before doing anything, so a safe request loses nothing by coming back."""
+        if (attempt >= self.retries or response.status_code not in (429, 503) or not call.raise_errors
+                or not (call.read_only or call.method in ("GET", "DELETE"))):
+            return None
+        error = error_from_response(response)
+        if not isinstance(error, TooManyRequests | NotReady):
+            return None
+        wait = error.retry_after
+        if wait is None:
+            wait = min(FIRST_BACKOFF * 2**attempt, self.max_retry_wait)
+        elif wait > self.max_retry_wait:  # the caller hears now rather than after a long stall
+            return None
+        # Up to 10% more, so clients refused together do not all come back in the same instant.
+        return min(wait * (1 + random.uniform(0, 0.1)), self.max_retry_wait)
+
 
 class MetaNetClient(_BaseClient):
     """A blocking client for the MetaNet service; use it as a context manager (or call close()).
 
     Images may be paths, encoded file bytes, PIL images or 2-D arrays of grey levels; see
     `encode_image`. Errors raise `MetaNetAPIError` subclasses carrying the API's type and message.
+
+    `retries` resends a call refused with 429 (`too_many_requests`, `overloaded`, `rate_limited`)
+    or 503 (`not_ready`) up to that many times, first sleeping for the answer's `Retry-After`
+    (without one: 0.5 s, 1 s, 2 s, ...), plus up to 10% random jitter, never more than
+    `max_retry_wait` seconds; a longer `Retry-After` raises at once. Only GETs, DELETEs and the
+    classify calls (pure reads) are resent: `create_task` and `add_examples` change state and
+    always raise, so the caller decides. Other errors and transport failures are never retried.
     """
 
     def __init__(
         self, base_url: str = DEFAULT_URL, api_key: str | None = None, *,
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT, headers: Mapping[str, str] | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | None = None, retries: int = 0,
+        max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, headers)
+        super().__init__(base_url, api_key, timeout, headers, retries, max_retry_wait)
         self._http = httpx.Client(transport=transport, **self._http_options)
 
     def close(self) -> None:
@@ -163,12 +204,19 @@ class MetaNetClient(_BaseClient):
         self.close()
 
     def _run(self, call: _Call[T]) -> T:
-        with self._reaching():
-            response = self._http.request(call.method, call.path, json=call.json, params=call.params)
-        return call.finish(response)
+        attempt = 0
+        while True:
+            with self._reaching():
+                response = self._http.request(
+                    call.method, call.path, json=call.json, params=call.params)
+            if (wait := self._retry_wait(call, response, attempt)) is None:
+                return call.finish(response)
+            time.sleep(wait)
+            attempt += 1
 
     def create_task(self, examples: Examples, name: str | None = None) -> Task:
-        """Register a task from a mapping label -> images, or from (label, image) pairs."""
+        """Register a task from a mapping label -> images, or from (label, image) pairs. Never
+        retried (a resent POST could register the task twice): a 429 or 503 raises at once."""
         return self._run(_create_task(examples, name))
 
     def get_task(self, task_id: str) -> Task:
@@ -191,7 +239,8 @@ class MetaNetClient(_BaseClient):
         self._run(_delete_task(task_id))
 
     def add_examples(self, task_id: str, examples: Examples) -> Task:
-        """Add support examples (new labels allowed within the limits); returns the updated task."""
+        """Add support examples (new labels allowed within the limits); returns the updated task.
+        Never retried (a resent POST could add them twice): a 429 or 503 raises at once."""
         return self._run(_add_examples(task_id, examples))
 
     def classify(self, task_id: str, images: Any, top_k: int = 1, explain: bool = False) -> ClassifyResult:
@@ -218,14 +267,16 @@ class MetaNetClient(_BaseClient):
 
 class AsyncMetaNetClient(_BaseClient):
     """The asyncio (or trio) twin of `MetaNetClient`: the same methods, awaited; use it with
-    `async with`. Images are encoded in a worker thread, so large batches do not stall the loop."""
+    `async with`. Images are encoded in a worker thread, so large batches do not stall the loop;
+    retries (`retries`, `max_retry_wait`) work as in `MetaNetClient` and sleep without blocking it."""
 
     def __init__(
         self, base_url: str = DEFAULT_URL, api_key: str | None = None, *,
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT, headers: Mapping[str, str] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | None = None, retries: int = 0,
+        max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, headers)
+        super().__init__(base_url, api_key, timeout, headers, retries, max_retry_wait)
         self._http = httpx.AsyncClient(transport=transport, **self._http_options)
 
     async def aclose(self) -> None:
@@ -238,9 +289,15 @@ class AsyncMetaNetClient(_BaseClient):
         await self.aclose()
 
     async def _run(self, call: _Call[T]) -> T:
-        with self._reaching():
-            response = await self._http.request(call.method, call.path, json=call.json, params=call.params)
-        return call.finish(response)
+        attempt = 0
+        while True:
+            with self._reaching():
+                response = await self._http.request(
+                    call.method, call.path, json=call.json, params=call.params)
+            if (wait := self._retry_wait(call, response, attempt)) is None:
+                return call.finish(response)
+            await anyio.sleep(wait)  # asyncio.sleep under asyncio; works under trio as well
+            attempt += 1
 
     @staticmethod
     async def _build(build: Callable[..., _Call[T]], *args: Any) -> _Call[T]:

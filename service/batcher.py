@@ -8,8 +8,13 @@ a worker is free, the dispatcher gathers the queued classify jobs, up to `max_ba
 forward. Registrations run alone, in their turn: with no other job beside them.
 
 Admission is bounded: past `max_pending` jobs, or `max_queue_images` queued images, a request gets
-`Overloaded` (429 with Retry-After) at once instead of a latency that grows without bound. Work
-whose client disconnected, or whose deadline passed while it waited, is dropped before compute.
+`Overloaded` (429 with Retry-After) at once instead of a latency that grows without bound. With
+`max_wait_ahead` = (s, k), a classify job is also refused when the model work already ahead of it
+(the rest of the running batches, then the queue) would take longer than s seconds plus k times
+the job's own compute, both estimated from the batches run so far (`BatchCost`). The bound is on
+time, which is what a caller waits, and in proportion to the job: a large request may still queue
+behind others to keep the model busy, a small one does not wait behind a crowd. Work whose
+client disconnected, or whose deadline passed while it waited, is dropped before compute.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +56,47 @@ class _Job(Generic[P]):
     enqueued: float = field(default_factory=time.monotonic)
 
 
+class BatchCost:
+    """Seconds a classify batch of n images takes, `a + b * n`, fitted by least squares over the
+    recent batches (each weight decays by `decay` per batch), so it follows the machine's load.
+
+    One number per image (`b` alone) would overcharge small requests, which pay mostly the fixed
+    part of a forward, and undercharge large ones; batch sizes that never vary give no slope, and
+    then the fit falls back to that per-image mean."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay = decay
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, n_images: int, seconds: float) -> None:
+        d = self.decay
+        self._w = d * self._w + 1
+        self._x = d * self._x + n_images
+        self._y = d * self._y + seconds
+        self._xx = d * self._xx + n_images * n_images
+        self._xy = d * self._xy + n_images * seconds
+
+    @property
+    def known(self) -> bool:
+        return self._x > 0
+
+    def line(self) -> tuple[float, float]:
+        """(a, b): seconds per batch and per image, both >= 0."""
+        if not self.known:
+            return 0.0, 0.0
+        spread = self._w * self._xx - self._x * self._x
+        if spread > 1e-9 * self._w * self._xx:
+            b = (self._w * self._xy - self._x * self._y) / spread
+            a = (self._y - b * self._x) / self._w
+            if a >= 0 and b > 0:
+                return a, b
+        return 0.0, self._y / self._x
+
+    def seconds(self, n_images: int, batches: int = 1) -> float:
+        a, b = self.line()
+        return a * batches + b * n_images
+
+
 @dataclass
 class BatchStats:
     """Counters the metrics read at scrape time."""
@@ -69,6 +116,7 @@ class Batcher(Generic[P, R]):
     def __init__(
         self, executor: Executor, run_batch: Callable[[Sequence[P]], list[R | Exception]], *,
         max_batch_images: int, max_wait_s: float, max_pending: int, max_queue_images: int,
+        max_wait_ahead: tuple[float, float] = (0.0, 0.0),
         on_batch: Callable[[int, float], None] | None = None,
         on_idle: Callable[[], object] | None = None, idle_s: float = 1.0, workers: int = 1,
     ) -> None:
@@ -79,6 +127,8 @@ class Batcher(Generic[P, R]):
         self.max_wait_s = max_wait_s
         self.max_pending = max_pending
         self.max_queue_images = max_queue_images
+        self.max_wait_ahead = max_wait_ahead  # (0, 0): no bound on time, only on counts
+        self.cost = BatchCost()
         self._on_batch = on_batch  # (images in the batch, seconds of compute)
         self._on_idle = on_idle  # run on the worker once the queue has been empty for idle_s
         self.idle_s = idle_s
@@ -88,10 +138,10 @@ class Batcher(Generic[P, R]):
         self._reserved_images = 0  # images of requests admitted by `reserve`, still being decoded
         self._running = 0  # jobs handed to the workers
         self._batches: dict[asyncio.Task[None], list[_Job[P]]] = {}  # what each worker runs
+        self._started: dict[asyncio.Task[None], float] = {}  # when (time.monotonic()) it began
         self._solo_running = False
         self._wake: asyncio.Event | None = None
         self._dispatcher: asyncio.Task[None] | None = None
-        self._images_per_s = 0.0  # moving estimate, for Retry-After
         self.stats = BatchStats()
 
     # ------------------------------------------------------------------------------ public
@@ -157,12 +207,36 @@ class Batcher(Generic[P, R]):
         queued = self._queued_images + self._reserved_images
         if n_images and queued and queued + n_images > self.max_queue_images:
             self._reject(f"{queued} images are already queued for the model")
+        if n_images and any(self.max_wait_ahead) and self.cost.known:
+            fixed, factor = self.max_wait_ahead
+            ahead, allowed = self.work_ahead(), fixed + factor * self.cost.seconds(n_images)
+            if ahead > allowed:
+                self._reject(f"the model has about {1000 * ahead:.0f} ms of work queued ahead, over "
+                             f"the {1000 * allowed:.0f} ms this request may wait")
+
+    def work_ahead(self) -> float:
+        """Estimated seconds until a job queued now would start: the rest of the running batches,
+        then the queued (and reserved) images in full batches, shared by the workers. A queued
+        registration counts as a full batch."""
+        now = time.monotonic()
+        running = sum(
+            max(0.0, self.cost.seconds(sum(job.n_images for job in batch) or self.max_batch_images)
+                - (now - self._started[task]))
+            for task, batch in self._batches.items()
+        )
+        images = self._queued_images + self._reserved_images
+        solos = sum(1 for job in self._queue if job.solo is not None)
+        queued = self.cost.seconds(images, math.ceil(images / self.max_batch_images)) \
+            + solos * self.cost.seconds(self.max_batch_images)
+        return (running + queued) / self.workers
 
     def _reject(self, why: str) -> None:
         self.stats.rejected += 1
-        backlog = self._queued_images + self._reserved_images + self.max_batch_images * self._running
-        wait = backlog / self._images_per_s if self._images_per_s else 1.0
-        raise Overloaded(f"{why}; retry shortly", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        # Retry-After: the work ahead in whole seconds (at least 1), plus up to as much again at
+        # random, so a crowd refused together does not come back together.
+        wait = max(1, math.ceil(self.work_ahead() if self.cost.known else 1.0))
+        wait += random.randint(0, wait)
+        raise Overloaded(f"{why}; retry shortly", headers={"Retry-After": str(wait)})
 
     def _future(self) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -223,9 +297,11 @@ class Batcher(Generic[P, R]):
         self._busy_since_idle = True
         task = loop.create_task(self._run(loop, batch))
         self._batches[task] = batch
+        self._started[task] = time.monotonic()
 
         def finished(task: asyncio.Task[None]) -> None:
             self._batches.pop(task, None)
+            self._started.pop(task, None)
             self._running -= len(batch)
             if batch[0].solo is not None:
                 self._solo_running = False
@@ -319,9 +395,7 @@ class Batcher(Generic[P, R]):
             seconds = time.perf_counter() - start
             self.stats.batches += 1
             self.stats.batched_images += images
-            if seconds > 0:
-                rate = images / seconds
-                self._images_per_s = rate if not self._images_per_s else 0.8 * self._images_per_s + 0.2 * rate
+            self.cost.observe(images, seconds)
             if self._on_batch is not None:
                 self._on_batch(images, seconds)
         for job, result in zip(batch, outcome, strict=True):

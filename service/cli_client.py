@@ -37,7 +37,7 @@ class UsageError(Exception):
 
 
 def add_client_commands(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction) -> None:
-    """Register the client commands. --url/--api-key/--timeout work before the command
+    """Register the client commands. --url/--api-key/--timeout/--retries work before the command
     (`metanet --url U tasks ls`) and after it (`metanet tasks ls --url U`)."""
     _add_connection_options(parser, None)
     conn = argparse.ArgumentParser(add_help=False)
@@ -98,6 +98,9 @@ def _add_connection_options(parser: argparse.ArgumentParser, default: Any) -> No
     parser.add_argument("--api-key", default=default,
                         help="API key (default: $METANET_API_KEY; the variable keeps it out of `ps`)")
     parser.add_argument("--timeout", type=float, default=default, help="seconds to wait for an answer (60)")
+    parser.add_argument("--retries", type=int, default=default, metavar="N",
+                        help="resend a request refused as busy (429) or not ready (503) up to N times, "
+                             "after the wait the service asks for (0; `tasks create` is never resent)")
 
 
 def connection(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -121,8 +124,9 @@ def _client_command(run: Callable[[MetaNetClient, argparse.Namespace], int]) -> 
         prog = " ".join(["metanet", args.command] + ([args.tasks_command] if args.command == "tasks" else []))
         url, api_key = connection(args)
         timeout = getattr(args, "timeout", None) or 60.0
+        retries = getattr(args, "retries", None) or 0
         try:
-            with MetaNetClient(url, api_key, timeout=timeout) as client:
+            with MetaNetClient(url, api_key, timeout=timeout, retries=retries) as client:
                 return run(client, args)
         except MetaNetAPIError as exc:
             _fail(prog, f"{exc.type}: {exc.message}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from service.batcher import Batcher, Call
+from service.batcher import BatchCost, Batcher, Call
 from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded
 
 
@@ -392,5 +392,83 @@ def test_closing_answers_running_and_queued_jobs_not_ready() -> None:
         run.gate.set()
         for outcome in await asyncio.gather(*jobs, return_exceptions=True):
             assert isinstance(outcome, NotReady)
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------ admission on time
+
+
+def test_batch_cost_fits_a_fixed_part_and_a_part_per_image() -> None:
+    cost = BatchCost()
+    assert not cost.known and cost.seconds(8) == 0.0
+    for n in (1, 4, 16, 1, 8, 32):
+        cost.observe(n, 0.002 + 0.001 * n)
+    a, b = cost.line()
+    assert a == pytest.approx(0.002) and b == pytest.approx(0.001)
+    assert cost.seconds(10, batches=2) == pytest.approx(2 * 0.002 + 10 * 0.001)
+
+
+def test_batch_cost_without_a_spread_of_sizes_falls_back_to_the_mean_per_image() -> None:
+    cost = BatchCost()
+    for seconds in (0.030, 0.034):
+        cost.observe(16, seconds)
+    a, b = cost.line()
+    assert a == 0.0 and b == pytest.approx((0.9 * 0.030 + 0.034) / (1.9 * 16))
+
+
+def test_batch_cost_follows_the_recent_batches() -> None:
+    cost = BatchCost(decay=0.5)
+    for _ in range(3):
+        cost.observe(4, 0.004)
+    for _ in range(20):  # the machine got ten times slower
+        cost.observe(4, 0.040)
+    assert cost.seconds(4) == pytest.approx(0.040, rel=1e-3)
+
+
+def test_a_classify_job_is_refused_when_the_work_ahead_of_it_passes_its_allowance() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        # Each image costs 100 ms; a job may wait 250 ms + 1 x its own compute.
+        batcher = make(worker, max_batch_images=4, max_wait_ahead=(0.250, 1.0))
+        for n in (1, 2, 4):
+            batcher.cost.observe(n, 0.100 * n)
+        worker.gate.clear()
+        worker.started.clear()
+        running = asyncio.create_task(batcher.submit(100, 1, Call()))
+        while not worker.started.is_set():
+            await asyncio.sleep(0.001)
+        queued = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(3)]
+        await asyncio.sleep(0.01)
+        # the running image's 100 ms (less what has run) and the three queued
+        assert 0.3 < batcher.work_ahead() <= 0.4
+        with pytest.raises(Overloaded, match="ms of work queued ahead") as refused:
+            await batcher.submit(7, 1, Call())  # may wait 350 ms
+        assert int(refused.value.headers["Retry-After"]) in (1, 2)
+        large = asyncio.create_task(batcher.submit(8, 32, Call()))  # may wait 250 + 3200 ms
+        await asyncio.sleep(0.01)
+        assert not large.done()
+        worker.gate.set()
+        assert await asyncio.gather(running, *queued, large) == [200, 0, 2, 4, 16]
+        assert batcher.stats.rejected == 1
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_without_a_time_bound_or_before_any_batch_ran_only_the_counts_limit_admission() -> None:
+    async def scenario() -> None:
+        for bound, observed in (((0.0, 0.0), True), ((0.001, 0.0), False)):
+            worker = Worker()
+            batcher = make(worker, max_wait_ahead=bound)
+            if observed:
+                batcher.cost.observe(1, 1.0)  # a second per image: any queue is "too long"
+            busy = await occupy(batcher, worker)
+            queued = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(5)]
+            await asyncio.sleep(0.01)
+            worker.gate.set()
+            assert await asyncio.gather(*queued, busy) == [0, 2, 4, 6, 8, -1]
+            assert batcher.stats.rejected == 0
+            await batcher.close()
 
     asyncio.run(scenario())

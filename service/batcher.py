@@ -129,6 +129,7 @@ class Batcher(Generic[P, R]):
         self.max_queue_images = max_queue_images
         self.max_wait_ahead = max_wait_ahead  # (0, 0): no bound on time, only on counts
         self.cost = BatchCost()
+        self._solo_seconds = 0.0  # moving mean of a registration's seconds, for `work_ahead`
         self._on_batch = on_batch  # (images in the batch, seconds of compute)
         self._on_idle = on_idle  # run on the worker once the queue has been empty for idle_s
         self.idle_s = idle_s
@@ -215,20 +216,24 @@ class Batcher(Generic[P, R]):
                              f"the {1000 * allowed:.0f} ms this request may wait")
 
     def work_ahead(self) -> float:
-        """Estimated seconds until a job queued now would start: the rest of the running batches,
-        then the queued (and reserved) images in full batches, shared by the workers. A queued
-        registration counts as a full batch."""
+        """Estimated seconds until a job queued now would start: the rest of the running jobs, then
+        the queued (and reserved) images in full batches and the queued registrations (each the
+        recent mean), shared by the workers."""
         now = time.monotonic()
         running = sum(
-            max(0.0, self.cost.seconds(sum(job.n_images for job in batch) or self.max_batch_images)
-                - (now - self._started[task]))
+            max(0.0, self._seconds(batch) - (now - self._started[task]))
             for task, batch in self._batches.items()
         )
         images = self._queued_images + self._reserved_images
         solos = sum(1 for job in self._queue if job.solo is not None)
         queued = self.cost.seconds(images, math.ceil(images / self.max_batch_images)) \
-            + solos * self.cost.seconds(self.max_batch_images)
+            + solos * self._solo_seconds
         return (running + queued) / self.workers
+
+    def _seconds(self, batch: list[_Job[P]]) -> float:
+        if batch[0].solo is not None:
+            return self._solo_seconds
+        return self.cost.seconds(sum(job.n_images for job in batch))
 
     def _reject(self, why: str) -> None:
         self.stats.rejected += 1
@@ -385,6 +390,9 @@ class Batcher(Generic[P, R]):
                 outcome: list[Any] = [await loop.run_in_executor(self._executor, job.solo)]
             except Exception as exc:  # handed to the waiter, raised there
                 outcome = [exc]
+            seconds = time.perf_counter() - start
+            mean = self._solo_seconds
+            self._solo_seconds = seconds if not mean else 0.8 * mean + 0.2 * seconds
         else:
             payloads = [job.payload for job in batch]
             try:

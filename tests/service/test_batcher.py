@@ -472,3 +472,20 @@ def test_without_a_time_bound_or_before_any_batch_ran_only_the_counts_limit_admi
             await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_a_registration_counts_in_the_work_ahead_as_long_as_recent_ones_took() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, max_wait_ahead=(0.010, 0.0))
+        batcher.cost.observe(1, 0.001)
+        assert await batcher.submit_solo(lambda: time.sleep(0.2), Call()) is None
+        busy = await occupy(batcher, worker)
+        assert 0.1 < batcher.work_ahead() <= 0.2  # the last registration took 200 ms
+        with pytest.raises(Overloaded):
+            await batcher.submit(1, 1, Call())
+        worker.gate.set()
+        await busy
+        await batcher.close()
+
+    asyncio.run(scenario())

@@ -30,7 +30,8 @@ def metric(text: str, name: str) -> float:
 @pytest.mark.slow
 def test_sigterm_lets_20_in_flight_classify_requests_finish_with_200(tmp_data: Path) -> None:
     # A queue with room for all of them: none is refused with 429.
-    server = Server(tmp_data, shutdown_timeout_s=120, max_queue_images=IN_FLIGHT * IMAGES).start()
+    server = Server(tmp_data, shutdown_timeout_s=120, max_queue_images=IN_FLIGHT * IMAGES,
+                    max_queue_wait_ms=0, max_queue_wait_factor=0).start()  # all of them admitted
     try:
         with server.client() as client:
             support = [{"label": k, "image": png(k, shift=(s, -s))} for k in GLYPHS[:5] for s in (0, 3)]

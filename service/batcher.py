@@ -11,9 +11,10 @@ Admission is bounded: past `max_pending` jobs, or `max_queue_images` queued imag
 `Overloaded` (429 with Retry-After) at once instead of a latency that grows without bound. With
 `max_wait_ahead` = (s, k), a classify job is also refused when the model work already ahead of it
 (the rest of the running batches, then the queue) would take longer than s seconds plus k times
-the job's own compute, both estimated from the batches run so far (`BatchCost`). The bound is on
-time, which is what a caller waits, and in proportion to the job: a large request may still queue
-behind others to keep the model busy, a small one does not wait behind a crowd. Work whose
+the job's own compute, both estimated from the batches run so far (`BatchCost`), unless it would
+run in the next forward anyway. The bound is on time, which is what a caller waits, and in
+proportion to the job: a large request may still queue behind others to keep the model busy, a
+small one does not wait behind a crowd. Work whose
 client disconnected, or whose deadline passed while it waited, is dropped before compute.
 """
 
@@ -208,12 +209,18 @@ class Batcher(Generic[P, R]):
         queued = self._queued_images + self._reserved_images
         if n_images and queued and queued + n_images > self.max_queue_images:
             self._reject(f"{queued} images are already queued for the model")
-        if n_images and any(self.max_wait_ahead) and self.cost.known:
+        if n_images and any(self.max_wait_ahead) and self.cost.known and not self._in_next_batch(n_images):
             fixed, factor = self.max_wait_ahead
             ahead, allowed = self.work_ahead(), fixed + factor * self.cost.seconds(n_images)
             if ahead > allowed:
                 self._reject(f"the model has about {1000 * ahead:.0f} ms of work queued ahead, over "
                              f"the {1000 * allowed:.0f} ms this request may wait")
+
+    def _in_next_batch(self, n_images: int) -> bool:
+        """Would a job of n_images queued now run in the next classify forward of a worker? Then
+        refusing it would spare no one a wait, so a burst that fits a batch is never refused on
+        time, nor is a request that comes while a registration runs."""
+        return self._queued_images + self._reserved_images + n_images <= self.max_batch_images * self.workers
 
     def work_ahead(self) -> float:
         """Estimated seconds until a job queued now would start: the rest of the running jobs, then

@@ -64,13 +64,14 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(0.0, ge=0)
     max_pending: int = Field(64, ge=1, description="model jobs queued or running before requests get 429")
     max_queue_images: int = Field(1024, ge=1, description="query images queued before requests get 429")
-    # Optionally on time, a latency objective: a classify request is refused (429) when the model
-    # work already ahead of it is estimated (from the batches run so far) to take more than
-    # `max_queue_wait_ms` plus `max_queue_wait_factor` times the request's own compute, so an
-    # admitted request waits in proportion to what it asks under any load. Both 0 (the default):
-    # no bound on time; a burst of requests queues, as clients expect of an idle service.
-    max_queue_wait_ms: float = Field(0.0, ge=0)
-    max_queue_wait_factor: float = Field(0.0, ge=0)
+    # And on time, a latency objective: a classify request is refused (429) when the model work
+    # already ahead of it is estimated (from the batches run so far) to take more than
+    # `max_queue_wait_ms` plus `max_queue_wait_factor` times the request's own compute, unless it
+    # would run in the next forward anyway (so a burst that fits a batch is never refused). An
+    # admitted request then waits in proportion to what it asks, under any load. Both 0: no bound
+    # on time, only the counts above.
+    max_queue_wait_ms: float = Field(5.0, ge=0)
+    max_queue_wait_factor: float = Field(2.0, ge=0)
     # A request's deadline: this, or less with the header X-Request-Timeout-Ms; work still queued
     # when it passes is dropped (504), as is work whose client has disconnected.
     request_timeout_s: float = Field(30.0, gt=0)

@@ -429,8 +429,9 @@ def test_batch_cost_follows_the_recent_batches() -> None:
 def test_a_classify_job_is_refused_when_the_work_ahead_of_it_passes_its_allowance() -> None:
     async def scenario() -> None:
         worker = Worker()
-        # Each image costs 100 ms; a job may wait 250 ms + 1 x its own compute.
-        batcher = make(worker, max_batch_images=4, max_wait_ahead=(0.250, 1.0))
+        # Each image costs 100 ms; a job may wait 250 ms + 1 x its own compute (or be in the next
+        # forward: the first two queued images are, whatever the wait).
+        batcher = make(worker, max_batch_images=2, max_wait_ahead=(0.250, 1.0))
         for n in (1, 2, 4):
             batcher.cost.observe(n, 0.100 * n)
         worker.gate.clear()
@@ -460,7 +461,7 @@ def test_without_a_time_bound_or_before_any_batch_ran_only_the_counts_limit_admi
     async def scenario() -> None:
         for bound, observed in (((0.0, 0.0), True), ((0.001, 0.0), False)):
             worker = Worker()
-            batcher = make(worker, max_wait_ahead=bound)
+            batcher = make(worker, max_batch_images=2, max_wait_ahead=bound)
             if observed:
                 batcher.cost.observe(1, 1.0)  # a second per image: any queue is "too long"
             busy = await occupy(batcher, worker)
@@ -477,15 +478,39 @@ def test_without_a_time_bound_or_before_any_batch_ran_only_the_counts_limit_admi
 def test_a_registration_counts_in_the_work_ahead_as_long_as_recent_ones_took() -> None:
     async def scenario() -> None:
         worker = Worker()
-        batcher = make(worker, max_wait_ahead=(0.010, 0.0))
+        batcher = make(worker, max_batch_images=1, max_wait_ahead=(0.010, 0.0))
         batcher.cost.observe(1, 0.001)
         assert await batcher.submit_solo(lambda: time.sleep(0.2), Call()) is None
         busy = await occupy(batcher, worker)
         assert 0.1 < batcher.work_ahead() <= 0.2  # the last registration took 200 ms
-        with pytest.raises(Overloaded):
-            await batcher.submit(1, 1, Call())
+        next_batch = asyncio.create_task(batcher.submit(1, 1, Call()))  # runs right after it
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):  # would wait for the registration and that batch
+            await batcher.submit(2, 1, Call())
         worker.gate.set()
-        await busy
+        assert await asyncio.gather(busy, next_batch) == [-1, 2]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_that_fits_the_next_forward_is_never_refused_on_time() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, max_batch_images=8, max_wait_ahead=(0.001, 0.0))
+        batcher.cost.observe(1, 1.0)  # a second per image: any wait is "too long"
+        worker.gate.clear()
+        worker.started.clear()
+        running = asyncio.create_task(batcher.submit(100, 1, Call()))
+        while not worker.started.is_set():
+            await asyncio.sleep(0.001)
+        burst = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(8)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):  # the ninth image would wait for a second forward
+            await batcher.submit(9, 1, Call())
+        worker.gate.set()
+        assert await asyncio.gather(running, *burst) == [200, *range(0, 16, 2)]
+        assert worker.batches[1] == list(range(8))
         await batcher.close()
 
     asyncio.run(scenario())

@@ -76,6 +76,15 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="override a TrainConfig field, e.g. --set multi_shot_prob=0.15")
     args = parser.parse_args()
+    config_overrides = {}  # checked now, before minutes of data loading and probing
+    for item in args.set:
+        field, _, value = item.partition("=")
+        if field not in TrainConfig.__dataclass_fields__ or field == "model":
+            parser.error(f"--set {item!r}: {field!r} is not a TrainConfig field")
+        try:
+            config_overrides[field] = json.loads(value)
+        except ValueError:
+            parser.error(f"--set {item!r}: the value must be JSON (a number, true/false, a list ...)")
     out = Path(os.environ.get("OUT", "/tmp/out"))
     device = args.device
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -100,11 +109,7 @@ def main() -> int:
         overrides["lr"] = args.lr
     if args.lr_halve_every is not None:
         overrides["lr_halve_every"] = args.lr_halve_every
-    for item in args.set:
-        field, _, value = item.partition("=")
-        if field not in TrainConfig.__dataclass_fields__ or field == "model":
-            parser.error(f"--set {item!r}: {field!r} is not a TrainConfig field")
-        overrides[field] = json.loads(value)
+    overrides.update(config_overrides)
     last_state = run / "last" / "state.json"
     if args.restart_schedule and last_state.is_file():
         overrides["lr_schedule_start"] = json.loads(last_state.read_text())["step"]

@@ -54,8 +54,9 @@ def make(worker: Worker, **limits: Any) -> Batcher[int, int]:
     return Batcher(ThreadPoolExecutor(1), worker, **settings)  # type: ignore[arg-type]
 
 
-async def occupy(batcher: Batcher[int, int], worker: Worker) -> asyncio.Task[int]:
-    """Start a solo job that holds the worker until the gate opens."""
+async def occupy(batcher: Batcher[int, int], worker: Worker, payload: int | None = None) -> asyncio.Task[int]:
+    """Start a job that holds the worker until the gate opens: a solo job (answering -1), or
+    with `payload` a one-image classify batch of it."""
     worker.gate.clear()
     worker.started.clear()
 
@@ -64,7 +65,8 @@ async def occupy(batcher: Batcher[int, int], worker: Worker) -> asyncio.Task[int
         worker.gate.wait(10)
         return -1
 
-    task = asyncio.create_task(batcher.submit_solo(hold, Call()))
+    job = batcher.submit_solo(hold, Call()) if payload is None else batcher.submit(payload, 1, Call())
+    task = asyncio.create_task(job)
     while not worker.started.is_set():
         await asyncio.sleep(0.001)
     return task
@@ -434,11 +436,7 @@ def test_a_classify_job_is_refused_when_the_work_ahead_of_it_passes_its_allowanc
         batcher = make(worker, max_batch_images=2, max_wait_ahead=(0.250, 1.0))
         for n in (1, 2, 4):
             batcher.cost.observe(n, 0.100 * n)
-        worker.gate.clear()
-        worker.started.clear()
-        running = asyncio.create_task(batcher.submit(100, 1, Call()))
-        while not worker.started.is_set():
-            await asyncio.sleep(0.001)
+        running = await occupy(batcher, worker, payload=100)
         queued = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(3)]
         await asyncio.sleep(0.01)
         # the running image's 100 ms (less what has run) and the three queued
@@ -499,11 +497,7 @@ def test_a_burst_that_fits_the_next_forward_is_never_refused_on_time() -> None:
         worker = Worker()
         batcher = make(worker, max_batch_images=8, max_wait_ahead=(0.001, 0.0))
         batcher.cost.observe(1, 1.0)  # a second per image: any wait is "too long"
-        worker.gate.clear()
-        worker.started.clear()
-        running = asyncio.create_task(batcher.submit(100, 1, Call()))
-        while not worker.started.is_set():
-            await asyncio.sleep(0.001)
+        running = await occupy(batcher, worker, payload=100)
         burst = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(8)]
         await asyncio.sleep(0.01)
         with pytest.raises(Overloaded):  # the ninth image would wait for a second forward

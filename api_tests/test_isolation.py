@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -175,10 +176,18 @@ def test_the_request_log_has_one_json_line_per_request_and_never_a_key(server: S
         assert response.headers["x-request-id"] == "isolation-log-1"
         missing = alice.get(f"/v1/tasks/{NEVER}")
         assert re.fullmatch(r"[0-9a-f]{32}", missing.headers["x-request-id"])
-    text = server.log_path.read_text()
+    # The server writes a request's line after the response has gone out, so the last one may
+    # land a moment after the client has its answer: wait for it rather than read once.
+    deadline = time.monotonic() + 10
+    while True:
+        text = server.log_path.read_text()
+        lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        logged = any(e.get("request_id") == missing.headers["x-request-id"] for e in lines)
+        if logged or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     for key in (*KEYS, OPERATOR):
         assert key not in text
-    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     (line,) = [entry for entry in lines if entry.get("request_id") == "isolation-log-1"]
     assert line["route"] == "/v1/tasks/{task_id}" and line["method"] == "GET" and line["status"] == 200
     assert line["task_id"] == task["task_id"] and line["latency_ms"] >= 0

@@ -4,7 +4,6 @@ model's 28x28 ink=1 input, the background/validation/evaluation split and the ep
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import zipfile
@@ -67,36 +66,6 @@ def to_model_input(ink: np.ndarray | Tensor, size: int = 28) -> Tensor:
     if x.shape[-1] != size:
         x = F.adaptive_avg_pool2d(x, size)
     return x.reshape(*lead, size, size).clamp_(0.0, 1.0)
-
-
-def to_model_input_np(ink: np.ndarray, size: int = 28) -> np.ndarray:
-    """`to_model_input` for one image (H, W) in numpy, for serving: float32 (size, size).
-
-    Area averaging is separable (each output pixel averages a rectangle of rows x columns, the
-    windows of torch's adaptive_avg_pool2d), so it is two small matrix products; no torch op runs,
-    which keeps request threads off torch's CPU thread team.
-    """
-    x = np.asarray(ink, dtype=np.float32)
-    h, w = x.shape
-    if h != w:
-        side = max(h, w)
-        top, left = (side - h) // 2, (side - w) // 2
-        x = np.pad(x, ((top, side - h - top), (left, side - w - left)))
-    if x.shape[0] != size:
-        rows = _area_weights(x.shape[0], size)
-        x = rows @ x @ rows.T
-    return np.clip(x, 0.0, 1.0, out=x).astype(np.float32, copy=False)
-
-
-@functools.lru_cache(maxsize=64)
-def _area_weights(n: int, size: int) -> np.ndarray:
-    """(size, n): row i averages source pixels [floor(i n / size), ceil((i + 1) n / size))."""
-    weights = np.zeros((size, n), dtype=np.float32)
-    for i in range(size):
-        start, end = (i * n) // size, -((-(i + 1) * n) // size)
-        weights[i, start:end] = 1.0 / (end - start)
-    weights.flags.writeable = False
-    return weights
 
 
 def load_split(data_dir: str | os.PathLike[str] | None, split: str, size: int = 28) -> OmniglotSplit:

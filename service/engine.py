@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from model.checkpoint import load_model
-from model.data import to_model_input_np
 from model.errors import InvalidTaskError
 from model.metanet import MetaNet, TaskMemory
 from service import heap
@@ -122,10 +121,6 @@ class Engine:
     @property
     def pending(self) -> int:
         return self.batcher.pending
-
-    def to_input(self, ink: np.ndarray) -> np.ndarray:
-        """An ink map (H, W) -> the model's input (S, S), the exact preprocessing of training."""
-        return to_model_input_np(ink, self.info.image_size)
 
     async def warm_up(self) -> None:
         """A tiny registration and classifications, so the first client does not pay for them."""

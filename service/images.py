@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +55,7 @@ def pixel_array(rows: object) -> np.ndarray:
 
 
 def decode(image: str | bytes | np.ndarray, limits: ImageLimits) -> np.ndarray:
-    """A request's image -> grey levels of shape (H, W), float32, on the source's own scale.
+    """A request's image -> grey levels of shape (H, W), uint8 or float32, on the source's own scale.
 
     bytes are the image file itself (the v2 protocol's binary BYTES elements)."""
     if isinstance(image, np.ndarray):
@@ -72,16 +74,85 @@ def ink_map(grey: np.ndarray) -> np.ndarray:
     darkest (or brightest) stroke, so a binary Omniglot PNG maps to exactly 1 - grey / 255, the
     training preprocessing, and faint scans or 0/1-valued pixel arrays are stretched to full ink.
     """
-    lo, hi = float(grey.min()), float(grey.max())
-    if hi == lo:
-        return np.zeros(grey.shape, dtype=np.float32)  # a blank image: no ink anywhere
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    paper = float(np.median(border))
-    if paper - lo >= hi - paper:  # light paper, dark ink
-        ink = (paper - grey) / (paper - lo)
-    else:
-        ink = (grey - paper) / (hi - paper)
-    return np.clip(ink, 0.0, 1.0).astype(np.float32)
+    return ink_maps(np.asarray(grey)[None])[0]
+
+
+def ink_maps(greys: np.ndarray) -> np.ndarray:
+    """`ink_map` of each image of a stack (n, H, W), in a few numpy calls for the whole stack (a
+    request's images cost far less than one by one); each image's ink is the same, bit for bit."""
+    x = np.asarray(greys, dtype=np.float32)
+    flat = x.reshape(len(x), -1)
+    # The per-image levels in float64, as Python floats would be: the polarity test is exact.
+    lo, hi = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
+    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
+    paper = np.median(border, axis=1).astype(np.float64)
+    dark = paper - lo >= hi - paper  # light paper, dark ink
+    blank = hi == lo  # no ink anywhere
+    scale = np.where(blank, 1.0, np.where(dark, paper - lo, hi - paper)).astype(np.float32)
+    ink = x - paper.astype(np.float32)[:, None, None]
+    np.negative(ink, out=ink, where=dark[:, None, None])  # paper - grey, exactly
+    ink /= scale[:, None, None]
+    ink[blank] = 0.0
+    return np.clip(ink, 0.0, 1.0, out=ink)
+
+
+def ink_stacks(greys: Sequence[np.ndarray]) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Images of any shapes -> (indices, their ink maps stacked) for each shape among them."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, grey in enumerate(greys):
+        by_shape.setdefault(grey.shape, []).append(i)
+    for indices in by_shape.values():
+        yield indices, ink_maps(np.stack([greys[i] for i in indices]))
+
+
+def model_inputs(images: Sequence[str | bytes | np.ndarray], limits: ImageLimits, size: int) -> np.ndarray:
+    """A request's images -> the model's inputs (n, size, size) float32: decoded one by one, then
+    ink and resizing for all images of a shape at once. A bad image raises InvalidImage or
+    ImageTooLarge with its position in `index`. Pure and picklable: it runs in threads or in
+    worker processes alike."""
+    greys = []
+    for i, image in enumerate(images):
+        try:
+            greys.append(decode(image, limits))
+        except (InvalidImage, ImageTooLarge) as exc:
+            exc.index = i
+            raise
+    out = np.empty((len(images), size, size), dtype=np.float32)
+    for indices, ink in ink_stacks(greys):  # a request's images are mostly of one size
+        out[indices] = resize(ink, size)
+    return out
+
+
+def resize(ink: np.ndarray, size: int) -> np.ndarray:
+    """Ink maps (n, H, W) -> (n, size, size) float32, as `model.data.to_model_input` does in
+    training: non-square images padded to a centred square, then area averaging.
+
+    Area averaging is separable (each output pixel averages a rectangle of rows x columns, the
+    windows of torch's adaptive_avg_pool2d), so it is two small matrix products per image, which
+    numpy runs for the whole stack in one call; no torch op runs, which keeps request threads off
+    torch's CPU thread team. Each image's result is the same, bit for bit, alone or in a stack.
+    """
+    x = np.asarray(ink, dtype=np.float32)
+    h, w = x.shape[-2:]
+    if h != w:
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        x = np.pad(x, ((0, 0), (top, side - h - top), (left, side - w - left)))
+    if x.shape[-1] != size:
+        rows = _area_weights(x.shape[-1], size)
+        x = rows @ x @ rows.T
+    return np.clip(x, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _area_weights(n: int, size: int) -> np.ndarray:
+    """(size, n): row i averages source pixels [floor(i n / size), ceil((i + 1) n / size))."""
+    weights = np.zeros((size, n), dtype=np.float32)
+    for i in range(size):
+        start, end = (i * n) // size, -((-(i + 1) * n) // size)
+        weights[i, start:end] = 1.0 / (end - start)
+    weights.flags.writeable = False
+    return weights
 
 
 def _unbase64(text: str, limits: ImageLimits) -> bytes:
@@ -140,4 +211,4 @@ def _grey(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(paper, rgba)
-    return np.asarray(img.convert("L"), dtype=np.float32)
+    return np.asarray(img.convert("L"))  # uint8: ink_maps converts the whole stack at once

@@ -41,6 +41,7 @@ class Runtime:
             self.engine = await run_in_threadpool(Engine.load, self.settings, self.metrics.observe_model)
             await self.engine.warm_up()
             tasks = TaskService(self.store, self.engine, self.settings, await self.store.count())
+            await tasks.open()
         except Exception as exc:
             self.failure = f"startup failed: {type(exc).__name__}: {exc}"
             log.error("%s", self.failure, exc_info=exc)
@@ -54,7 +55,9 @@ class Runtime:
     async def stop(self) -> None:
         """After the server has drained (or given up on) in-flight requests: stop the model, then
         close the store, so no write is cut off half way."""
-        self.tasks = None
+        tasks, self.tasks = self.tasks, None
+        if tasks is not None:
+            await tasks.close()
         if self.engine is not None:
             await self.engine.close()  # lets the model call in flight finish
         await self.store.close()

@@ -89,9 +89,12 @@ class Settings(BaseSettings):
     # registration runs alone with all of them.
     model_workers: int = Field(1, ge=1, le=64)
     # Where query images are decoded: "model-thread" (just before their forward, one request after
-    # another) or "workers" (a thread pool, requests in parallel); "auto" picks the model thread on
-    # a CPU device and workers on a GPU (see TaskService._queries).
-    query_decode: Literal["auto", "model-thread", "workers"] = "auto"
+    # another), "workers" (a thread pool, requests in parallel, all under the process's one GIL) or
+    # "processes" (decode_processes worker processes, which also take support sets); "auto" picks
+    # the model thread on a CPU device and processes on a GPU (see TaskService._queries).
+    query_decode: Literal["auto", "model-thread", "workers", "processes"] = "auto"
+    # Worker processes of query_decode=processes; 0 = half the cores, at least 1 and at most 8.
+    decode_processes: int = Field(0, ge=0, le=64)
     # Python's thread switch interval for the server process (sys.setswitchinterval), in ms.
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
 

@@ -9,9 +9,14 @@ is used only while it is at least as new as the task the store returns.
 from __future__ import annotations
 
 import asyncio
+import logging
+import multiprocessing
+import os
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
@@ -22,18 +27,68 @@ from starlette.concurrency import run_in_threadpool
 from service.batcher import Call
 from service.cache import ByteLRU
 from service.engine import Deferred, Engine, Memory, Scores
-from service.errors import ImageTooLarge, InvalidImage, InvalidInput, TooManyRequests
-from service.images import ImageLimits, decode, ink_map
+from service.errors import ImageTooLarge, InvalidImage, InvalidInput, ServiceError, TooManyRequests
+from service.images import ImageLimits, model_inputs
 from service.schemas import AttentionWeight, Example, LabelProbability, Prediction
 from service.settings import Settings
 from service.store import Page, TaskChanged, TaskInfo, TaskStore
 
+log = logging.getLogger("service.tasks")
 ImageInput = str | bytes | np.ndarray  # bytes: an image file (the v2 protocol's binary data)
 _NO_LIMIT = Call()
 _INLINE_IMAGES = 2  # requests of at most this many images, each at most _INLINE_BYTES encoded
 _INLINE_BYTES = 16 * 1024  # (or pixels of a pixel array) and _INLINE_PIXELS decoded, are decoded
 _INLINE_PIXELS = 256 * 256  # on the event loop
 _UPDATE_ATTEMPTS = 5  # compare-and-set rounds of one add_examples racing writers on other replicas
+
+
+class DecodeProcesses:
+    """Worker processes that turn request images into model inputs (`images.model_inputs`).
+
+    Threads of one process decode under its one GIL, beside the event loop and the model thread;
+    processes decode in parallel and hand back only (n, S, S) floats. A worker that dies (killed,
+    or crashed by an image) breaks the pool: it is replaced, and the requests it held are tried
+    once more in the new one; images that break that one too are refused as undecodable.
+    """
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes or min(8, max(1, (os.cpu_count() or 2) // 2))
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn: the server process has threads (and perhaps CUDA), which fork does not survive.
+        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        size, limits = 2, ImageLimits(1 << 10, 1 << 10)
+        blank = np.zeros((size, size), dtype=np.float32)
+        await asyncio.gather(*(loop.run_in_executor(self._pool, model_inputs, [blank], limits, size)
+                               for _ in range(self.processes)))
+
+    async def run(self, images: Sequence[ImageInput], field_of: Callable[[int], str], limits: ImageLimits,
+                  size: int) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            pool = self._pool
+            try:
+                return await loop.run_in_executor(pool, model_inputs, images, limits, size)
+            except (InvalidImage, ImageTooLarge) as exc:  # pickled back with its index
+                raise _located(exc, field_of) from None
+            except BrokenProcessPool:
+                log.warning("a decoding process died; starting a new pool (attempt %d)", attempt)
+                if self._pool is pool:  # the first request to see it replaces it
+                    self._pool = self._new_pool()
+                    pool.shutdown(wait=False, cancel_futures=True)
+        raise InvalidImage("decoding these images killed the decoding process twice")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _located(exc: InvalidImage | ImageTooLarge, field_of: Callable[[int], str]) -> ServiceError:
+    """An error of `images.model_inputs` (which knows the image's index) pinned to its field."""
+    return exc.located(field_of(exc.index or 0), exc.index)
 
 
 class Cached(NamedTuple):
@@ -52,8 +107,9 @@ class TaskService:
         self.n_tasks = n_tasks  # for the tasks gauge; counted once at startup, then kept current
         where = settings.query_decode  # see _queries
         if where == "auto":
-            where = "model-thread" if engine.info.device.startswith("cpu") else "workers"
+            where = "model-thread" if engine.info.device.startswith("cpu") else "processes"
         self.decode_on_model_thread = where == "model-thread"
+        self._decoders = DecodeProcesses(settings.decode_processes) if where == "processes" else None
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # ------------------------------------------------------------------------------- tasks
@@ -196,17 +252,13 @@ class TaskService:
     ) -> Callable[[], np.ndarray]:
         """A function that decodes, finds the ink and resizes: (n, S, S) float32 model inputs. A
         bad image raises InvalidImage or ImageTooLarge naming its field."""
-        size = self.engine.info.image_size
-        limits = limits or self.limits
+        size, limits = self.engine.info.image_size, limits or self.limits
 
         def run() -> np.ndarray:
-            out = np.empty((len(images), size, size), dtype=np.float32)
-            for i, image in enumerate(images):
-                try:
-                    out[i] = self.engine.to_input(ink_map(decode(image, limits)))
-                except (InvalidImage, ImageTooLarge) as exc:
-                    raise exc.located(field_of(i), i) from None
-            return out
+            try:
+                return model_inputs(images, limits, size)
+            except (InvalidImage, ImageTooLarge) as exc:
+                raise _located(exc, field_of) from None
         return run
 
     async def _queries(self, images: Sequence[ImageInput]) -> np.ndarray | Deferred:
@@ -217,15 +269,17 @@ class TaskService:
         it at every parallel region. On a GPU the forward is short and decoding on the model thread
         serialises with it: on an H100 each 32-image request took about 13.5 ms of the model
         thread against a 3.5 ms forward of 32 images
-        (bench/results/serving-2026-11-26-nvidia-h100-80gb-hbm3.json), so there requests decode in
-        parallel worker threads. Settings.query_decode overrides the choice.
+        (bench/results/serving-2026-11-26-nvidia-h100-80gb-hbm3.json). Decoding in threads beside
+        it did no better: the threads, the event loop and the model thread all wait for the one
+        GIL (a profile of that run: no thread busy, 32-image requests at 0.1 of the ceiling), so
+        on a GPU requests decode in worker processes. Settings.query_decode overrides the choice.
         """
         if self.decode_on_model_thread:
             return Deferred(len(images), self._decoder(images, lambda i: f"images[{i}]"))
         return await self._prepare(images, lambda i: f"images[{i}]")
 
     async def _prepare(self, images: Sequence[ImageInput], field_of: Callable[[int], str]) -> np.ndarray:
-        """Images -> model inputs, in a worker thread (or on the loop when tiny)."""
+        """Images -> model inputs, in a worker process or thread (or on the loop when tiny)."""
         if len(images) <= _INLINE_IMAGES and all(_small(image) for image in images):
             # A drawing or two of modest size decodes in a fraction of a millisecond: cheaper on
             # the event loop than the hop to a worker thread and back. The pixel cap keeps a
@@ -236,7 +290,18 @@ class TaskService:
             except ImageTooLarge:
                 if self.limits.max_pixels <= _INLINE_PIXELS:
                     raise
+        if self._decoders is not None:
+            return await self._decoders.run(images, field_of, self.limits, self.engine.info.image_size)
         return await run_in_threadpool(self._decoder(images, field_of))
+
+    async def open(self) -> None:
+        """Start the decoding processes, if any, so the first requests do not wait for them."""
+        if self._decoders is not None:
+            await self._decoders.open()
+
+    async def close(self) -> None:
+        if self._decoders is not None:
+            await run_in_threadpool(self._decoders.close)
 
     def _lock(self, task_id: str) -> asyncio.Lock:
         lock = self._locks.get(task_id)

@@ -31,9 +31,6 @@ class CountingEngine:
     def __init__(self) -> None:
         self.registrations = 0
 
-    def to_input(self, ink: np.ndarray) -> np.ndarray:
-        return np.resize(ink, (SIZE, SIZE)).astype(np.float32)
-
     async def register(self, support: np.ndarray, labels: Sequence[str], field: str = "examples",
                        offset: int = 0, call: object = None) -> Memory:
         self.registrations += 1

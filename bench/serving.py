@@ -340,7 +340,7 @@ def start_server(backend: str, args: argparse.Namespace, tmp: Path) -> ServicePr
                 **{name: getattr(args, name) for name in
                    ("batch_max_images", "batch_max_wait_ms", "max_pending", "max_queue_images",
                     "max_queue_wait_ms", "max_queue_wait_factor",
-                    "model_workers", "one_thread_below_images", "query_decode")}}
+                    "model_workers", "one_thread_below_images", "query_decode", "decode_processes")}}
     server = ServiceProcess(tmp / f"data-{backend}", tmp / f"server-{backend}.log", settings)
     return server.start(wait=False)
 
@@ -568,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one-thread-below-images", type=int,
                         help="METANET_ONE_THREAD_BELOW_IMAGES of the service")
     parser.add_argument("--query-decode", help="METANET_QUERY_DECODE of the service")
+    parser.add_argument("--decode-processes", type=int, help="METANET_DECODE_PROCESSES of the service")
     parser.add_argument("--timeout", type=float, default=60, help="seconds before a request is an error")
     omniglot = os.environ.get("METANET_OMNIGLOT_DIR") or REPO.parent / "shared" / "data" / "omniglot"
     parser.add_argument("--data-dir", type=Path, default=Path(omniglot), help="omniglot_evaluation.npz's")

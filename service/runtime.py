@@ -6,6 +6,7 @@ is warm; a load that fails calls `on_fatal` (the CLI stops the server and exits 
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 
@@ -48,6 +49,12 @@ class Runtime:
             self.on_fatal()
             return
         self.metrics.watch(tasks.cache, lambda: tasks.n_tasks, tasks.engine.batcher)
+        # What is loaded by now (the model, the libraries' modules: some 200k objects) lives as
+        # long as the process. Frozen out of the collector's sight, it is not walked again by
+        # every full collection, each a pause of the event loop and the model thread alike
+        # (85 ms here for gc.collect() after Engine.load, 0.0 ms after gc.freeze()).
+        gc.collect()
+        gc.freeze()
         self.tasks = tasks
         log.info("ready: model %s on %s, %d tasks in %s", self.engine.info.version,
                  self.engine.info.device, tasks.n_tasks, self.store)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 
 import httpx
@@ -44,3 +45,21 @@ def test_settings_come_from_metanet_environment_variables(monkeypatch) -> None:
     assert settings.api_keys == ("k1", "k2")
     assert settings.database_path == Path("/tmp/somewhere/tasks.sqlite3")
     assert Settings(port=1234).port == 1234  # explicit values (the CLI's flags) win
+
+
+def test_what_startup_loaded_is_frozen_out_of_the_collectors_sight(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path / "data", device="cpu"))
+    gc.unfreeze()
+    try:
+        async def scenario() -> None:
+            async with app.router.lifespan_context(app):
+                for _ in range(1200):
+                    if app.state.runtime.tasks is not None or app.state.runtime.failure is not None:
+                        break
+                    await asyncio.sleep(0.05)
+                assert app.state.runtime.tasks is not None, app.state.runtime.failure
+
+        asyncio.run(scenario())
+        assert gc.get_freeze_count() > 50_000  # the model, torch's and the service's modules
+    finally:
+        gc.unfreeze()

@@ -6,6 +6,8 @@ Nothing here imports `service` or `model`: the server is reached over HTTP only.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -151,3 +153,74 @@ def write_result(result: dict[str, Any], path: Path, markdown: str) -> Path:
     print(markdown)
     print(f"wrote {path}")
     return path
+
+
+class LeanClient:
+    """One keep-alive HTTP/1.1 connection over asyncio streams, for load generators.
+
+    httpx spends about a millisecond of CPU on each request (session 6's serving run: a third of a
+    core at 262 requests/s), CPU that a server sharing the machine's two cores then lacks. This
+    client writes each request in one piece and reads the status line, the headers and a
+    Content-Length or chunked body, nothing more. Plain http only; it reconnects after an error
+    or a `Connection: close`.
+    """
+
+    def __init__(self, url: str, timeout: float) -> None:
+        parts = httpx.URL(url)
+        if parts.scheme != "http":
+            raise ValueError(f"LeanClient speaks plain http only, not {parts.scheme}")
+        self.host, self.port = parts.host, parts.port or 80
+        self.timeout = timeout
+        self._reader: Any = None
+        self._writer: Any = None
+
+    async def post(self, path: str, body: bytes,
+                   content_type: str = "application/json") -> tuple[int, dict[str, str], bytes]:
+        """(status, headers with lower-case names, body). Raises OSError, EOFError-like
+        asyncio.IncompleteReadError or TimeoutError; the connection is then dropped."""
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self._writer is None:
+                    self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+                self._writer.write(head + body)
+                status, headers, data = await self._read_response()
+        except BaseException:
+            await self.close()
+            raise
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, headers, data
+
+    async def _read_response(self) -> tuple[int, dict[str, str], bytes]:
+        line = await self._reader.readuntil(b"\r\n")
+        version, _, rest = line.decode("latin-1").partition(" ")
+        if not version.startswith("HTTP/1."):
+            raise ConnectionError(f"not an HTTP/1.x status line: {line[:80]!r}")
+        status = int(rest.split(" ", 1)[0])
+        headers: dict[str, str] = {}
+        while (line := await self._reader.readuntil(b"\r\n")) != b"\r\n":
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            chunks = []
+            while size := int((await self._reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                chunks.append(await self._reader.readexactly(size + 2))  # the chunk and its CRLF
+            while await self._reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                pass
+            return status, headers, b"".join(chunk[:-2] for chunk in chunks)
+        return status, headers, await self._reader.readexactly(int(headers.get("content-length", 0)))
+
+    async def close(self) -> None:
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def __aenter__(self) -> LeanClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -7,8 +7,9 @@ a closed-loop HTTP load from a separate process, for each backend; a JSON record
 (a) In process: `classify` images/s at each batch size (the best is the ceiling), single-query
 latency, registration latency (5-way 1-shot, 20-way 5-shot) and a plain 5-layer conv net's forward
 images/s as a hardware reference. (b) `python -m service` on a free port with a fresh data directory,
-one 20-way 1-shot Omniglot task registered from 105x105 PNGs, then `concurrency` workers of an
-httpx.AsyncClient in a spawned process post classify requests back to back (1- and 32-image bodies,
+one 20-way 1-shot Omniglot task registered from 105x105 PNGs, then `concurrency` workers in a
+spawned process (uvloop, one keep-alive connection each: bench.harness.LeanClient, or
+httpx.AsyncClient with --client httpx) post classify requests back to back (1- and 32-image bodies,
 encoded once) for --seconds after --warmup; a worker refused with 429 waits out its Retry-After.
 Then, per request size, an overload phase at 10x the saturating concurrency: once with such
 workers (judged against the bar), once with workers that retry at once (reported).
@@ -48,7 +49,7 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `model` for the in-process half (torch is imported only there), `bench`
-from bench.harness import ServiceProcess, write_result  # noqa: E402
+from bench.harness import LeanClient, ServiceProcess, write_result  # noqa: E402
 
 WAY = 20  # the served task: 20-way 1-shot, as the accuracy test over HTTP
 BODIES = 16  # distinct pre-encoded request bodies per request size, cycled by the workers
@@ -277,18 +278,25 @@ def in_process(args: argparse.Namespace, ink: np.ndarray, tmp: Path) -> dict[str
 # ------------------------------------------------------------------------------- load generator
 
 def generate(url: str, path: str, bodies: list[bytes], images: int, concurrency: int, warmup: float,
-             seconds: float, timeout: float, wait_on_429: bool) -> dict[str, Any]:
+             seconds: float, timeout: float, wait_on_429: bool, lean: bool = True) -> dict[str, Any]:
     """Closed loop, run in a spawned process: `concurrency` workers post `bodies` back to back.
     After a 429 a worker waits the answer's Retry-After before its next request when
     `wait_on_429` (what HTTP asks of a client, and what `metanet_client` does with `retries`),
     else it sends the next at once. Requests that finish within the `seconds` after `warmup`
     count; a wait is not part of any request's latency."""
-    return asyncio.run(_generate(url, path, bodies, images, concurrency, warmup, seconds, timeout,
-                                 wait_on_429))
+    try:  # uvloop (uvicorn[standard] brings it) spends less CPU per request than asyncio's loop
+        import uvloop
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_generate(url, path, bodies, images, concurrency, warmup, seconds, timeout,
+                                    wait_on_429, lean))
 
 
 async def _generate(url: str, path: str, bodies: list[bytes], images: int, concurrency: int,
-                    warmup: float, seconds: float, timeout: float, wait_on_429: bool) -> dict[str, Any]:
+                    warmup: float, seconds: float, timeout: float, wait_on_429: bool,
+                    lean: bool) -> dict[str, Any]:
     ok: list[float] = []
     rejected: list[float] = []
     statuses: Counter[str] = Counter()
@@ -298,18 +306,28 @@ async def _generate(url: str, path: str, bodies: list[bytes], images: int, concu
     cpu0 = time.process_time()
 
     async def worker(i: int) -> None:
-        # One client (one keep-alive connection) per worker: httpx's pool scans its connections on
-        # every request, which at 320 connections in one pool made the generator its own bottleneck
-        # (a whole core, 429s taking seconds on the client side). They share one SSL context:
-        # building one per client costs ~25 ms of CPU.
+        # One client (one keep-alive connection) per worker. Over plain http a LeanClient: httpx
+        # cost about 1 ms of CPU per request, a third of a core at 262 requests/s taken from the
+        # server on a 2-core machine. Over https httpx, one client per worker too (its pool scans
+        # its connections on every request, which at 320 connections in one pool made the
+        # generator its own bottleneck); they share one SSL context (~25 ms of CPU to build).
         k = i
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, verify=tls) as client:
+        if lean and url.startswith("http://"):
+            client: Any = LeanClient(url, timeout)
+        else:
+            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            client = httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, verify=tls)
+        async with client:
             while (start := time.perf_counter()) < t1:
+                retry_after = "1"
                 try:
-                    response = await client.post(path, content=bodies[k % len(bodies)], headers=JSON)
-                    status = str(response.status_code)
-                except httpx.HTTPError as exc:
+                    if isinstance(client, LeanClient):
+                        code, headers, _ = await client.post(path, bodies[k % len(bodies)])
+                    else:
+                        response = await client.post(path, content=bodies[k % len(bodies)], headers=JSON)
+                        code, headers = response.status_code, response.headers
+                    status, retry_after = str(code), headers.get("retry-after", "1")
+                except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
                     status = type(exc).__name__
                 end = time.perf_counter()
                 k += 1
@@ -321,7 +339,7 @@ async def _generate(url: str, path: str, bodies: list[bytes], images: int, concu
                         rejected.append(end - start)
                 if status == "429" and wait_on_429:
                     # plus up to 10% at random, as metanet_client's retries wait
-                    pause = float(response.headers.get("retry-after", 1)) * random.uniform(1.0, 1.1)
+                    pause = float(retry_after) * random.uniform(1.0, 1.1)
                     await asyncio.sleep(min(pause, t1 - end))
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
@@ -392,7 +410,7 @@ def serve_backend(backend: str, args: argparse.Namespace, ink: np.ndarray, ceili
 
         def drive(size: int, concurrency: int, wait_on_429: bool = True) -> dict[str, Any]:
             raw = pool.submit(generate, server.url, path, bodies[size], size, concurrency, args.warmup,
-                              args.seconds, args.timeout, wait_on_429).result()
+                              args.seconds, args.timeout, wait_on_429, args.client == "lean").result()
             row = phase_row(raw, backend, size, concurrency, ceiling)
             row["clients"] = "wait Retry-After" if wait_on_429 else "retry at once"
             log(f"  {backend} {size:3d} images x {concurrency:4d}: {row['images_per_s']:8.1f} images/s, "
@@ -570,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query-decode", help="METANET_QUERY_DECODE of the service")
     parser.add_argument("--decode-processes", type=int, help="METANET_DECODE_PROCESSES of the service")
     parser.add_argument("--timeout", type=float, default=60, help="seconds before a request is an error")
+    parser.add_argument("--client", choices=("lean", "httpx"), default="lean",
+                        help="the load generator's HTTP client: bench.harness.LeanClient (default) or "
+                        "httpx.AsyncClient (the client of the runs before session 6)")
     omniglot = os.environ.get("METANET_OMNIGLOT_DIR") or REPO.parent / "shared" / "data" / "omniglot"
     parser.add_argument("--data-dir", type=Path, default=Path(omniglot), help="omniglot_evaluation.npz's")
     parser.add_argument("--seed", type=int, default=2017)

@@ -96,6 +96,7 @@ class Engine:
     def load(cls, settings: Settings, observe: Callable[[str, float], None] | None = None) -> Engine:
         """Build the engine: blocking (weights from disk, maybe an ONNX export), so call it from a
         worker thread."""
+        heap.retain(settings.heap_retain_mb)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         device = pick_device(settings.device)

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     # malloc_trim on the model thread), so resident memory follows what the service holds rather
     # than its largest burst so far; 0 = never.
     heap_trim_idle_s: float = Field(1.0, ge=0)
+    # Freed heap glibc keeps for the next forward instead of returning it to the OS at once (MB;
+    # allocations up to 32 MB come from the heap); the idle trim above still returns it. 0 =
+    # glibc's defaults, under which every large forward faulted in fresh pages (see service/heap.py).
+    heap_retain_mb: int = Field(256, ge=0, le=65536)
     # A torch forward on the CPU of fewer query images than this runs on one intra-op thread:
     # waking torch's sleeping thread team (OMP_WAIT_POLICY=PASSIVE, see service/__init__.py) at
     # each of a forward's parallel regions costs more than a small batch gains from a second core

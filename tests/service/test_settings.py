@@ -14,7 +14,8 @@ BAD = [
     ("request_timeout_s", "0"), ("gil_switch_interval_ms", "1000"), ("m_dtype", "float8"),
     ("backend", "tensorrt"), ("device", "tpu"), ("cache_bytes", "lots"),
     ("one_thread_below_images", "-1"), ("one_thread_below_images", "few"), ("query_decode", "gpu"),
-    ("decode_processes", "-1"), ("decode_processes", "many"),
+    ("decode_processes", "-1"), ("decode_processes", "many"), ("heap_retain_mb", "-1"),
+    ("heap_retain_mb", "lots"),
     ("model_workers", "0"), ("model_workers", "two"),
 ]
 

@@ -10,10 +10,12 @@ Under load the opposite holds: a forward's large buffers (a 32-image batch alloc
 im2col columns, per-query fast weights) must not go back to the OS after every call, or each
 forward pays for fresh zeroed pages again. `retain(mb)` has glibc serve allocations of up to 32 MB
 from the heap (M_MMAP_THRESHOLD) and keep up to `mb` MB of freed heap (M_TRIM_THRESHOLD) until the
-idle `trim()`. Setting them also turns off glibc's own threshold adjustment, which never adapts to
-buffers over 32 MB; either setting alone made things worse (session 6, 32 clients of 32-image
-requests for 8 s: 14,600 page faults per request with glibc's defaults, 12,000 with the mmap
-threshold alone, 54,000 with the trim threshold alone, 3 with both, and 15.6 -> 20.4 requests/s).
+idle `trim()`. Setting them also turns off glibc's own threshold adjustment, which adapts to some
+allocation orders and not others. Session 6, 32 clients of 32-image requests for 6-8 s: with
+glibc's defaults 13,000 to 16,000 page faults per request in 3 of 4 runs (62 in the fourth) and
+19 to 20 requests/s; with both thresholds set under 60 in 6 of 6 runs and 22.6 to 25 requests/s.
+Either setting alone did not help (12,000 faults with the mmap threshold alone, 54,000 with the
+trim threshold alone, which leaves every allocation over 128 KB to mmap).
 """
 
 from __future__ import annotations

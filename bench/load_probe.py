@@ -1,0 +1,112 @@
+"""A quick probe of one load shape: what the server process spends per request.
+
+    python bench/load_probe.py --concurrency 32 --images 32 --seconds 8
+    python bench/load_probe.py --concurrency 32 --images 1 --set model_workers=2 --set heap_retain_mb=0
+
+Starts `python -m service` (CPU unless --set device=...) with the given METANET_* settings,
+registers a 20-way one-shot Omniglot task, and drives it with `--concurrency` LeanClients in this
+process (a client refused with 429 waits out its Retry-After) for `--seconds`. Prints one line:
+answered requests/s, their p50 / p99, the server's CPU time (user, system) and minor page faults
+per answered request from /proc, and the average batch from /metrics. Nothing is recorded: it is
+for finding out where a setting matters, before `bench/serving.py` measures it properly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import LeanClient, ServiceProcess, parse_metrics  # noqa: E402
+from bench.serving import WAY, as_png, omniglot_ink, percentile  # noqa: E402
+
+
+def proc_stat(pid: int) -> tuple[float, float, int]:
+    """(user seconds, system seconds, minor faults) of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7])
+
+
+async def drive(url: str, path: str, bodies: list[bytes], concurrency: int, seconds: float) -> list[float]:
+    latencies: list[float] = []
+    end = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        async with LeanClient(url, timeout=120) as lean:
+            k = i
+            while (start := time.perf_counter()) < end:
+                status, headers, _ = await lean.post(path, bodies[k % len(bodies)])
+                k += 1
+                if status == 200:
+                    latencies.append(time.perf_counter() - start)
+                elif status == 429:
+                    pause = float(headers.get("retry-after", 1)) * random.uniform(1.0, 1.1)
+                    await asyncio.sleep(min(pause, max(0.0, end - time.perf_counter())))
+                else:
+                    raise RuntimeError(f"unexpected status {status}")
+
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return latencies
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--images", type=int, default=1, help="images per request")
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a service setting, e.g. model_workers=2 (METANET_MODEL_WORKERS)")
+    omniglot = (os.environ.get("METANET_OMNIGLOT_DIR")
+                or Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot")
+    parser.add_argument("--data-dir", type=Path, default=Path(omniglot))
+    args = parser.parse_args(argv)
+    settings: dict[str, str] = {"device": "cpu"}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--set takes NAME=VALUE, not {item!r}")
+        settings[name] = value
+
+    ink, _ = omniglot_ink(args.data_dir, max(WAY, 40), 2017)
+    queries = [as_png(ink[c, d]) for d in range(1, ink.shape[1]) for c in range(WAY)]
+    bodies = [json.dumps({"images": [queries[(i * args.images + j) % len(queries)]
+                                     for j in range(args.images)], "top_k": 1}).encode() for i in range(16)]
+    with tempfile.TemporaryDirectory(prefix="metanet-probe-") as tmp:
+        server = ServiceProcess(Path(tmp) / "data", Path(tmp) / "server.log", settings).start()
+        try:
+            with httpx.Client(base_url=server.url, timeout=300) as client:
+                support = [{"label": f"c{c}", "image": as_png(ink[c, 0])} for c in range(WAY)]
+                created = client.post("/v1/tasks", json={"examples": support})
+                created.raise_for_status()
+                path = f"/v1/tasks/{created.json()['task_id']}/classify"
+                before_metrics = parse_metrics(client.get("/metrics").text)
+                user0, sys0, faults0 = proc_stat(server.pid)
+                latencies = asyncio.run(drive(server.url, path, bodies, args.concurrency, args.seconds))
+                user1, sys1, faults1 = proc_stat(server.pid)
+                after_metrics = parse_metrics(client.get("/metrics").text)
+        finally:
+            server.stop()
+    n = max(len(latencies), 1)
+    batches = after_metrics.get("metanet_batches_total", 0) - before_metrics.get("metanet_batches_total", 0)
+    images = (after_metrics.get("metanet_batched_images_total", 0)
+              - before_metrics.get("metanet_batched_images_total", 0))
+    print(f"{len(latencies) / args.seconds:.1f} requests/s, p50 {1000 * percentile(latencies, 0.5):.1f} ms, "
+          f"p99 {1000 * percentile(latencies, 0.99):.1f} ms; server per request: "
+          f"{1000 * (user1 - user0) / n:.2f} ms user + {1000 * (sys1 - sys0) / n:.2f} ms system CPU, "
+          f"{(faults1 - faults0) / n:.0f} minor faults; batches of {images / max(batches, 1):.1f} images "
+          f"({settings})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

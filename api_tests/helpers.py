@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,24 @@ class Server(ServiceProcess):
     def as_user(self, key: str) -> httpx.Client:
         """A client that sends `key` as its bearer token (a tenant of a keyed server)."""
         return self.client(headers={"Authorization": f"Bearer {key}"})
+
+
+
+def running(server: Server) -> Iterator[Server]:
+    """For module fixtures: `yield from running(Server(...))` starts it, and stops it afterwards."""
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def registered(server: Server, kinds: Sequence[str]) -> dict[str, Any]:
+    """The record of a new task of one glyph per kind (its 201 checked)."""
+    with server.client() as client:
+        response = client.post("/v1/tasks", json={"examples": examples(kinds)})
+    assert response.status_code == 201, response.text
+    result: dict[str, Any] = response.json()
+    return result
 
 
 # ------------------------------------------------------------------------------------- images

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from api_tests.helpers import GLYPHS, Server, as_matrix, examples, metrics, png
+from api_tests.helpers import GLYPHS, Server, as_matrix, examples, metrics, png, registered, running
 
 KINDS = list(GLYPHS)
 QUERY_IMAGES = [png(kind, shift=(dx, 2), stroke=5) for kind in KINDS for dx in (-3, 3)]  # 12
@@ -25,21 +25,13 @@ QUERY_IMAGES = [png(kind, shift=(dx, 2), stroke=5) for kind in KINDS for dx in (
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("batching") / "data", batch_max_wait_ms=25,
-                    batch_max_images=64, max_examples=100, max_images_per_request=100)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from running(Server(tmp_path_factory.mktemp("batching") / "data", batch_max_wait_ms=25,
+                              batch_max_images=64, max_examples=100, max_images_per_request=100))
 
 
 @pytest.fixture(scope="module")
 def task(server: Server) -> dict[str, Any]:
-    with server.client() as client:
-        response = client.post("/v1/tasks", json={"examples": examples(KINDS)})
-        assert response.status_code == 201, response.text
-        return response.json()
+    return registered(server, KINDS)
 
 
 def classify(client: httpx.Client, task_id: str, images: list[str], **headers: str) -> httpx.Response:

@@ -16,7 +16,18 @@ import httpx
 import numpy as np
 import pytest
 
-from api_tests.helpers import GLYPHS, Server, as_matrix, assert_error, b64, bomb_png, examples, png
+from api_tests.helpers import (
+    GLYPHS,
+    Server,
+    as_matrix,
+    assert_error,
+    b64,
+    bomb_png,
+    examples,
+    png,
+    registered,
+    running,
+)
 
 KINDS = list(GLYPHS)
 QUERIES = [png(kind, shift=(dx, 2), stroke=5) for kind in KINDS for dx in (-3, 3)]  # 12: to the processes
@@ -24,20 +35,13 @@ QUERIES = [png(kind, shift=(dx, 2), stroke=5) for kind in KINDS for dx in (-3, 3
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("decode-processes") / "data", query_decode="processes",
-                    decode_processes=2, max_image_pixels=1_000_000)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    yield from running(Server(tmp_path_factory.mktemp("decode-processes") / "data", query_decode="processes",
+                              decode_processes=2, max_image_pixels=1_000_000))
 
 
 @pytest.fixture(scope="module")
 def task(server: Server) -> dict[str, Any]:
-    with server.client() as client:
-        response = client.post("/v1/tasks", json={"examples": examples(KINDS)})  # 6: to the processes
-        assert response.status_code == 201, response.text
-        return response.json()
+    return registered(server, KINDS)  # 6 examples: decoded in the processes
 
 
 def decoders(server: Server) -> list[int]:

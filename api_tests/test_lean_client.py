@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from api_tests.helpers import GLYPHS, Server, examples, png
+from api_tests.helpers import GLYPHS, Server, png, registered, running
 from bench.harness import LeanClient, free_port
 
 NEVER = "0123456789abcdef0123456789abcdef"  # a task id no one has
@@ -21,19 +21,12 @@ NEVER = "0123456789abcdef0123456789abcdef"  # a task id no one has
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("lean-client") / "data")
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    yield from running(Server(tmp_path_factory.mktemp("lean-client") / "data"))
 
 
 @pytest.fixture(scope="module")
 def task(server: Server) -> dict[str, Any]:
-    with server.client() as client:
-        response = client.post("/v1/tasks", json={"examples": examples(GLYPHS)})
-        assert response.status_code == 201, response.text
-        return response.json()
+    return registered(server, GLYPHS)
 
 
 def test_it_reads_what_httpx_reads_over_one_connection(server: Server, task: dict[str, Any]) -> None:

@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     bodies = [json.dumps({"images": [queries[(i * args.images + j) % len(queries)]
                                      for j in range(args.images)], "top_k": 1}).encode() for i in range(16)]
     with tempfile.TemporaryDirectory(prefix="metanet-probe-") as tmp:
-        server = ServiceProcess(Path(tmp) / "data", Path(tmp) / "server.log", settings).start()
+        try:
+            server = ServiceProcess(Path(tmp) / "data", Path(tmp) / "server.log", settings).start()
+        except RuntimeError as exc:  # e.g. a --set value the service refuses: its own message
+            print(f"load_probe.py: the service did not start: {exc}", file=sys.stderr)
+            return 2
         try:
             with httpx.Client(base_url=server.url, timeout=300) as client:
                 support = [{"label": f"c{c}", "image": as_png(ink[c, 0])} for c in range(WAY)]

@@ -65,15 +65,18 @@ def serve(settings: Settings) -> int:
     signal's."""
     import uvicorn
 
+    from service.wire import OneSendHttpProtocol
+
     # The model thread needs the GIL between torch ops (hundreds per forward) while the event loop
     # thread runs Python for every request; with the default 5 ms switch interval a busy loop made
     # each of those hand-overs wait up to 5 ms. A shorter interval lets the model thread back in.
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     configure_logging(settings)
     app = create_app(settings)
-    # log_config=None: keep our handlers; access_log=False: RequestLogMiddleware writes that line.
+    # log_config=None: keep our handlers; access_log=False: RequestLogMiddleware writes that line;
+    # http: each response in one send (service/wire.py).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            log_config=None, access_log=False,
+                            log_config=None, access_log=False, http=OneSendHttpProtocol,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s)
     server = uvicorn.Server(config)
     runtime: Runtime = app.state.runtime

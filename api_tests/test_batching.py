@@ -259,3 +259,42 @@ def test_two_model_workers_and_worker_decoding_answer_as_one_model_thread(server
     assert batches >= len(QUERY_IMAGES) // 2  # batches of at most 2 images
     assert broken.status_code == 422, broken.text
     assert broken.json()["error"]["details"]["field"] == "images[1]"
+
+
+def test_a_request_larger_than_a_batch_runs_in_parts_answering_as_one_forward(server, task, tmp_path) -> None:
+    """METANET_BATCH_MAX_IMAGES bounds every forward: 12 images with batches of 5 run as three
+    forwards of 4 (on two model workers, side by side), and the answer is that of one forward of
+    12, attention included; a broken image in any part fails the request naming its own index."""
+    body = {"images": QUERY_IMAGES, "top_k": 6, "explain": True}
+    with server.client() as client:
+        want = client.post(f"/v1/tasks/{task['task_id']}/classify", json=body).json()["predictions"]
+    parts = Server(tmp_path / "data", model_workers=2, batch_max_images=5)
+    try:
+        parts.start()
+        with parts.client() as client:
+            created = client.post("/v1/tasks", json={"examples": examples(KINDS)}).json()
+            before = metrics(client)
+            response = client.post(f"/v1/tasks/{created['task_id']}/classify", json=body)
+            after = metrics(client)
+            broken = {}
+            for index in (2, 9):
+                images = list(QUERY_IMAGES)
+                images[index] = "not base64!"
+                broken[index] = client.post(f"/v1/tasks/{created['task_id']}/classify",
+                                            json={"images": images})
+            again = client.post(f"/v1/tasks/{created['task_id']}/classify", json=body)
+    finally:
+        parts.stop()
+    assert response.status_code == 200, response.text
+    assert again.json() == response.json()
+    got = response.json()["predictions"]
+    np.testing.assert_allclose(as_matrix(got, task["labels"]), as_matrix(want, task["labels"]), atol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        assert [a["example_index"] for a in g["attention"]] == [a["example_index"] for a in w["attention"]]
+        weights = [[a["weight"] for a in p["attention"]] for p in (g, w)]
+        np.testing.assert_allclose(*weights, atol=1e-5)
+    assert after["metanet_batches_total"] - before["metanet_batches_total"] == 3
+    assert after["metanet_batched_images_total"] - before["metanet_batched_images_total"] == 12
+    for index, refused in broken.items():
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["details"]["field"] == f"images[{index}]"

@@ -174,16 +174,36 @@ class Batcher(Generic[P, R]):
 
     async def submit(self, payload: P, n_images: int, call: Call, reserved: int = 0) -> R:
         """Queue a batchable job and wait for its result (`reserved`: what `reserve` returned)."""
+        return (await self.submit_parts([(payload, n_images)], call, reserved))[0]
+
+    async def submit_parts(self, parts: Sequence[tuple[P, int]], call: Call, reserved: int = 0) -> list[R]:
+        """Queue the parts of one request (payload, images) as jobs of their own, admitted or
+        refused together, and wait for all their results; the first failure raises, and the parts
+        still queued are dropped."""
         if reserved:
             self.release(reserved)
         else:
-            self._admit(n_images)
-        return await self._wait(_Job(call, self._future(), n_images=n_images, payload=payload))
+            self._admit(sum(n for _, n in parts))
+        jobs = [_Job(call, self._future(), n_images=n, payload=payload) for payload, n in parts]
+        for job in jobs:
+            self._enqueue(job)
+        try:
+            return [await self._result(job) for job in jobs]
+        finally:
+            for job in jobs:
+                if not job.future.done():
+                    job.future.cancel()  # the dispatcher drops it, or discards its result
 
     async def submit_solo(self, fn: Callable[[], R], call: Call) -> R:
         """Queue a job that runs alone (a registration) and wait for its result."""
         self._admit(0)
-        return await self._wait(_Job(call, self._future(), solo=fn))
+        job: _Job[P] = _Job(call, self._future(), solo=fn)
+        self._enqueue(job)
+        try:
+            return await self._result(job)
+        finally:
+            if not job.future.done():
+                job.future.cancel()
 
     async def close(self) -> None:
         """Stop dispatching; jobs still queued or running get NotReady."""
@@ -257,19 +277,20 @@ class Batcher(Generic[P, R]):
             self._dispatcher = loop.create_task(self._dispatch(), name="metanet-batcher")
         return loop.create_future()
 
-    async def _wait(self, job: _Job[P]) -> Any:
+    def _enqueue(self, job: _Job[P]) -> None:
         self._queue.append(job)
         self._queued_images += job.n_images if job.payload is not None else 0
         assert self._wake is not None
         self._wake.set()
+
+    async def _result(self, job: _Job[P]) -> Any:
+        """The job's result by its deadline (the caller cancels the job's future if it gives up:
+        the dispatcher then drops the job, or discards its result)."""
         timeout = job.call.deadline - time.monotonic()
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout if timeout < math.inf else None)
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed before the model answered") from None
-        finally:
-            if not job.future.done():
-                job.future.cancel()  # the dispatcher drops it, or discards its result
 
     # ---------------------------------------------------------------------------- dispatcher
 

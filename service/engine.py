@@ -158,9 +158,22 @@ class Engine:
     ) -> Scores:
         """Class probabilities of queries (n, S, S), or of what a Deferred prepares on the model
         thread, batched with other requests' queries (`reserved`: the images this request was
-        admitted for by `batcher.reserve`)."""
-        job = _Query(memory, queries, explain)
-        return await self._timed("classify", self.batcher.submit(job, len(queries), call, reserved))
+        admitted for by `batcher.reserve`).
+
+        More queries than a batch holds are split into near-equal parts of at most
+        `batch_max_images`, queued together: each part's forward is of a size the model runs
+        well (a 128-image forward runs slower per image than four of 32 on a CPU), and with
+        several model workers the parts of one large request run side by side."""
+        n = len(queries)
+        parts = _parts(n, self.batcher.max_batch_images)
+        if len(parts) == 1:
+            job = _Query(memory, queries, explain)
+            return await self._timed("classify", self.batcher.submit(job, n, call, reserved))
+        jobs = [(_Query(memory, _part(queries, start, stop), explain), stop - start) for start, stop in parts]
+        scores = await self._timed("classify", self.batcher.submit_parts(jobs, call, reserved))
+        attention = [s.attention for s in scores if s.attention is not None]
+        return Scores(np.concatenate([s.probs for s in scores]),
+                      np.concatenate(attention) if attention else None)
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -247,6 +260,19 @@ class Engine:
         return outputs
 
 
+def _parts(n: int, most: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges splitting n items into the fewest near-equal parts of at most `most`."""
+    count = max(1, -(-n // most))
+    bounds = [n * i // count for i in range(count + 1)]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+def _part(queries: np.ndarray | Deferred, start: int, stop: int) -> np.ndarray | Deferred:
+    if isinstance(queries, Deferred):
+        return queries.part(start, stop)
+    return queries[start:stop]
+
+
 def _batch_threads(team: int, workers: int) -> int:
     """A classify batch's threads: its worker's share of the team."""
     return max(1, team // workers)
@@ -269,14 +295,22 @@ def _threads_for(n: int) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Deferred:
-    """Query inputs prepared on the model thread just before their forward: `prepare()` returns
-    the (n, S, S) float32 model inputs, or raises the client's error."""
+    """Query inputs prepared on the model thread just before their forward: `prepare(start, stop)`
+    returns the (stop - start, S, S) float32 model inputs of a request's images [start, stop), or
+    raises the client's error (naming the image by its place in the request)."""
 
     n: int
-    prepare: Callable[[], np.ndarray]
+    prepare: Callable[[int, int], np.ndarray]
+    start: int = 0  # this part's place among the request's images
 
     def __len__(self) -> int:
         return self.n
+
+    def part(self, start: int, stop: int) -> Deferred:
+        return Deferred(stop - start, self.prepare, self.start + start)
+
+    def inputs(self) -> np.ndarray:
+        return self.prepare(self.start, self.start + self.n)
 
 
 @dataclass(frozen=True)
@@ -288,7 +322,7 @@ class _Query:
     def prepared(self) -> _Query:
         if not isinstance(self.queries, Deferred):
             return self
-        x = self.queries.prepare()
+        x = self.queries.inputs()
         if len(x) != self.queries.n:
             raise RuntimeError(f"prepared {len(x)} inputs for a job of {self.queries.n} images")
         return _Query(self.memory, x, self.explain)

@@ -275,7 +275,9 @@ class TaskService:
         on a GPU requests decode in worker processes. Settings.query_decode overrides the choice.
         """
         if self.decode_on_model_thread:
-            return Deferred(len(images), self._decoder(images, lambda i: f"images[{i}]"))
+            def prepare(start: int, stop: int) -> np.ndarray:
+                return self._decoder(images[start:stop], lambda i: f"images[{start + i}]")()
+            return Deferred(len(images), prepare)
         return await self._prepare(images, lambda i: f"images[{i}]")
 
     async def _prepare(self, images: Sequence[ImageInput], field_of: Callable[[int], str]) -> np.ndarray:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
-from service.engine import _threads_for
+from service.engine import Deferred, _parts, _threads_for
 
 
 @pytest.fixture
@@ -54,3 +55,28 @@ def test_each_worker_thread_keeps_its_own_count(team: int) -> None:
         done.set()
         worker.join()
     assert seen == {"one": 1, "team": team}
+
+
+@pytest.mark.parametrize(("n", "most", "sizes"), [
+    (1, 32, [1]), (32, 32, [32]), (33, 32, [16, 17]), (128, 32, [32] * 4), (12, 5, [4, 4, 4]),
+    (7, 1, [1] * 7),
+])
+def test_a_request_is_split_into_the_fewest_near_equal_parts(n: int, most: int, sizes: list[int]) -> None:
+    parts = _parts(n, most)
+    assert [stop - start for start, stop in parts] == sizes
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+
+
+def test_a_deferred_part_prepares_its_own_images_by_their_place_in_the_request() -> None:
+    seen = []
+
+    def prepare(start: int, stop: int) -> np.ndarray:
+        seen.append((start, stop))
+        return np.zeros((stop - start, 2, 2), np.float32)
+
+    whole = Deferred(10, prepare)
+    part = whole.part(6, 10)
+    assert len(part) == 4 and part.inputs().shape == (4, 2, 2)
+    assert len(whole.inputs()) == 10
+    assert seen == [(6, 10), (0, 10)]

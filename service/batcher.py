@@ -55,6 +55,9 @@ class _Job(Generic[P]):
     payload: P | None = None  # batchable job
     solo: Callable[[], Any] | None = None  # job that runs alone
     enqueued: float = field(default_factory=time.monotonic)
+    # Whether it counts as a pending request: only a request's last part does (parts start in
+    # order, so the request counts until its last part is done).
+    counted: bool = True
 
 
 class BatchCost:
@@ -138,7 +141,8 @@ class Batcher(Generic[P, R]):
         self._queue: deque[_Job[P]] = deque()
         self._queued_images = 0  # images of the batchable jobs in the queue
         self._reserved_images = 0  # images of requests admitted by `reserve`, still being decoded
-        self._running = 0  # jobs handed to the workers
+        self._queued = 0  # requests queued: counted jobs in the queue
+        self._running = 0  # requests running: counted jobs handed to the workers
         self._batches: dict[asyncio.Task[None], list[_Job[P]]] = {}  # what each worker runs
         self._started: dict[asyncio.Task[None], float] = {}  # when (time.monotonic()) it began
         self._solo_running = False
@@ -150,8 +154,8 @@ class Batcher(Generic[P, R]):
 
     @property
     def pending(self) -> int:
-        """Jobs queued or running."""
-        return len(self._queue) + self._running
+        """Requests queued or running (a request split into parts counts once)."""
+        return self._queued + self._running
 
     @property
     def queued_images(self) -> int:
@@ -184,7 +188,8 @@ class Batcher(Generic[P, R]):
             self.release(reserved)
         else:
             self._admit(sum(n for _, n in parts))
-        jobs = [_Job(call, self._future(), n_images=n, payload=payload) for payload, n in parts]
+        jobs = [_Job(call, self._future(), n_images=n, payload=payload, counted=i == len(parts) - 1)
+                for i, (payload, n) in enumerate(parts)]
         for job in jobs:
             self._enqueue(job)
         try:
@@ -217,6 +222,7 @@ class Batcher(Generic[P, R]):
         await asyncio.gather(*self._batches, return_exceptions=True)
         while self._queue:
             running.append(self._queue.popleft())
+        self._queued = 0
         for job in running:
             if not job.future.done():
                 job.future.set_exception(NotReady("the service is shutting down"))
@@ -279,6 +285,7 @@ class Batcher(Generic[P, R]):
 
     def _enqueue(self, job: _Job[P]) -> None:
         self._queue.append(job)
+        self._queued += job.counted
         self._queued_images += job.n_images if job.payload is not None else 0
         assert self._wake is not None
         self._wake.set()
@@ -311,6 +318,7 @@ class Batcher(Generic[P, R]):
                 batch = self._take_batch()
             else:
                 batch = [self._queue.popleft()]
+                self._queued -= batch[0].counted
             batch = await self._still_wanted(batch)
             if batch:
                 self._start(loop, batch)
@@ -325,7 +333,8 @@ class Batcher(Generic[P, R]):
         return len(self._batches) < self.workers
 
     def _start(self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P]]) -> None:
-        self._running += len(batch)
+        counted = sum(job.counted for job in batch)
+        self._running += counted
         self._solo_running = batch[0].solo is not None
         self._busy_since_idle = True
         task = loop.create_task(self._run(loop, batch))
@@ -335,7 +344,7 @@ class Batcher(Generic[P, R]):
         def finished(task: asyncio.Task[None]) -> None:
             self._batches.pop(task, None)
             self._started.pop(task, None)
-            self._running -= len(batch)
+            self._running -= counted
             if batch[0].solo is not None:
                 self._solo_running = False
             if self._wake is not None:
@@ -383,6 +392,7 @@ class Batcher(Generic[P, R]):
             if job.payload is not None and (not batch or images + job.n_images <= self.max_batch_images):
                 batch.append(job)
                 images += job.n_images
+                self._queued -= job.counted
                 self._queued_images -= job.n_images
             else:
                 kept.append(job)

@@ -60,7 +60,11 @@ class Settings(BaseSettings):
     # few ms can pay off).
     # The queue is bounded: past `max_pending` model jobs (queued or running) or `max_queue_images`
     # queued images, requests get 429 with Retry-After rather than an ever longer wait.
-    batch_max_images: int = Field(32, ge=1)
+    # Every forward holds at most `batch_max_images`: a larger request runs in near-equal parts
+    # (side by side on several model workers). 0 = by device: on a CPU 16 images per thread of a
+    # worker (one-thread forwards of 16 side by side were the best shape measured on 2 cores), on
+    # a GPU 256 (a forward there is launch-bound: many requests should share one).
+    batch_max_images: int = Field(0, ge=0)
     batch_max_wait_ms: float = Field(0.0, ge=0)
     max_pending: int = Field(64, ge=1, description="model jobs queued or running before requests get 429")
     max_queue_images: int = Field(1024, ge=1, description="query images queued before requests get 429")
@@ -90,8 +94,9 @@ class Settings(BaseSettings):
     one_thread_below_images: int = Field(8, ge=0)
     # Model worker threads. With more than one, classify batches run side by side, each on its
     # share of the CPU threads (one each when workers = cores: no thread team to wake), and a
-    # registration runs alone with all of them.
-    model_workers: int = Field(1, ge=1, le=64)
+    # registration runs alone with all of them. 0 = by device: 2 on a CPU with 2 or more threads
+    # (see "Query throughput" in the README), else 1.
+    model_workers: int = Field(0, ge=0, le=64)
     # Where query images are decoded: "model-thread" (just before their forward, one request after
     # another), "workers" (a thread pool, requests in parallel, all under the process's one GIL) or
     # "processes" (decode_processes worker processes, which also take support sets); "auto" picks

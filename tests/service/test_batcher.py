@@ -508,3 +508,38 @@ def test_a_burst_that_fits_the_next_forward_is_never_refused_on_time() -> None:
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_a_requests_parts_queue_together_count_as_one_pending_request_and_fail_together() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, max_batch_images=4, max_pending=3)
+        busy = await occupy(batcher, worker)  # one pending request
+        split = asyncio.create_task(batcher.submit_parts([(10, 4), (11, 4), (12, 4)], Call()))
+        await asyncio.sleep(0.01)
+        assert batcher.pending == 2 and batcher.queued_images == 12
+        other = asyncio.create_task(batcher.submit(20, 1, Call()))  # the third request: room for it
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await batcher.submit(21, 1, Call())
+        worker.gate.set()
+        assert await split == [20, 22, 24]
+        assert await other == 40
+        await busy
+        assert worker.batches == [[10], [11], [12], [20]]  # one part per forward, in order
+        assert batcher.pending == 0 and batcher.queued_images == 0
+
+        busy = await occupy(batcher, worker)
+        worker.fail_on = 11
+        failing = asyncio.create_task(batcher.submit_parts([(10, 4), (11, 4), (12, 4)], Call()))
+        await asyncio.sleep(0.01)
+        worker.gate.set()
+        with pytest.raises(RuntimeError, match="boom"):
+            await failing
+        await busy
+        await asyncio.sleep(0.05)
+        assert worker.batches[4:6] == [[10], [11]]  # a part after the failed one may run or be dropped
+        assert batcher.pending == 0 and batcher.queued_images == 0
+        await batcher.close()
+
+    asyncio.run(scenario())

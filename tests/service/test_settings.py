@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from service.settings import Settings
 
 BAD = [
-    ("heap_trim_idle_s", "-1"), ("heap_trim_idle_s", "soon"), ("batch_max_images", "0"),
+    ("heap_trim_idle_s", "-1"), ("heap_trim_idle_s", "soon"), ("batch_max_images", "-1"),
     ("batch_max_wait_ms", "-5"), ("max_pending", "0"), ("max_queue_images", "-1"),
     ("max_queue_wait_ms", "-1"), ("max_queue_wait_factor", "nan"),
     ("request_timeout_s", "0"), ("gil_switch_interval_ms", "1000"), ("m_dtype", "float8"),
@@ -16,7 +16,7 @@ BAD = [
     ("one_thread_below_images", "-1"), ("one_thread_below_images", "few"), ("query_decode", "gpu"),
     ("decode_processes", "-1"), ("decode_processes", "many"), ("heap_retain_mb", "-1"),
     ("heap_retain_mb", "lots"),
-    ("model_workers", "0"), ("model_workers", "two"),
+    ("model_workers", "-1"), ("model_workers", "two"),
 ]
 
 

@@ -326,14 +326,23 @@ class MetaNet(nn.Module):
 
         Everything per query runs over the queries of every task together: `u` with each query's
         task-level Q* and `b` with its own W* as batched matmuls (`conv_trunk_per_sample`); only the
-        attention over a task's R and the read of its M are per task (one matmul each).
+        attention over a task's R, the read of its M and the final softmax are per task, over the
+        queries of all its requests at once (one matmul each).
         """
-        checked = [(mem, self._check_images(x, field="images", limit=None)) for mem, x in requests]
+        checked = [(mem, self._check_images(x, field="images", limit=None, pixels=False))
+                   for mem, x in requests]
         tasks: dict[int, int] = {}  # id(memory) -> task number, so repeated memories share a row
-        for memory, _ in checked:
-            tasks.setdefault(id(memory), len(tasks))
+        of_task: dict[int, list[int]] = {}  # task number -> its requests, in order
+        for j, (memory, _) in enumerate(checked):
+            of_task.setdefault(tasks.setdefault(id(memory), len(tasks)), []).append(j)
+        bounds = [0]
+        for _, x in checked:
+            bounds.append(bounds[-1] + len(x))
         with torch.inference_mode():
             x_all = torch.cat([x for _, x in checked])
+            if bool(_bad_pixels(x_all).any()):  # one check for the batch; the culprit named below
+                for _, x in requests:
+                    self._check_images(x, field="images", limit=None)
             task_of = torch.cat([torch.full((len(x),), tasks[id(m)], dtype=torch.long) for m, x in checked])
             memories = list({id(m): m for m, _ in checked}.values())
             # Several tasks: each layer's Q* of every task, stacked once for all query blocks.
@@ -344,26 +353,28 @@ class MetaNet(nn.Module):
                 self._represent(memories, Q_stacked, x, idx.to(x.device))
                 for x, idx in zip(x_all.split(_QUERY_BLOCK), task_of.split(_QUERY_BLOCK), strict=True)
             ])
-            attentions, rows, start = [], [], 0
-            for memory, x in checked:
-                r = r_all[start : start + len(x)]
-                start += len(x)
-                attention = torch.softmax(_cosine(r, memory.R), dim=1)  # (n_query, n_support)
-                attentions.append(attention)
-                rows.append(attention @ memory.M.to(attention.dtype))  # (n_query, P): W* per query
-            W_all = torch.cat(rows)
+            rows = {t: _rows(js, bounds) for t, js in of_task.items()}  # each task's queries in x_all
+            attentions: dict[int, Tensor] = {}
+            W_all = r_all.new_empty((len(x_all), memories[0].M.shape[1]))
+            for t, js in of_task.items():
+                memory = checked[js[0]][0]
+                attention = torch.softmax(_cosine(r_all[rows[t]], memory.R), dim=1)  # (n, n_support)
+                attentions[t] = attention
+                W_all[rows[t]] = attention @ memory.M.to(attention.dtype)  # (n, P): W* per query
             logits = torch.cat([
                 self.b(x, self._unflatten(W, self.b_params()), self.config.max_way)
                 for x, W in zip(x_all.split(_QUERY_BLOCK), W_all.split(_QUERY_BLOCK), strict=True)
             ])
-        outputs, start = [], 0
-        for (memory, x), attention in zip(checked, attentions, strict=True):
-            task_logits = logits[start : start + len(x), : memory.n_way]  # drop the unused heads
-            start += len(x)
-            outputs.append(
-                ClassifyOutput(torch.softmax(task_logits, dim=1), attention if return_attention else None)
-            )
-        return outputs
+        outputs: list[ClassifyOutput | None] = [None] * len(checked)
+        for t, js in of_task.items():
+            memory = checked[js[0]][0]
+            sizes = [bounds[j + 1] - bounds[j] for j in js]
+            probs = torch.softmax(logits[rows[t], : memory.n_way], dim=1)  # drop the unused heads
+            attention = attentions[t] if return_attention else None
+            for j, p, a in zip(js, probs.split(sizes), [None] * len(js) if attention is None
+                               else attention.split(sizes), strict=True):
+                outputs[j] = ClassifyOutput(p, a)
+        return outputs  # type: ignore[return-value]
 
     def _represent(
         self, memories: Sequence[TaskMemory], Q_stacked: Sequence[Tensor] | None, x: Tensor, task_of: Tensor
@@ -396,7 +407,9 @@ class MetaNet(nn.Module):
 
     # -------------------------------------------------------------------------------- guards
 
-    def _check_images(self, images: Tensor, *, field: str, limit: int | None) -> Tensor:
+    def _check_images(self, images: Tensor, *, field: str, limit: int | None, pixels: bool = True) -> Tensor:
+        """`images` as (n, 1, S, S) on the model's device, or InvalidTaskError naming what is wrong
+        (`pixels=False`: the caller checks the pixel values itself, see `_bad_pixels`)."""
         s = self.config.image_size
         if not isinstance(images, Tensor):
             raise InvalidTaskError(f"{field} must be a tensor, got {type(images).__name__}", field=field)
@@ -414,9 +427,8 @@ class MetaNet(nn.Module):
             )
         if not images.is_floating_point():
             raise InvalidTaskError(f"{field} must be floating point, got {images.dtype}", field=field)
-        bad = ~torch.isfinite(images).flatten(1).all(1)
-        bad |= ((images < 0) | (images > 1)).flatten(1).any(1)
-        if bad.any():
+        bad = _bad_pixels(images) if pixels else None
+        if bad is not None and bool(bad.any()):
             i = int(bad.nonzero()[0])
             raise InvalidTaskError(
                 f"{field}[{i}] has pixels that are NaN, infinite or outside [0, 1]",
@@ -473,6 +485,20 @@ def _mask_classes(logits: Tensor, n_way: int) -> Tensor:
         return logits
     keep = torch.arange(logits.shape[-1], device=logits.device) < n_way
     return logits.masked_fill(~keep, float("-inf"))
+
+
+def _bad_pixels(images: Tensor) -> Tensor:
+    """Per image: has it a pixel that is NaN, infinite or outside [0, 1]?"""
+    flat = images.flatten(1)
+    return ~(torch.isfinite(flat).all(1) & (flat >= 0).all(1) & (flat <= 1).all(1))
+
+
+def _rows(requests: Sequence[int], bounds: Sequence[int]) -> slice | Tensor:
+    """The rows of the given requests (consecutive numbers: a slice) in the concatenated batch,
+    where request j holds rows bounds[j]:bounds[j + 1]."""
+    if requests[-1] - requests[0] == len(requests) - 1:
+        return slice(bounds[requests[0]], bounds[requests[-1] + 1])
+    return torch.cat([torch.arange(bounds[j], bounds[j + 1]) for j in requests])
 
 
 def _cosine(r: Tensor, R: Tensor) -> Tensor:

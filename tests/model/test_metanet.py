@@ -325,3 +325,27 @@ def test_a_task_memory_is_a_plain_value_that_names_its_parts():
         "R",
         "M",
     }
+
+
+def test_classify_many_answers_each_request_as_classify_does_alone(model, support, queries) -> None:
+    """Requests of two tasks, interleaved (A, B, A, A): attention and softmax run per task over
+    the rows of all its requests; each request still gets what `classify` gives it alone."""
+    images, labels = support
+    other = model.register(images.flip(-1), labels)
+    memory = model.register(images, labels)
+    parts = [(memory, queries[:2]), (other, queries[2:3]), (memory, queries[3:4]), (memory, queries[1:4])]
+    together = model.classify_many(parts, return_attention=True)
+    for (task, x), got in zip(parts, together, strict=True):
+        alone = model.classify(task, x, return_attention=True)
+        torch.testing.assert_close(got.probs, alone.probs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.attention, alone.attention, atol=1e-6, rtol=0)
+    assert model.classify_many(parts)[1].attention is None
+
+
+def test_classify_many_names_the_bad_image_within_its_own_request(model, support, queries) -> None:
+    memory = model.register(*support)
+    bad = queries[:3].clone()
+    bad[2, 0, 0] = float("nan")
+    with pytest.raises(InvalidTaskError, match=r"images\[2\] has pixels") as caught:
+        model.classify_many([(memory, queries[:2]), (memory, bad)])
+    assert caught.value.index == 2

@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                 or Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot")
     parser.add_argument("--data-dir", type=Path, default=Path(omniglot))
     args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.images < 1 or not args.seconds > 0:
+        parser.error("--concurrency and --images must be at least 1 and --seconds more than 0")
     settings: dict[str, str] = {"device": "cpu"}
     for item in args.set:
         name, sep, value = item.partition("=")

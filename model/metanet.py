@@ -353,7 +353,7 @@ class MetaNet(nn.Module):
                 self._represent(memories, Q_stacked, x, idx.to(x.device))
                 for x, idx in zip(x_all.split(_QUERY_BLOCK), task_of.split(_QUERY_BLOCK), strict=True)
             ])
-            rows = {t: _rows(js, bounds) for t, js in of_task.items()}  # each task's queries in x_all
+            rows = {t: _rows(js, bounds, x_all.device) for t, js in of_task.items()}  # in x_all
             attentions: dict[int, Tensor] = {}
             W_all = r_all.new_empty((len(x_all), memories[0].M.shape[1]))
             for t, js in of_task.items():
@@ -369,10 +369,9 @@ class MetaNet(nn.Module):
         for t, js in of_task.items():
             memory = checked[js[0]][0]
             sizes = [bounds[j + 1] - bounds[j] for j in js]
-            probs = torch.softmax(logits[rows[t], : memory.n_way], dim=1)  # drop the unused heads
-            attention = attentions[t] if return_attention else None
-            for j, p, a in zip(js, probs.split(sizes), [None] * len(js) if attention is None
-                               else attention.split(sizes), strict=True):
+            probs = torch.softmax(logits[rows[t], : memory.n_way], dim=1).split(sizes)  # unused heads dropped
+            attention = attentions[t].split(sizes) if return_attention else (None,) * len(js)
+            for j, p, a in zip(js, probs, attention, strict=True):
                 outputs[j] = ClassifyOutput(p, a)
         return outputs  # type: ignore[return-value]
 
@@ -493,12 +492,12 @@ def _bad_pixels(images: Tensor) -> Tensor:
     return ~(torch.isfinite(flat).all(1) & (flat >= 0).all(1) & (flat <= 1).all(1))
 
 
-def _rows(requests: Sequence[int], bounds: Sequence[int]) -> slice | Tensor:
+def _rows(requests: Sequence[int], bounds: Sequence[int], device: torch.device) -> slice | Tensor:
     """The rows of the given requests (consecutive numbers: a slice) in the concatenated batch,
     where request j holds rows bounds[j]:bounds[j + 1]."""
     if requests[-1] - requests[0] == len(requests) - 1:
         return slice(bounds[requests[0]], bounds[requests[-1] + 1])
-    return torch.cat([torch.arange(bounds[j], bounds[j + 1]) for j in requests])
+    return torch.cat([torch.arange(bounds[j], bounds[j + 1], device=device) for j in requests])
 
 
 def _cosine(r: Tensor, R: Tensor) -> Tensor:

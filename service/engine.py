@@ -167,13 +167,11 @@ class Engine:
         `batch_max_images`, queued together: each part's forward is of a size the model runs
         well (a 128-image forward runs slower per image than four of 32 on a CPU), and with
         several model workers the parts of one large request run side by side."""
-        n = len(queries)
-        parts = _parts(n, self.batcher.max_batch_images)
-        if len(parts) == 1:
-            job = _Query(memory, queries, explain)
-            return await self._timed("classify", self.batcher.submit(job, n, call, reserved))
+        parts = _parts(len(queries), self.batcher.max_batch_images)
         jobs = [(_Query(memory, _part(queries, start, stop), explain), stop - start) for start, stop in parts]
         scores = await self._timed("classify", self.batcher.submit_parts(jobs, call, reserved))
+        if len(scores) == 1:
+            return scores[0]
         attention = [s.attention for s in scores if s.attention is not None]
         return Scores(np.concatenate([s.probs for s in scores]),
                       np.concatenate(attention) if attention else None)
@@ -283,6 +281,8 @@ def _parts(n: int, most: int) -> list[tuple[int, int]]:
 
 
 def _part(queries: np.ndarray | Deferred, start: int, stop: int) -> np.ndarray | Deferred:
+    if start == 0 and stop == len(queries):
+        return queries
     if isinstance(queries, Deferred):
         return queries.part(start, stop)
     return queries[start:stop]

@@ -85,6 +85,12 @@ class TrainConfig:
     query_per_class: int = 10
     max_queries: int = 100  # cap on queries per episode (large ways get fewer per class)
     rotate: bool = True
+    # Training-only jitter of every drawing (model.data.Jitter): up to this many pixels of shift,
+    # degrees of turn and relative zoom; 0 = none (the paper's recipe: the 90-degree turns only).
+    jitter_shift: float = 0.0
+    jitter_rotate: float = 0.0
+    jitter_scale: float = 0.0
+    jitter_prob: float = 0.5  # the share of drawings jittered
     val_every: int = 500
     val_episodes: int = 200
     val_ways: tuple[int, ...] = (20, 50)  # 1-shot validation settings; model selection uses their mean

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from model.checkpoint import WEIGHTS_FILE, _atomic, load_model, save_weights
 from model.config import TrainConfig
-from model.data import EpisodeSampler, OmniglotSplit, load_split, train_val_split
+from model.data import EpisodeSampler, Jitter, OmniglotSplit, load_split, train_val_split
 from model.evaluate import evaluate
 from model.metanet import MetaNet
 
@@ -70,8 +70,10 @@ def train(
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    # Built before the data is read, so an impossible jitter is refused at once.
+    jitter = Jitter(cfg.jitter_shift, cfg.jitter_rotate, cfg.jitter_scale, cfg.jitter_prob)
     train_split, val_split = splits or train_val_split(load_split(data_dir, "background"))
-    sampler = EpisodeSampler(train_split, rotate=cfg.rotate, device=device)
+    sampler = EpisodeSampler(train_split, rotate=cfg.rotate, device=device, jitter=jitter)
 
     model = MetaNet(cfg.model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)

@@ -31,6 +31,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--min-way", type=int, help="smallest n_way of a training episode")
     p.add_argument("--max-train-way", type=int, help="largest n_way of a training episode")
+    p.add_argument("--jitter-shift", type=float, help="training jitter: shift of up to this many pixels")
+    p.add_argument("--jitter-rotate", type=float, help="training jitter: turn of up to this many degrees")
+    p.add_argument("--jitter-scale", type=float, help="training jitter: zoom within 1 +- this")
+    p.add_argument("--jitter-prob", type=float, help="training jitter: the share of drawings jittered (0.5)")
     p.add_argument("--channels", type=int, help="conv width (64 in the paper; smaller for smoke tests)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
@@ -51,7 +55,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {
         k: getattr(args, k)
         for k in ("episodes", "seed", "val_every", "val_episodes", "checkpoint_every", "min_way",
-                  "max_train_way")
+                  "max_train_way", "jitter_shift", "jitter_rotate", "jitter_scale",
+                  "jitter_prob")
         if getattr(args, k) is not None
     }
     cfg = dataclasses.replace(cfg, **overrides)

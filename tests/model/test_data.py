@@ -11,6 +11,7 @@ import torch
 from model.data import (
     DATA_DIR_ENV,
     EpisodeSampler,
+    Jitter,
     OmniglotSplit,
     load_split,
     to_model_input,
@@ -212,3 +213,67 @@ def test_episode_sampler_is_reproducible_from_its_generator(tiny_split):
     a = sampler.sample(np.random.default_rng(3), n_way=3, n_shot=1, n_query=2)
     b = sampler.sample(np.random.default_rng(3), n_way=3, n_shot=1, n_query=2)
     assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+
+
+# --------------------------------------------------------------------------- training jitter
+
+
+def test_jitter_moves_each_drawing_on_its_own_and_keeps_its_shape_and_ink(tiny_split):
+    images = torch.from_numpy(tiny_split.images[:, 0]).unsqueeze(1)  # 8 drawings
+    moved = Jitter(shift=2, rotate=10, scale=0.1, prob=1.0)(images, np.random.default_rng(0))
+    assert moved.shape == images.shape and moved.dtype == images.dtype
+    assert all(not torch.allclose(m, x) for m, x in zip(moved, images, strict=True))
+    assert moved.min() >= 0 and moved.max() <= 1 + 1e-6  # bilinear: ink stays in [0, 1]
+    ink = images.sum((1, 2, 3))
+    assert torch.allclose(moved.sum((1, 2, 3)), ink, rtol=0.35)  # moved and zoomed, not wiped out
+
+
+def test_a_pure_shift_of_whole_pixels_moves_a_drawing_exactly():
+    x = torch.zeros(1, 1, 28, 28)
+    x[0, 0, 10:14, 8:12] = 1.0
+
+    class Fixed:  # a generator whose draws give a shift of exactly +2 px on both axes
+        def uniform(self, low, high, size):
+            return np.full(size, high)
+
+        def random(self, n):
+            return np.zeros(n)
+
+    moved = Jitter(shift=2, prob=1.0)(x, Fixed())
+    # affine_grid maps output to input points: the drawing moves by -2 px on both axes.
+    assert torch.allclose(moved, torch.roll(x, (-2, -2), dims=(2, 3)), atol=1e-5)
+
+
+def test_jitter_prob_is_the_share_of_drawings_moved_the_rest_pass_bit_for_bit(tiny_split):
+    images = torch.from_numpy(tiny_split.images.reshape(-1, 28, 28)).unsqueeze(1)  # 48 drawings
+    moved = Jitter(shift=2, rotate=10, prob=0.5)(images, np.random.default_rng(1))
+    same = [torch.equal(m, x) for m, x in zip(moved, images, strict=True)]
+    assert 10 <= sum(same) <= 38  # about half, and the others exactly as they were
+    assert not Jitter(shift=2, prob=0.0).active and not Jitter(prob=1.0).active
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"shift": -1}, "jitter shift must be 0 or more, got -1"),
+    ({"rotate": float("nan")}, "jitter rotate must be 0 or more, got nan"),
+    ({"scale": 1.0}, "jitter scale must be below 1, got 1.0"),
+    ({"prob": 1.5}, "jitter prob is a probability, got 1.5"),
+])
+def test_jitter_refuses_impossible_settings_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Jitter(**kwargs)
+
+
+def test_a_jittered_sampler_is_reproducible_and_keeps_classes_and_labels(tiny_split):
+    plain = EpisodeSampler(tiny_split, rotate=True)
+    jittered = EpisodeSampler(tiny_split, rotate=True, jitter=Jitter(shift=2, rotate=10, prob=1.0))
+    a = jittered.sample(np.random.default_rng(3), n_way=3, n_shot=2, n_query=2)
+    b = jittered.sample(np.random.default_rng(3), n_way=3, n_shot=2, n_query=2)
+    c = plain.sample(np.random.default_rng(3), n_way=3, n_shot=2, n_query=2)
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+    assert a.support_x.shape == c.support_x.shape and a.query_x.shape == c.query_x.shape
+    assert torch.equal(a.support_y, c.support_y) and torch.equal(a.query_y, c.query_y)
+    assert not torch.equal(a.query_x, c.query_x)  # the same drawings, moved
+    # An inactive jitter leaves the sampler what it was: same draws, same images.
+    idle = EpisodeSampler(tiny_split, rotate=True, jitter=Jitter()).sample(
+        np.random.default_rng(3), n_way=3, n_shot=2, n_query=2)
+    assert torch.equal(idle.query_x, c.query_x)

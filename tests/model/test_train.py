@@ -118,6 +118,39 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_pa
     assert json.loads((tmp_path / "resumed" / "best" / "config.json").read_text())["step"] in (2, 4)
 
 
+
+def test_a_jittered_run_trains_saves_its_jitter_and_resumes_exactly(tmp_path, tiny_split):
+    import dataclasses
+
+    splits = (tiny_split, tiny_split)
+
+    def jittered(episodes):
+        return dataclasses.replace(_tiny_train_config(episodes), jitter_shift=2.0, jitter_rotate=10.0,
+                                   jitter_scale=0.1, jitter_prob=0.5)
+
+    train(jittered(4), tmp_path / "straight", splits=splits, progress=False)
+    train(jittered(2), tmp_path / "resumed", splits=splits, progress=False)
+    train(jittered(4), tmp_path / "resumed", splits=splits, progress=False, resume=True)
+    saved = TrainConfig.from_dict(json.loads((tmp_path / "resumed" / "train_config.json").read_text()))
+    jitter = (saved.jitter_shift, saved.jitter_rotate, saved.jitter_scale, saved.jitter_prob)
+    assert jitter == (2, 10, 0.1, 0.5)
+    straight = load_file(str(tmp_path / "straight" / "last" / WEIGHTS_FILE))
+    resumed = load_file(str(tmp_path / "resumed" / "last" / WEIGHTS_FILE))
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    # A config saved before the jitter existed loads as "no jitter".
+    old = {k: v for k, v in saved.to_dict().items() if not k.startswith("jitter_")}
+    assert TrainConfig.from_dict(old).jitter_shift == 0.0
+
+
+def test_an_impossible_jitter_is_refused_before_any_data_is_read(tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(_tiny_train_config(2), jitter_scale=1.5)
+    with pytest.raises(ValueError, match="jitter scale must be below 1, got 1.5"):
+        train(cfg, tmp_path / "run", data_dir=tmp_path / "no-such-dir", progress=False)
+
+
 @pytest.mark.slow
 def test_cli_trains_resumes_and_evaluates_a_tiny_run(tmp_path):
     data = write_omniglot_npz_dir(tmp_path / "omniglot", seed=0, background=(3, 25), evaluation=(2, 5))
@@ -147,10 +180,13 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_run(tmp_path):
         "1",
         "--no-progress",
     ]
-    out = cli("train", "--run-dir", str(run), "--episodes", "4", "--channels", "8", *common)
+    out = cli("train", "--run-dir", str(run), "--episodes", "4", "--channels", "8", "--jitter-shift", "1.5",
+              "--jitter-prob", "0.25", *common)
     assert json.loads(out.splitlines()[-1])["step"] == 4
     assert json.loads((run / "last" / STATE_FILE).read_text())["step"] == 4
-    assert json.loads((run / "train_config.json").read_text())["model"]["channels"] == 8
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["model"]["channels"] == 8
+    assert (saved["jitter_shift"], saved["jitter_prob"], saved["jitter_rotate"]) == (1.5, 0.25, 0.0)
 
     # --resume reuses the run's saved config (8 channels) without being told again.
     out = cli("train", "--run-dir", str(run), "--resume", "--episodes", "6", *common)

@@ -85,8 +85,9 @@ class TrainConfig:
     query_per_class: int = 10
     max_queries: int = 100  # cap on queries per episode (large ways get fewer per class)
     rotate: bool = True
-    # Training-only jitter of every drawing (model.data.Jitter): up to this many pixels of shift,
-    # degrees of turn and relative zoom; 0 = none (the paper's recipe: the 90-degree turns only).
+    # Training-only jitter of a share `jitter_prob` of the drawings (model.data.Jitter): up to this
+    # many pixels of shift, degrees of turn and relative zoom; all 0 = none (the paper's recipe: the
+    # 90-degree turns only).
     jitter_shift: float = 0.0
     jitter_rotate: float = 0.0
     jitter_scale: float = 0.0

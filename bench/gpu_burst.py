@@ -7,9 +7,11 @@ on CPU resumes them with `metanet train --resume`.
 
     python3 bench/gpu_burst.py --seconds 450 [--resume-from DIR] [--lr 1e-4 --lr-halve-every 1500
                                --restart-schedule] [--set FIELD=JSON ...] [--tag NAME]
+                               [--eval-last --eval-episodes 1000 --eval-seconds 160]
 
-The run's files come back as $OUT/NAME.tar.gz (last/, best/ if this burst beat the run's best
-validation, history.jsonl, train_config.json).
+The run's files come back as $OUT/NAME.tar.gz (last/, best/, history.jsonl, train_config.json).
+best/ holds the burst's best validation if it beat the run's; a run directory carried in without
+best/ (runs/metanet/best is not in git) gets the last weights there, marked "val": null.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def main() -> int:
     parser.add_argument("--resume-from", help="a run directory to continue")
     parser.add_argument("--eval-seconds", type=float, default=60)
     parser.add_argument("--eval-episodes", type=int, default=200)
+    parser.add_argument("--eval-last", action="store_true", help="check the last weights too, after best/")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
     parser.add_argument("--lr", type=float, help="Adam's rate (default: the run's)")
     parser.add_argument("--lr-halve-every", type=int, help="episodes per halving (default: the run's)")
@@ -121,27 +124,29 @@ def main() -> int:
     print(f"trained to step {state.step} in {time.time() - started:.0f}s; best val {state.best_val:.4f}")
     print((run / "history.jsonl").read_text(), flush=True)
 
-    # One archive per run ($OUT takes few files): last/ and best/ (when this burst beat the run's
-    # best validation), history.jsonl and train_config.json.
+    # One archive per run ($OUT takes few files): last/, best/, history.jsonl and train_config.json.
     out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out / f"{args.tag}.tar.gz", "w:gz") as tar:
         for name in ("last", "best", "history.jsonl", "train_config.json"):
             if (run / name).exists():
                 tar.add(run / name, arcname=name,
                         filter=lambda info: None if info.name.endswith(".tmp") else info)
-    if not (run / "best").is_dir() or args.eval_episodes <= 0:
+    wanted = ("best", "last") if args.eval_last else ("best",)
+    checked = [name for name in wanted if (run / name).is_dir()]
+    if not checked or args.eval_episodes <= 0:
         return 0
 
     from model.checkpoint import load_model
 
-    model = load_model(run / "best", device)
     test = load_split(None, "evaluation")
     deadline = time.time() + args.eval_seconds
-    for way in (5, 20):
-        if time.time() > deadline:
-            break
-        r = evaluate(model, test, way=way, shot=1, episodes=args.eval_episodes, seed=0)
-        print(json.dumps({**r.to_dict(), "note": "GPU quick check"}), flush=True)
+    for name in checked:
+        model = load_model(run / name, device)
+        for way in (5, 20):
+            if time.time() > deadline:
+                return 0
+            r = evaluate(model, test, way=way, shot=1, episodes=args.eval_episodes, seed=0)
+            print(json.dumps({**r.to_dict(), "weights": name, "note": "GPU quick check"}), flush=True)
     return 0
 
 

@@ -5,6 +5,7 @@ model's 28x28 ink=1 input, the background/validation/evaluation split and the ep
 from __future__ import annotations
 
 import io
+import math
 import os
 import zipfile
 from collections.abc import Iterator
@@ -182,8 +183,9 @@ class Jitter:
 
     def __post_init__(self) -> None:
         for name in ("shift", "rotate", "scale", "prob"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"jitter {name} must be 0 or more, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"jitter {name} must be a finite number, 0 or more, got {value!r}")
         if self.scale >= 1:
             raise ValueError(f"jitter scale must be below 1, got {self.scale!r}")
         if self.prob > 1:

@@ -1,13 +1,14 @@
 """Cross-request batching in front of the model's worker threads.
 
 Every model call of the service goes through one `Batcher`: a bounded FIFO served by a dispatcher
-task on the event loop, which hands jobs and batches to `workers` worker threads (one by default:
-torch and onnxruntime already spread one call over every core). Classify jobs are batchable: when
+task on the event loop, which hands jobs and batches to `workers` worker threads (the engine's
+model workers: Settings.model_workers). Classify jobs are batchable: when
 a worker is free, the dispatcher gathers the queued classify jobs, up to `max_batch_images` images
 (waiting at most `max_wait_s` after the oldest arrived for more to come), and runs them as one
 forward. Registrations run alone, in their turn: with no other job beside them.
 
-Admission is bounded: past `max_pending` jobs, or `max_queue_images` queued images, a request gets
+Admission is bounded: past `max_pending` requests (queued or running; a request in parts counts
+once), or `max_queue_images` queued images, a request gets
 `Overloaded` (429 with Retry-After) at once instead of a latency that grows without bound. With
 `max_wait_ahead` = (s, k), a classify job is also refused when the model work already ahead of it
 (the rest of the running batches, then the queue) would take longer than s seconds plus k times
@@ -190,25 +191,12 @@ class Batcher(Generic[P, R]):
             self._admit(sum(n for _, n in parts))
         jobs = [_Job(call, self._future(), n_images=n, payload=payload, counted=i == len(parts) - 1)
                 for i, (payload, n) in enumerate(parts)]
-        for job in jobs:
-            self._enqueue(job)
-        try:
-            return [await self._result(job) for job in jobs]
-        finally:
-            for job in jobs:
-                if not job.future.done():
-                    job.future.cancel()  # the dispatcher drops it, or discards its result
+        return await self._wait(jobs)
 
     async def submit_solo(self, fn: Callable[[], R], call: Call) -> R:
         """Queue a job that runs alone (a registration) and wait for its result."""
         self._admit(0)
-        job: _Job[P] = _Job(call, self._future(), solo=fn)
-        self._enqueue(job)
-        try:
-            return await self._result(job)
-        finally:
-            if not job.future.done():
-                job.future.cancel()
+        return (await self._wait([_Job(call, self._future(), solo=fn)]))[0]
 
     async def close(self) -> None:
         """Stop dispatching; jobs still queued or running get NotReady."""
@@ -290,9 +278,20 @@ class Batcher(Generic[P, R]):
         assert self._wake is not None
         self._wake.set()
 
+    async def _wait(self, jobs: list[_Job[P]]) -> list[Any]:
+        """Queue the jobs and wait for their results in order; the first failure raises, and a
+        job not finished by then is cancelled (the dispatcher drops it, or discards its result)."""
+        for job in jobs:
+            self._enqueue(job)
+        try:
+            return [await self._result(job) for job in jobs]
+        finally:
+            for job in jobs:
+                if not job.future.done():
+                    job.future.cancel()
+
     async def _result(self, job: _Job[P]) -> Any:
-        """The job's result by its deadline (the caller cancels the job's future if it gives up:
-        the dispatcher then drops the job, or discards its result)."""
+        """The job's result by its deadline."""
         timeout = job.call.deadline - time.monotonic()
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout if timeout < math.inf else None)

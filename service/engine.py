@@ -58,8 +58,8 @@ class Scores:
 
 
 class Engine:
-    """MetaNet behind a `Batcher`: one worker thread (torch and onnxruntime already spread one call
-    over every core), concurrent classify requests batched into one forward, a bounded queue."""
+    """MetaNet behind a `Batcher`: model worker threads (`serving_shape`), concurrent classify
+    requests batched into forwards of at most `batch_max_images`, a bounded queue."""
 
     def __init__(
         self, model: MetaNet, device: torch.device, settings: Settings,

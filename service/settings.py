@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     # forward of up to `batch_max_images` images. With `batch_max_wait_ms` > 0, an idle model also
     # waits that long after a request arrives for others to join it (0: run at once; on a GPU a
     # few ms can pay off).
-    # The queue is bounded: past `max_pending` model jobs (queued or running) or `max_queue_images`
+    # The queue is bounded: past `max_pending` model requests (queued or running) or `max_queue_images`
     # queued images, requests get 429 with Retry-After rather than an ever longer wait.
     # Every forward holds at most `batch_max_images`: a larger request runs in near-equal parts
     # (side by side on several model workers). 0 = by device: on a CPU 16 images per thread of a
@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     # a GPU 256 (a forward there is launch-bound: many requests should share one).
     batch_max_images: int = Field(0, ge=0)
     batch_max_wait_ms: float = Field(0.0, ge=0)
-    max_pending: int = Field(64, ge=1, description="model jobs queued or running before requests get 429")
+    max_pending: int = Field(
+        64, ge=1, description="model requests (registrations, classify) queued or running before more get 429"
+    )
     max_queue_images: int = Field(1024, ge=1, description="query images queued before requests get 429")
     # And on time, a latency objective: a classify request is refused (429) when the model work
     # already ahead of it is estimated (from the batches run so far) to take more than

@@ -253,8 +253,9 @@ def test_jitter_prob_is_the_share_of_drawings_moved_the_rest_pass_bit_for_bit(ti
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"shift": -1}, "jitter shift must be 0 or more, got -1"),
-    ({"rotate": float("nan")}, "jitter rotate must be 0 or more, got nan"),
+    ({"shift": -1}, "jitter shift must be a finite number, 0 or more, got -1"),
+    ({"rotate": float("nan")}, "jitter rotate must be a finite number, 0 or more, got nan"),
+    ({"shift": float("inf")}, "jitter shift must be a finite number, 0 or more, got inf"),
     ({"scale": 1.0}, "jitter scale must be below 1, got 1.0"),
     ({"prob": 1.5}, "jitter prob is a probability, got 1.5"),
 ])

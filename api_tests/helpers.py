@@ -24,11 +24,12 @@ KiB = 1024
 
 class Server(ServiceProcess):
     """`python -m service` on a free port with its own data directory and settings; hermetic (see
-    bench.harness.ServiceProcess), logging at info."""
+    bench.harness.ServiceProcess), logging at info, one server process unless `processes` is given
+    (api_tests/test_processes.py covers several)."""
 
     def __init__(self, data_dir: Path, **settings: Any) -> None:
         super().__init__(data_dir, data_dir.parent / f"{data_dir.name}-server.log",
-                         {"log_level": "info", **settings})
+                         {"log_level": "info", "processes": 1, **settings})
 
     @property
     def database(self) -> Path:

@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,11 +31,50 @@ from bench.harness import LeanClient, ServiceProcess, parse_metrics  # noqa: E40
 from bench.serving import WAY, as_png, omniglot_ink, percentile  # noqa: E402
 
 
-def proc_stat(pid: int) -> tuple[float, float, int]:
-    """(user seconds, system seconds, minor faults) of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def family(pid: int) -> list[int]:
+    """The process and its descendants (the server processes of a supervisor)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo.extend(children.get(out[-1], []))
+    return out
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each thread of a process and its descendants, by
+    "name/tid"."""
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7])
+    out: dict[str, float] = {}
+    tasks = [task for p in family(pid) for task in Path(f"/proc/{p}/task").iterdir()]
+    for task in tasks:
+        try:
+            head, _, rest = (task / "stat").read_text().rpartition(")")
+        except OSError:  # the thread ended
+            continue
+        fields = rest.split()
+        out[f"{head.partition('(')[2]}/{task.name}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def proc_stat(pid: int) -> tuple[float, float, int]:
+    """(user seconds, system seconds, minor faults) so far of a process and its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = faults = 0
+    for p in family(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        user, system, faults = user + int(fields[11]), system + int(fields[12]), faults + int(fields[7])
+    return user / tick, system / tick, faults
 
 
 async def drive(url: str, path: str, bodies: list[bytes], concurrency: int, seconds: float) -> list[float]:
@@ -64,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--images", type=int, default=1, help="images per request")
     parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="also record the server with py-spy (raw folded stacks, per thread) into FILE")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a service setting, e.g. model_workers=2 (METANET_MODEL_WORKERS)")
     omniglot = (os.environ.get("METANET_OMNIGLOT_DIR")
@@ -97,8 +139,16 @@ def main(argv: list[str] | None = None) -> int:
                 path = f"/v1/tasks/{created.json()['task_id']}/classify"
                 before_metrics = parse_metrics(client.get("/metrics").text)
                 user0, sys0, faults0 = proc_stat(server.pid)
+                threads0 = thread_cpu(server.pid)
+                spy = None if args.profile is None else subprocess.Popen(
+                    ["py-spy", "record", "--pid", str(server.pid), "--duration", str(int(args.seconds)),
+                     "--rate", "250", "--threads", "--format", "raw", "--output", str(args.profile)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 latencies = asyncio.run(drive(server.url, path, bodies, args.concurrency, args.seconds))
                 user1, sys1, faults1 = proc_stat(server.pid)
+                threads1 = thread_cpu(server.pid)
+                if spy is not None:
+                    spy.wait()
                 after_metrics = parse_metrics(client.get("/metrics").text)
         finally:
             server.stop()
@@ -111,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{1000 * (user1 - user0) / n:.2f} ms user + {1000 * (sys1 - sys0) / n:.2f} ms system CPU, "
           f"{(faults1 - faults0) / n:.0f} minor faults; batches of {images / max(batches, 1):.1f} images "
           f"({settings})")
+    per_thread = {name: threads1[name] - threads0.get(name, 0.0) for name in threads1}
+    print("per request, by thread: " + ", ".join(
+        f"{name} {1000 * cpu / n:.2f} ms" for name, cpu in sorted(per_thread.items(), key=lambda kv: -kv[1])
+        if cpu * 1000 / n >= 0.01))
     return 0
 
 

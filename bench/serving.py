@@ -358,7 +358,8 @@ def start_server(backend: str, args: argparse.Namespace, tmp: Path) -> ServicePr
                 **{name: getattr(args, name) for name in
                    ("batch_max_images", "batch_max_wait_ms", "max_pending", "max_queue_images",
                     "max_queue_wait_ms", "max_queue_wait_factor",
-                    "model_workers", "one_thread_below_images", "query_decode", "decode_processes")}}
+                    "model_workers", "processes", "one_thread_below_images", "query_decode",
+                    "decode_processes")}}
     server = ServiceProcess(tmp / f"data-{backend}", tmp / f"server-{backend}.log", settings)
     return server.start(wait=False)
 
@@ -583,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue-wait-factor", type=float,
                         help="METANET_MAX_QUEUE_WAIT_FACTOR of the service")
     parser.add_argument("--model-workers", type=int, help="METANET_MODEL_WORKERS of the service")
+    parser.add_argument("--processes", type=int, help="METANET_PROCESSES of the service")
     parser.add_argument("--one-thread-below-images", type=int,
                         help="METANET_ONE_THREAD_BELOW_IMAGES of the service")
     parser.add_argument("--query-decode", help="METANET_QUERY_DECODE of the service")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def export_onnx(model: MetaNet, path: Path | str) -> Path:
     n_support = torch.export.Dim("n_support", min=2, max=cpu.config.max_examples)
     n_q = len(cpu.u_path_params())
     dynamic = ({0: n_query}, (*[None] * n_q, {0: n_support}, {0: n_support}, None))
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes exporting at once do not mix
     # The exporter logs a warning for each torchvision operator it cannot register: not ours.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
@@ -83,7 +84,9 @@ def export_onnx(model: MetaNet, path: Path | str) -> Path:
     tmp.replace(path)
     sidecar = {"model_version": model.version, "max_way": model.config.max_way, "opset": OPSET,
                "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    Path(f"{path}.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    side_tmp = Path(f"{path}.{os.getpid()}.json.tmp")
+    side_tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    side_tmp.replace(f"{path}.json")
     return path
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 from collections.abc import AsyncIterator
 
@@ -22,14 +23,18 @@ from service.openapi import document
 from service.routes import probes, v1
 from service.runtime import Runtime
 from service.settings import Settings
+from service.supervisor import Siblings, serve_processes, server_processes
+from service.tenants import SharedBuckets
 from service.v2 import v2
 
 log = logging.getLogger("service")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, buckets: SharedBuckets | None = None,
+               siblings: Siblings | None = None) -> FastAPI:
+    """The app; `buckets` and `siblings`: what a supervisor's server processes share."""
     settings = settings or Settings()
-    runtime = Runtime(settings)
+    runtime = Runtime(settings, buckets=buckets, siblings=siblings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,8 +61,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, sock: socket.socket | None = None, buckets: SharedBuckets | None = None,
+          siblings: Siblings | None = None) -> int:
     """Run the service until SIGINT/SIGTERM. Returns 1 if startup failed.
+
+    With Settings.processes above 1 (or 0, by device, meaning more than one) this process
+    supervises that many servers on one socket (service/supervisor.py); each of them calls this
+    with its socket, the shared rate-limit buckets and what it needs to know of the others.
 
     On SIGTERM uvicorn stops accepting connections, lets the requests in flight finish (for at most
     `shutdown_timeout_s`, then cancels them), and only then runs the lifespan's shutdown, which
@@ -67,12 +77,19 @@ def serve(settings: Settings) -> int:
 
     from service.wire import OneSendHttpProtocol
 
+    configure_logging(settings)
+    if sock is None:
+        processes = server_processes(settings)
+        if processes > 1:
+            # Each process caches memories on its share of the budget: the setting is the total.
+            shared = settings.model_copy(update={"processes": processes,
+                                                 "cache_bytes": settings.cache_bytes // processes})
+            return serve_processes(shared, processes)
     # The model thread needs the GIL between torch ops (hundreds per forward) while the event loop
     # thread runs Python for every request; with the default 5 ms switch interval a busy loop made
     # each of those hand-overs wait up to 5 ms. A shorter interval lets the model thread back in.
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-    configure_logging(settings)
-    app = create_app(settings)
+    app = create_app(settings, buckets, siblings)
     # log_config=None: keep our handlers; access_log=False: RequestLogMiddleware writes that line;
     # http: each response in one send (service/wire.py).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -85,7 +102,7 @@ def serve(settings: Settings) -> int:
         server.should_exit = True
 
     runtime.on_fatal = stop
-    server.run()
+    server.run(sockets=None if sock is None else [sock])
     if runtime.failure is not None:
         log.error("%s", runtime.failure)
         return 1

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -73,8 +75,7 @@ class Engine:
         # worker's share of it (Settings.model_workers), and on one thread when small
         # (Settings.one_thread_below_images, CPU only).
         self._team = torch.get_num_threads()
-        self._workers, batch_max_images = serving_shape(settings, device, self._team)
-        self._batch_threads = _batch_threads(self._team, self._workers)
+        self._workers, self._batch_threads, batch_max_images = serving_shape(settings, device, self._team)
         self._one_thread_below = settings.one_thread_below_images if device.type == "cpu" else 0
         self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="metanet-model")
         self._observe = observe  # (operation, seconds) of every model call, queueing included
@@ -109,14 +110,14 @@ class Engine:
             from model.onnx import OnnxQueryPath, export_onnx
 
             path = settings.onnx_path or settings.data_dir / "onnx" / f"{model.version}.onnx"
-            if not path.is_file():
-                log.info("exporting the query path to %s", path)
-                export_onnx(model, path)
-            # Several workers: each runs on its share of the cores, as torch does.
-            threads = settings.torch_threads
-            workers, _ = serving_shape(settings, device, torch.get_num_threads())
-            if workers > 1:
-                threads = _batch_threads(threads or torch.get_num_threads(), workers)
+            with _file_lock(path.with_name(path.name + ".lock")):  # server processes start together
+                if not path.is_file():
+                    log.info("exporting the query path to %s", path)
+                    export_onnx(model, path)
+            # Several workers or processes: each runs on its share of the cores, as torch does.
+            workers, threads, _ = serving_shape(settings, device, torch.get_num_threads())
+            if workers == 1 and threads == torch.get_num_threads():
+                threads = settings.torch_threads  # None: onnxruntime's own default
             onnx = OnnxQueryPath(path, model, threads=threads, device=str(device),
                                  one_thread_below=settings.one_thread_below_images)
             log.info("queries run on onnxruntime (%s) from %s", ", ".join(onnx.providers), path)
@@ -261,16 +262,21 @@ class Engine:
         return outputs
 
 
-def serving_shape(settings: Settings, device: torch.device, team: int) -> tuple[int, int]:
-    """(model workers, largest forward in images): the settings, or what 0 ("by device") means.
+def serving_shape(settings: Settings, device: torch.device, team: int) -> tuple[int, int, int]:
+    """(model workers, threads of a classify forward, largest forward in images) of this process:
+    the settings, or what 0 ("by device") means.
 
-    On a CPU, two workers with one-thread forwards of 16 images side by side beat one two-thread
-    forward of 32 on 2 cores (in process 907 against 803 images/s; over HTTP 32-image requests
-    gained about 30%: README, "Query throughput"). On a GPU, one worker and forwards of up to 256."""
+    This process has its share of the `team` CPU threads (Settings.processes share them). On a CPU,
+    two workers with one-thread forwards of 16 images side by side beat one two-thread forward of
+    32 on 2 cores (in process 907 against 803 images/s; over HTTP 32-image requests gained about
+    30%: README, "Query throughput"); two processes of one worker each beat both. On a GPU, one
+    worker and forwards of up to 256."""
     cpu = device.type == "cpu"
-    workers = settings.model_workers or (min(2, team) if cpu else 1)
-    most = settings.batch_max_images or (16 * _batch_threads(team, workers) if cpu else 256)
-    return workers, most
+    share = max(1, team // max(1, settings.processes)) if cpu else team
+    workers = settings.model_workers or (min(2, share) if cpu else 1)
+    threads = max(1, share // workers)
+    most = settings.batch_max_images or (16 * threads if cpu else 256)
+    return workers, threads, most
 
 
 def _parts(n: int, most: int) -> list[tuple[int, int]]:
@@ -288,9 +294,16 @@ def _part(queries: np.ndarray | Deferred, start: int, stop: int) -> np.ndarray |
     return queries[start:stop]
 
 
-def _batch_threads(team: int, workers: int) -> int:
-    """A classify batch's threads: its worker's share of the team."""
-    return max(1, team // workers)
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (flock) on `path`, created if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

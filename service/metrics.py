@@ -1,14 +1,19 @@
 """Prometheus metrics: HTTP traffic by route template, model timings, tasks and the memory cache.
 
-Each app gets its own registry, so several apps (tests) can live in one process.
+Each app gets its own registry, so several apps (tests) can live in one process. Under a
+supervisor (Settings.processes > 1) prometheus_client runs in its multiprocess mode: each server
+process writes its samples to files in one directory, and /metrics, whichever process answers it,
+adds up every process's counters and live gauges (`multiprocess=True`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,7 +25,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess: bool = False) -> None:
+        self.multiprocess = multiprocess
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "metanet_http_requests", "HTTP requests by route template and status",
@@ -36,7 +42,9 @@ class Metrics:
             ["operation"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
         self._state = _StateCollector()
-        self.registry.register(self._state)
+        self._shared = _SharedState(self.registry) if multiprocess else None
+        if self._shared is None:
+            self.registry.register(self._state)
 
     def observe_model(self, operation: str, seconds: float) -> None:
         self.model_seconds.labels(operation).observe(seconds)
@@ -46,7 +54,25 @@ class Metrics:
         self._state.sources = (cache, n_tasks, batcher)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._shared is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        if self._state.sources is not None:
+            self._shared.publish(*self._state.sources)  # this process's own figures: current
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    async def publish_every(self, seconds: float) -> None:
+        """Multiprocess mode: write this process's live figures to its files every `seconds`, so
+        a scrape answered by another process sees them (at most that old). Runs until cancelled."""
+        if self._shared is None:
+            return
+        while True:
+            if self._state.sources is not None:
+                self._shared.publish(*self._state.sources)
+            await asyncio.sleep(seconds)
 
 
 class _StateCollector(Collector):
@@ -59,6 +85,7 @@ class _StateCollector(Collector):
         if self.sources is None:
             return
         cache, n_tasks, batcher = self.sources
+        yield GaugeMetricFamily("metanet_server_processes", "Server processes running", value=1)
         yield GaugeMetricFamily("metanet_tasks", "Tasks in the store", value=n_tasks())
         yield GaugeMetricFamily("metanet_cache_bytes", "Bytes of task memories cached", value=cache.nbytes)
         yield GaugeMetricFamily("metanet_cache_budget_bytes", "Cache budget in bytes", value=cache.budget)
@@ -83,6 +110,63 @@ class _StateCollector(Collector):
         for reason, count in stats.dropped.items():
             dropped.add_metric([reason], count)
         yield dropped
+
+
+class _SharedState:
+    """What _StateCollector reports, as multiprocess metrics: gauges summed over the live processes
+    (the tasks gauge: the latest count any process read from the store), and counters that take
+    each process's increase since it last published."""
+
+    _GAUGES = (
+        ("metanet_cache_bytes", "Bytes of task memories cached", "livesum"),
+        ("metanet_cache_budget_bytes", "Cache budget in bytes", "livesum"),
+        ("metanet_cache_entries", "Task memories cached", "livesum"),
+        ("metanet_model_pending", "Model calls running or queued", "livesum"),
+        ("metanet_queue_images", "Query images queued for the model", "livesum"),
+        ("metanet_server_processes", "Server processes running", "livesum"),
+        ("metanet_tasks", "Tasks in the store", "mostrecent"),
+    )
+    _COUNTERS = (
+        ("metanet_cache_hits", "Memory cache hits"),
+        ("metanet_cache_misses", "Memory cache misses (memory rebuilt)"),
+        ("metanet_cache_evictions", "Memories evicted for space"),
+        ("metanet_batches", "Batched forwards run"),
+        ("metanet_batched_images", "Query images run in batched forwards"),
+        ("metanet_rejected", "Model jobs refused with 429: the queue was full"),
+    )
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.gauges = {name: Gauge(name, text, registry=registry, multiprocess_mode=mode)
+                       for name, text, mode in self._GAUGES}
+        self.counters = {name: Counter(name, text, registry=registry) for name, text in self._COUNTERS}
+        self.dropped = Counter("metanet_dropped", "Queued model jobs dropped before compute", ["reason"],
+                               registry=registry)
+        self._last: dict[Any, float] = {}
+        self.gauges["metanet_server_processes"].set(1)
+
+    def publish(self, cache: ByteLRU, n_tasks: Callable[[], int], batcher: Batcher) -> None:
+        values = {
+            "metanet_cache_bytes": cache.nbytes, "metanet_cache_budget_bytes": cache.budget,
+            "metanet_cache_entries": len(cache), "metanet_model_pending": batcher.pending,
+            "metanet_queue_images": batcher.queued_images, "metanet_tasks": n_tasks(),
+        }
+        for name, value in values.items():
+            self.gauges[name].set(value)
+        stats = batcher.stats
+        totals: dict[Any, float] = {
+            "metanet_cache_hits": cache.hits, "metanet_cache_misses": cache.misses,
+            "metanet_cache_evictions": cache.evictions, "metanet_batches": stats.batches,
+            "metanet_batched_images": stats.batched_images, "metanet_rejected": stats.rejected,
+        }
+        totals.update({("dropped", reason): count for reason, count in stats.dropped.items()})
+        for key, total in totals.items():
+            increase = total - self._last.get(key, 0)
+            if increase > 0:
+                if isinstance(key, tuple):
+                    self.dropped.labels(key[1]).inc(increase)
+                else:
+                    self.counters[key].inc(increase)
+            self._last[key] = total
 
 
 class MetricsMiddleware:

@@ -124,4 +124,5 @@ async def readyz(runtime: RuntimeDep) -> Status:
     **errors(401),
 })
 async def metrics(runtime: RuntimeDep) -> RawResponse:
+    await runtime.count_tasks()
     return RawResponse(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)

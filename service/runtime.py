@@ -6,8 +6,10 @@ is warm; a load that fails calls `on_fatal` (the CLI stops the server and exits 
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import os
 from collections.abc import Callable
 
 from starlette.concurrency import run_in_threadpool
@@ -17,19 +19,25 @@ from service.errors import NotReady
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import TaskStore, open_store
+from service.supervisor import MULTIPROC_ENV, Siblings
 from service.tasks import TaskService
-from service.tenants import KeyRing, RateLimiter
+from service.tenants import KeyRing, RateLimiter, SharedBuckets
 
 log = logging.getLogger("service.runtime")
+_PUBLISH_S = 1.0  # how often a server process under a supervisor publishes its live metrics
 
 
 class Runtime:
-    def __init__(self, settings: Settings, store: TaskStore | None = None) -> None:
+    def __init__(self, settings: Settings, store: TaskStore | None = None,
+                 buckets: SharedBuckets | None = None, siblings: Siblings | None = None) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.siblings = siblings  # the other server processes of a supervisor, if any
+        # Under a supervisor (service/supervisor.py) the processes share /metrics and the buckets.
+        self.metrics = Metrics(multiprocess=MULTIPROC_ENV in os.environ)
         self.keys = KeyRing(settings.api_keys)
         self.metrics_keys = KeyRing(settings.metrics_keys)
-        self.limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        self.limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst, shared=buckets)
+        self._publishing: asyncio.Task[None] | None = None
         self.store: TaskStore = store or open_store(settings)
         self.engine: Engine | None = None
         self.tasks: TaskService | None = None  # set once everything is loaded and warm
@@ -49,6 +57,7 @@ class Runtime:
             self.on_fatal()
             return
         self.metrics.watch(tasks.cache, lambda: tasks.n_tasks, tasks.engine.batcher)
+        self._publishing = asyncio.create_task(self.metrics.publish_every(_PUBLISH_S))
         # What is loaded by now (the model, the libraries' modules: some 200k objects) lives as
         # long as the process. Frozen out of the collector's sight, it is not walked again by
         # every full collection, each a pause of the event loop and the model thread alike
@@ -56,6 +65,8 @@ class Runtime:
         gc.collect()
         gc.freeze()
         self.tasks = tasks
+        if self.siblings is not None:
+            self.siblings.mark_ready()
         log.info("ready: model %s on %s, %d tasks in %s", self.engine.info.version,
                  self.engine.info.device, tasks.n_tasks, self.store)
 
@@ -63,6 +74,10 @@ class Runtime:
         """After the server has drained (or given up on) in-flight requests: stop the model, then
         close the store, so no write is cut off half way."""
         tasks, self.tasks = self.tasks, None
+        if self.siblings is not None:
+            self.siblings.mark_ready(False)
+        if self._publishing is not None:
+            self._publishing.cancel()
         if tasks is not None:
             await tasks.close()
         if self.engine is not None:
@@ -70,9 +85,20 @@ class Runtime:
         await self.store.close()
         log.info("stopped: model released, task store closed")
 
+    async def count_tasks(self) -> None:
+        """Read the number of tasks from the store (other processes and replicas add and delete
+        them too), for the tasks gauge."""
+        if self.tasks is not None:
+            try:
+                self.tasks.n_tasks = await self.store.count()
+            except Exception as exc:  # the store is down: /metrics still answers, with the last count
+                log.warning("could not count the tasks in the store: %s", exc)
+
     async def check_ready(self) -> None:
         if self.tasks is None:
             raise NotReady(self.failure or "the model is still loading")
+        if self.siblings is not None and (ready := self.siblings.ready()) < self.siblings.processes:
+            raise NotReady(f"{ready} of {self.siblings.processes} server processes are ready")
         try:
             await self.store.ping()
         except Exception as exc:

@@ -9,9 +9,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import mmap
+import os
+import struct
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from multiprocessing.context import BaseContext
+from typing import Any
 
 
 def owner_of(key: str) -> str:
@@ -62,11 +68,13 @@ class RateLimiter:
 
     _PRUNE_ABOVE = 10_000
 
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 shared: SharedBuckets | None = None) -> None:
         self.rate = rate
         self.burst = burst
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
+        self._shared = shared  # the buckets of every server process of a supervisor, when set
 
     @property
     def enabled(self) -> bool:
@@ -76,6 +84,8 @@ class RateLimiter:
         if not self.enabled:
             return 0.0
         now = self._clock()
+        if self._shared is not None:
+            return self._shared.take(client, self.rate, self.burst, now)
         bucket = self._buckets.get(client)
         if bucket is None:
             if len(self._buckets) >= self._PRUNE_ABOVE:
@@ -93,6 +103,61 @@ class RateLimiter:
             client: b for client, b in self._buckets.items()
             if b.tokens + (now - b.at) * self.rate < self.burst
         }
+
+
+class SharedBuckets:
+    """Token buckets in a table of shared memory, for the server processes of one supervisor
+    (service/supervisor.py), so a client's rate is one, whichever process its requests reach.
+
+    A client's bucket is the slot its name hashes to (a stable hash: every process finds the same
+    slot). Two clients in one slot would share a bucket; with 65,536 slots that is rare, and errs
+    on the strict side. Each slot holds (tokens, when); when = 0 is a full bucket. The table is a
+    file mapped by every process (created in the system's temp directory), updated under one
+    inter-process lock: each take is a few microseconds.
+    """
+
+    SLOTS = 1 << 16
+    _SLOT = struct.Struct("dd")
+
+    def __init__(self, path: str, lock: Any) -> None:
+        self.path = path
+        self._lock = lock
+        with open(path, "r+b") as f:
+            self._map = mmap.mmap(f.fileno(), self.SLOTS * self._SLOT.size)
+
+    @classmethod
+    def create(cls, ctx: BaseContext) -> SharedBuckets:
+        """A new, full table (in the parent, before the processes are started)."""
+        fd, path = tempfile.mkstemp(prefix="metanet-buckets-")
+        with os.fdopen(fd, "wb") as f:
+            f.truncate(cls.SLOTS * cls._SLOT.size)  # zeros: every bucket full
+        return cls(path, ctx.Lock())
+
+    def __getstate__(self) -> tuple[str, Any]:  # handed to a spawned process: it maps the file
+        return self.path, self._lock
+
+    def __setstate__(self, state: tuple[str, Any]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
+
+    def take(self, client: str, rate: float, burst: int, now: float) -> float:
+        """As RateLimiter.take; `now` is time.monotonic(), one clock for every process."""
+        slot = int.from_bytes(hashlib.blake2b(client.encode(), digest_size=8).digest(), "little")
+        offset = (slot % self.SLOTS) * self._SLOT.size
+        with self._lock:
+            tokens, at = self._SLOT.unpack_from(self._map, offset)
+            tokens = float(burst) if at == 0 else min(burst, tokens + (now - at) * rate)
+            wait = 0.0
+            if tokens >= 1:
+                tokens -= 1
+            else:
+                wait = (1 - tokens) / rate
+            self._SLOT.pack_into(self._map, offset, tokens, now)
+        return wait
+
+    def close(self, unlink: bool = False) -> None:
+        self._map.close()
+        if unlink:
+            os.unlink(self.path)
 
 
 def retry_after(seconds: float) -> str:

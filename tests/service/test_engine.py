@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import Deferred, _parts, _threads_for
+from service.engine import Deferred, _parts, _threads_for, serving_shape
+from service.settings import Settings
 
 
 @pytest.fixture
@@ -80,3 +81,15 @@ def test_a_deferred_part_prepares_its_own_images_by_their_place_in_the_request()
     assert len(part) == 4 and part.inputs().shape == (4, 2, 2)
     assert len(whole.inputs()) == 10
     assert seen == [(6, 10), (0, 10)]
+
+
+@pytest.mark.parametrize(("settings", "device", "team", "shape"), [
+    ({"processes": 1}, "cpu", 2, (2, 1, 16)),  # one process: two workers of one thread each
+    ({"processes": 2}, "cpu", 2, (1, 1, 16)),  # two processes share the 2 cores: one worker each
+    ({"processes": 2}, "cpu", 16, (2, 4, 64)),
+    ({"processes": 4}, "cpu", 2, (1, 1, 16)),  # more processes than cores: still one thread
+    ({"processes": 2, "model_workers": 3, "batch_max_images": 8}, "cpu", 8, (3, 1, 8)),
+    ({"processes": 1}, "cuda", 8, (1, 8, 256)),
+])
+def test_the_serving_shape_splits_the_cores_between_processes_then_workers(settings, device, team, shape):
+    assert serving_shape(Settings(**settings), torch.device(device), team) == shape

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from pathlib import Path
 
 import httpx
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.settings import Settings
-from service.tenants import KeyRing, RateLimiter, owner_of, retry_after
+from service.tenants import KeyRing, RateLimiter, SharedBuckets, owner_of, retry_after
 
 
 class FakeClock:
@@ -124,3 +125,42 @@ def test_without_keys_the_bucket_is_per_client_address(tmp_path: Path) -> None:
 
     assert asyncio.run(statuses("10.0.0.1")) == [503, 503, 429]
     assert asyncio.run(statuses("10.0.0.2")) == [503, 503, 429]
+
+
+def _take_in_another_process(buckets: SharedBuckets, takes: list[tuple[str, int]], out) -> None:
+    limiter = RateLimiter(rate=0.001, burst=5, shared=buckets)
+    out.put([[limiter.take(client) for _ in range(n)] for client, n in takes])
+
+
+def test_shared_buckets_are_one_limit_for_every_process() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    buckets = SharedBuckets.create(ctx)
+    try:
+        here = RateLimiter(rate=0.001, burst=5, shared=buckets)  # the real clock: one for both
+        assert [here.take("alice") for _ in range(3)] == [0, 0, 0]
+        out = ctx.Queue()
+        other = ctx.Process(target=_take_in_another_process, args=(buckets, [("alice", 4), ("bob", 1)], out))
+        other.start()
+        there, bob = out.get(timeout=60)
+        other.join(60)
+        # alice had 2 tokens left: the other process got them, then waits; bob has his own bucket
+        assert there[:2] == [0, 0] and all(wait > 0 for wait in there[2:]), there
+        assert bob == [0]
+        assert here.take("alice") > 0
+    finally:
+        buckets.close(unlink=True)
+
+
+def test_a_shared_bucket_refills_at_the_rate_and_saves_no_more_than_the_burst() -> None:
+    buckets = SharedBuckets.create(multiprocessing.get_context("spawn"))
+    try:
+        clock = FakeClock()
+        limiter = RateLimiter(rate=2.0, burst=3, clock=clock, shared=buckets)
+        assert [limiter.take("a") for _ in range(3)] == [0, 0, 0]
+        assert limiter.take("a") == pytest.approx(0.5)
+        clock.now += 0.5
+        assert limiter.take("a") == 0
+        clock.now += 100
+        assert [limiter.take("a") for _ in range(4)] == [0, 0, 0, pytest.approx(0.5)]
+    finally:
+        buckets.close(unlink=True)

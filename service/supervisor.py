@@ -1,0 +1,227 @@
+"""Several server processes on one port (Settings.processes > 1).
+
+Within one process the event loop and the model threads share one GIL: every torch op of a forward
+hands it back and forth with the loop's Python, and on 2 cores about a fifth of the CPU went idle
+waiting for it (README, "Query throughput"). Processes share nothing of that: the supervisor binds
+the port, starts `processes` copies of the service (spawned: each loads the model itself), each
+listening on that port with a socket of its own (SO_REUSEPORT), and the kernel spreads new
+connections over them by a hash of the client's address and port. (One shared socket, accepted by
+whichever process came first, gave one process most of a burst of keep-alive connections: in
+`bench/load_probe.py --concurrency 32` runs one process served 28 of 32 clients.)
+
+What the processes share: the task store (SQLite in WAL mode or Redis, as replicas do), the rate
+limiter's buckets (`SharedBuckets`, one table in shared memory), and the metrics (prometheus_client's
+multiprocess mode: every process writes its samples to files in one directory and /metrics, in any
+process, adds them up). Each keeps its own cache of task memories and its own model queue.
+
+The supervisor forwards SIGTERM/SIGINT once to every process (each drains its requests as a single
+server does) and then re-raises the signal. A process that fails at startup stops them all (exit
+status 1); one that dies later (killed, crashed) is replaced, unless that keeps happening.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections import deque
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from service.settings import Settings
+from service.tenants import SharedBuckets
+
+log = logging.getLogger("service.supervisor")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is imported
+_RESTARTS = 5  # more deaths than this within _RESTART_WINDOW_S: give up and stop
+_RESTART_WINDOW_S = 60.0
+_POLL_S = 0.2
+
+
+class Siblings:
+    """What a server process knows of the others: how many there are, and which are ready (a file
+    per ready process in a directory of the supervisor's), so /readyz says ready only when all of
+    them are, not just the one that answered."""
+
+    def __init__(self, directory: str, processes: int) -> None:
+        self.directory, self.processes = directory, processes
+
+    def mark_ready(self, ready: bool = True) -> None:
+        path = os.path.join(self.directory, str(os.getpid()))
+        if ready:
+            with open(path, "w"):
+                pass
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def forget(self, pid: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.directory, str(pid)))
+
+    def ready(self) -> int:
+        return len(os.listdir(self.directory))
+
+
+def server_processes(settings: Settings) -> int:
+    """Settings.processes, or what 0 means: 1 on a GPU, else 2 when this process may use 2 or more
+    cores."""
+    if settings.processes:
+        return settings.processes
+    if settings.device.startswith("cuda"):
+        return 1
+    if settings.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    return 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+
+
+def serve_processes(settings: Settings, processes: int) -> int:
+    """Run `processes` servers on one port until SIGINT/SIGTERM; 1 if one of them failed to start."""
+    try:
+        reserved = _bind(settings.host, settings.port)  # fails here, once, if the port is taken
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+        return 1
+    address = (settings.host, reserved.getsockname()[1])
+    metrics_dir = tempfile.mkdtemp(prefix="metanet-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned processes
+    ctx = multiprocessing.get_context("spawn")
+    siblings = Siblings(os.path.join(metrics_dir, "ready"), processes)
+    os.mkdir(siblings.directory)
+    buckets = SharedBuckets.create(ctx) if settings.rate_limit_per_s > 0 else None
+    children: list[BaseProcess | None] = [None] * processes
+    deaths: deque[float] = deque()
+    stopping: list[int] = []  # the signal that asked us to stop
+
+    def start(slot: int) -> None:
+        child = ctx.Process(target=_child, args=(settings, address, buckets, siblings, os.getpid()),
+                            name=f"metanet-server-{slot}", daemon=False)
+        child.start()
+        children[slot] = child
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if not stopping:
+            stopping.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    status = 0
+    try:
+        for slot in range(processes):
+            start(slot)
+        log.info("serving on %s:%d with %d processes (pids %s)", *address,
+                 processes, ", ".join(str(c.pid) for c in children if c is not None))
+        while not stopping:
+            time.sleep(_POLL_S)
+            for slot, child in enumerate(children):
+                if child is None or child.is_alive() or stopping:
+                    continue
+                _forget(child)
+                siblings.forget(child.pid)  # type: ignore[arg-type]
+                if child.exitcode == 1:  # its startup failed (the reason is in its log)
+                    log.error("server process %d failed to start; stopping", child.pid)
+                    status = 1
+                    stopping.append(signal.SIGTERM)
+                    break
+                now = time.monotonic()
+                deaths.append(now)
+                while deaths and deaths[0] < now - _RESTART_WINDOW_S:
+                    deaths.popleft()
+                if len(deaths) > _RESTARTS:
+                    log.error("server processes died %d times within %.0f s; stopping", len(deaths),
+                              _RESTART_WINDOW_S)
+                    status = 1
+                    stopping.append(signal.SIGTERM)
+                    break
+                log.warning("server process %d ended (exit status %s); starting another",
+                            child.pid, child.exitcode)
+                start(slot)
+        _stop(children, settings.shutdown_timeout_s)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        reserved.close()
+        if buckets is not None:
+            buckets.close(unlink=True)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    if status == 0 and stopping:
+        # As a single server does: the exit status says which signal ended it (for SIGINT too,
+        # not Python's KeyboardInterrupt).
+        signal.signal(stopping[0], signal.SIG_DFL)
+        signal.raise_signal(stopping[0])
+    return status
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) with SO_REUSEPORT. The supervisor's, never listening, holds
+    the port (and finds out at once if it is taken); each server process listens on one of its own,
+    and the kernel spreads connections over the listening ones only."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _stop(children: list[BaseProcess | None], grace_s: float) -> None:
+    """SIGTERM to each process once (each drains like a single server), then wait; SIGKILL to
+    whatever outlives the grace period."""
+    live = [c for c in children if c is not None and c.is_alive()]
+    for child in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGTERM)  # type: ignore[arg-type]
+    deadline = time.monotonic() + grace_s + 10
+    for child in live:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            log.error("server process %d did not stop in time; killing it", child.pid)
+            child.kill()
+            child.join()
+        _forget(child)
+
+
+def _forget(child: BaseProcess) -> None:
+    """A dead process's live gauges leave the sums /metrics reports (its counters stay)."""
+    from prometheus_client import multiprocess
+
+    if child.pid is not None:
+        multiprocess.mark_process_dead(child.pid)
+
+
+def _child(settings: Settings, address: tuple[str, int], buckets: SharedBuckets | None, siblings: Siblings,
+           parent: int) -> None:
+    """One server process: ends with the supervisor, ignores the terminal's Ctrl-C (the supervisor
+    passes one SIGTERM on: two signals would make uvicorn skip draining)."""
+    _die_with_parent()
+    os.setpgid(0, 0)
+    if os.getppid() != parent:  # the supervisor died before the line above took effect
+        os._exit(1)
+    from service.app import serve
+
+    sock = _bind(*address)
+    sock.listen(2048)
+    raise SystemExit(serve(settings, sock=sock, buckets=buckets, siblings=siblings))
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this process when the supervisor exits, however it exits (Linux prctl)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)

@@ -212,12 +212,14 @@ class Container:
                               capture_output=True, text=True, timeout=timeout)
 
     def server_pid(self) -> int:
-        """The server itself: the one process below `buildah run` that is not buildah's own helper."""
+        """The server itself: the one process below `buildah run` that is not buildah's own helper
+        (and not one of its own children: the server processes a supervisor runs on a CPU)."""
         assert self.process is not None
         pids = [pid for pid in _descendants(self.process.pid)
                 if not _comm(pid).startswith(("memfd:", "buildah"))]
-        assert len(pids) == 1, [(pid, _comm(pid)) for pid in pids]
-        return pids[0]
+        roots = [pid for pid in pids if _ppid(pid) not in pids]
+        assert len(roots) == 1, [(pid, _comm(pid)) for pid in pids]
+        return roots[0]
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM to the server (what `docker stop` sends PID 1); buildah's exit status (1 when the
@@ -258,6 +260,13 @@ def _descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except OSError:
+        return 0
 
 
 def _comm(pid: int) -> str:

@@ -34,6 +34,25 @@ def server_children(server: Server) -> list[int]:
             and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
+def state(pid: int) -> str:
+    """A process's state letter from /proc (Z: a zombie, its sockets closed)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+def all_listening(server: Server) -> bool:
+    """Do two server processes hold a listening socket on the server's port?"""
+    port = f":{server.port:04X}"
+    inodes = {line.split()[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+              if line.split()[1].endswith(port) and line.split()[3] == "0A"}  # 0A: LISTEN
+    holders = 0
+    for pid in server_children(server):
+        fds = Path(f"/proc/{pid}/fd")
+        with contextlib.suppress(OSError):
+            links = {os.readlink(fd) for fd in fds.iterdir()}
+            holders += any(f"socket:[{inode}]" in links for inode in inodes)
+    return holders == 2
+
+
 def fresh(server: Server, method: str, path: str, **kwargs) -> httpx.Response:
     with httpx.Client(base_url=server.url, timeout=120) as client:  # a new connection
         return client.request(method, path, **kwargs)
@@ -73,6 +92,7 @@ def test_a_task_registered_through_one_process_classifies_alike_through_any(two:
     assert created.status_code == 201, created.text
     task = created.json()
     path = f"/v1/tasks/{task['task_id']}/classify"
+    time.sleep(1.5)  # every process has published its figures since the task was registered
     with two.client() as client:
         before = metrics(client)
     answers = [fresh(two, "POST", path, json={"images": QUERIES, "top_k": 3}) for _ in range(FRESH)]
@@ -126,16 +146,24 @@ def test_the_rate_limit_is_one_for_all_processes(tmp_data: Path) -> None:
 
 def test_a_killed_process_is_replaced_and_the_other_keeps_serving(tmp_data: Path) -> None:
     with serving(Server(tmp_data, processes=2)) as server:
+        task = fresh(server, "POST", "/v1/tasks", json={"examples": examples(("circle", "cross"))}).json()
+        path = f"/v1/tasks/{task['task_id']}/classify"
         first = server_children(server)
         os.kill(first[0], signal.SIGKILL)  # as the OOM killer would
         # Connections queued on its socket as it died are lost (reset); once it is gone (its
         # sockets closed, a zombie until the supervisor reaps it) new ones reach the other.
-        assert eventually(lambda: not Path(f"/proc/{first[0]}").exists()
-                          or Path(f"/proc/{first[0]}/stat").read_text().rpartition(")")[2].split()[0] == "Z")
-        statuses = [fresh(server, "GET", "/healthz").status_code for _ in range(FRESH)]
-        assert set(statuses) == {200}, statuses  # connections only reach the live process
-        assert eventually(lambda: len(now := server_children(server)) == 2 and first[0] not in now)
-        assert eventually(lambda: fresh(server, "GET", "/readyz").status_code == 200, timeout=120)
+        assert eventually(lambda: not Path(f"/proc/{first[0]}").exists() or state(first[0]) == "Z")
+        # Until the replacement is loaded and warm it does not listen: every request, the model's
+        # included, reaches the live process and is answered, before, while and after it loads.
+        statuses, deadline = [], time.monotonic() + 180
+        while len(statuses) < 3 * FRESH or not all_listening(server):
+            assert time.monotonic() < deadline, "the replacement never listened"
+            statuses.append(fresh(server, "POST", path, json={"images": QUERIES[:1]}).status_code)
+            statuses.append(fresh(server, "GET", "/readyz").status_code)
+        query = {"images": QUERIES[:1]}
+        statuses += [fresh(server, "POST", path, json=query).status_code for _ in range(FRESH)]
+        assert set(statuses) == {200}, statuses
+        assert first[0] not in server_children(server)
         with server.client() as client:
             assert eventually(lambda: metrics(client)["metanet_server_processes"] == 2)
         assert "starting another" in server.log_path.read_text()
@@ -146,7 +174,7 @@ def test_sigterm_stops_every_process_with_the_signal_as_status(tmp_data: Path) -
     pids = server_children(server)
     assert server.stop() == -signal.SIGTERM
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        assert not Path(f"/proc/{pid}").exists() or state(pid) == "Z"
 
 
 def test_a_process_that_cannot_start_stops_them_all_with_status_1(tmp_data: Path, tmp_path: Path) -> None:
@@ -170,3 +198,14 @@ def test_a_taken_port_is_refused_once_with_status_1(tmp_data: Path) -> None:
         assert server.process is not None
         assert server.process.wait(timeout=60) == 1
     assert "cannot listen on 127.0.0.1" in server.log_path.read_text()
+
+
+def test_a_port_held_by_another_supervisor_is_refused_too(two: Server, tmp_data: Path) -> None:
+    # The running one's sockets allow SO_REUSEPORT: a second server of this kind must not join it.
+    second = Server(tmp_data, processes=2)
+    second.port, second.url = two.port, two.url
+    second.start(wait=False)
+    assert second.process is not None
+    assert second.process.wait(timeout=60) == 1
+    assert "cannot listen on 127.0.0.1" in second.log_path.read_text()
+    assert fresh(two, "GET", "/readyz").status_code == 200

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 threads0 = thread_cpu(server.pid)
                 spy = None if args.profile is None else subprocess.Popen(
                     ["py-spy", "record", "--pid", str(server.pid), "--duration", str(int(args.seconds)),
-                     "--rate", "250", "--threads", "--format", "raw", "--output", str(args.profile)],
+                     "--rate", "250", "--threads", "--subprocesses", "--format", "raw",
+                     "--output", str(args.profile)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 latencies = asyncio.run(drive(server.url, path, bodies, args.concurrency, args.seconds))
                 user1, sys1, faults1 = proc_stat(server.pid)

@@ -31,8 +31,10 @@ log = logging.getLogger("service")
 
 
 def create_app(settings: Settings | None = None, buckets: SharedBuckets | None = None,
-               siblings: Siblings | None = None) -> FastAPI:
-    """The app; `buckets` and `siblings`: what a supervisor's server processes share."""
+               siblings: Siblings | None = None, load_first: bool = False) -> FastAPI:
+    """The app; `buckets` and `siblings`: what a supervisor's server processes share. The model
+    loads in the background while the server already answers (503 until ready), or, with
+    `load_first` (a replacement server process), before the server starts listening."""
     settings = settings or Settings()
     runtime = Runtime(settings, buckets=buckets, siblings=siblings)
 
@@ -40,6 +42,10 @@ def create_app(settings: Settings | None = None, buckets: SharedBuckets | None =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(runtime.start())
         try:
+            if load_first:
+                await loading
+                if runtime.failure is not None:  # uvicorn then exits without listening
+                    raise RuntimeError(runtime.failure)
             yield
         finally:
             loading.cancel()
@@ -62,12 +68,13 @@ def create_app(settings: Settings | None = None, buckets: SharedBuckets | None =
 
 
 def serve(settings: Settings, sock: socket.socket | None = None, buckets: SharedBuckets | None = None,
-          siblings: Siblings | None = None) -> int:
+          siblings: Siblings | None = None, load_first: bool = False) -> int:
     """Run the service until SIGINT/SIGTERM. Returns 1 if startup failed.
 
     With Settings.processes above 1 (or 0, by device, meaning more than one) this process
     supervises that many servers on one socket (service/supervisor.py); each of them calls this
-    with its socket, the shared rate-limit buckets and what it needs to know of the others.
+    with its socket, the shared rate-limit buckets and what it needs to know of the others, and
+    (a replacement of a process that died) `load_first`.
 
     On SIGTERM uvicorn stops accepting connections, lets the requests in flight finish (for at most
     `shutdown_timeout_s`, then cancels them), and only then runs the lifespan's shutdown, which
@@ -89,7 +96,7 @@ def serve(settings: Settings, sock: socket.socket | None = None, buckets: Shared
     # thread runs Python for every request; with the default 5 ms switch interval a busy loop made
     # each of those hand-overs wait up to 5 ms. A shorter interval lets the model thread back in.
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-    app = create_app(settings, buckets, siblings)
+    app = create_app(settings, buckets, siblings, load_first)
     # log_config=None: keep our handlers; access_log=False: RequestLogMiddleware writes that line;
     # http: each response in one send (service/wire.py).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

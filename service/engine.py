@@ -110,10 +110,11 @@ class Engine:
             from model.onnx import OnnxQueryPath, export_onnx
 
             path = settings.onnx_path or settings.data_dir / "onnx" / f"{model.version}.onnx"
-            with _file_lock(path.with_name(path.name + ".lock")):  # server processes start together
-                if not path.is_file():
-                    log.info("exporting the query path to %s", path)
-                    export_onnx(model, path)
+            if not path.is_file():
+                with _file_lock(path.with_name(path.name + ".lock")):  # server processes start together
+                    if not path.is_file():
+                        log.info("exporting the query path to %s", path)
+                        export_onnx(model, path)
             # Several workers or processes: each runs on its share of the cores, as torch does.
             workers, threads, _ = serving_shape(settings, device, torch.get_num_threads())
             if workers == 1 and threads == torch.get_num_threads():
@@ -266,7 +267,9 @@ def serving_shape(settings: Settings, device: torch.device, team: int) -> tuple[
     """(model workers, threads of a classify forward, largest forward in images) of this process:
     the settings, or what 0 ("by device") means.
 
-    This process has its share of the `team` CPU threads (Settings.processes share them). On a CPU,
+    Classify forwards run on this process's share of the `team` CPU threads (Settings.processes
+    share them; a registration still runs on the whole team, the other processes' forwards beside
+    it for that while). On a CPU,
     two workers with one-thread forwards of 16 images side by side beat one two-thread forward of
     32 on 2 cores (in process 907 against 803 images/s; over HTTP 32-image requests gained about
     30%: README, "Query throughput"); two processes of one worker each beat both. On a GPU, one

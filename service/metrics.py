@@ -59,7 +59,7 @@ class Metrics:
         from prometheus_client import multiprocess
 
         if self._state.sources is not None:
-            self._shared.publish(*self._state.sources)  # this process's own figures: current
+            self._shared.publish(*self._state.sources, scrape=True)  # this process's figures: current
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
@@ -113,9 +113,9 @@ class _StateCollector(Collector):
 
 
 class _SharedState:
-    """What _StateCollector reports, as multiprocess metrics: gauges summed over the live processes
-    (the tasks gauge: the latest count any process read from the store), and counters that take
-    each process's increase since it last published."""
+    """What _StateCollector reports, as multiprocess metrics: gauges summed over the live processes,
+    counters that take each process's increase since it last published, and the tasks gauge set
+    only by a scrape (from the store's count, read just before: the latest one wins)."""
 
     _GAUGES = (
         ("metanet_cache_bytes", "Bytes of task memories cached", "livesum"),
@@ -144,12 +144,16 @@ class _SharedState:
         self._last: dict[Any, float] = {}
         self.gauges["metanet_server_processes"].set(1)
 
-    def publish(self, cache: ByteLRU, n_tasks: Callable[[], int], batcher: Batcher) -> None:
+    def publish(
+        self, cache: ByteLRU, n_tasks: Callable[[], int], batcher: Batcher, scrape: bool = False
+    ) -> None:
         values = {
             "metanet_cache_bytes": cache.nbytes, "metanet_cache_budget_bytes": cache.budget,
             "metanet_cache_entries": len(cache), "metanet_model_pending": batcher.pending,
-            "metanet_queue_images": batcher.queued_images, "metanet_tasks": n_tasks(),
+            "metanet_queue_images": batcher.queued_images,
         }
+        if scrape:
+            values["metanet_tasks"] = n_tasks()
         for name, value in values.items():
             self.gauges[name].set(value)
         stats = batcher.stats

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 from collections.abc import Callable
 
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +18,7 @@ from service.errors import NotReady
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import TaskStore, open_store
-from service.supervisor import MULTIPROC_ENV, Siblings
+from service.supervisor import Siblings
 from service.tasks import TaskService
 from service.tenants import KeyRing, RateLimiter, SharedBuckets
 
@@ -33,7 +32,7 @@ class Runtime:
         self.settings = settings
         self.siblings = siblings  # the other server processes of a supervisor, if any
         # Under a supervisor (service/supervisor.py) the processes share /metrics and the buckets.
-        self.metrics = Metrics(multiprocess=MULTIPROC_ENV in os.environ)
+        self.metrics = Metrics(multiprocess=siblings is not None)
         self.keys = KeyRing(settings.api_keys)
         self.metrics_keys = KeyRing(settings.metrics_keys)
         self.limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst, shared=buckets)
@@ -97,8 +96,8 @@ class Runtime:
     async def check_ready(self) -> None:
         if self.tasks is None:
             raise NotReady(self.failure or "the model is still loading")
-        if self.siblings is not None and (ready := self.siblings.ready()) < self.siblings.processes:
-            raise NotReady(f"{ready} of {self.siblings.processes} server processes are ready")
+        if self.siblings is not None and not self.siblings.all_ready():
+            raise NotReady(f"{self.siblings.ready()} of {self.siblings.processes} server processes are ready")
         try:
             await self.store.ping()
         except Exception as exc:

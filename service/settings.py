@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     # registration runs alone with all of them. 0 = by device: 2 on a CPU with 2 or more threads
     # (see "Query throughput" in the README), else 1.
     model_workers: int = Field(0, ge=0, le=64)
-    # Server processes on one listening socket (service/supervisor.py), each with its own event
+    # Server processes on one port (service/supervisor.py), each with its own event
     # loop, model workers and cache of task memories, all sharing the task store, the rate limits
     # and /metrics; the CPU threads are split between them. 0 = by device: 2 on a CPU with 2 or
     # more cores (a process's event loop and model threads take turns at one GIL; two processes of

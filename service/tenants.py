@@ -6,6 +6,7 @@ what the task store files its tasks under.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import math
@@ -16,8 +17,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from multiprocessing.context import BaseContext
-from typing import Any
 
 
 def owner_of(key: str) -> str:
@@ -111,51 +110,58 @@ class SharedBuckets:
 
     A client's bucket is the slot its name hashes to (a stable hash: every process finds the same
     slot). Two clients in one slot would share a bucket; with 65,536 slots that is rare, and errs
-    on the strict side. Each slot holds (tokens, when); when = 0 is a full bucket. The table is a
-    file mapped by every process (created in the system's temp directory), updated under one
-    inter-process lock: each take is a few microseconds.
+    on the strict side. Each slot holds (tokens, when, used); an unused slot is a full bucket. The
+    table is a file (in the system's temp directory) that every process maps, updated under an
+    exclusive flock on it: the kernel releases that lock when its holder dies, so a process killed
+    mid-update cannot leave the others waiting. A take is a few microseconds.
     """
 
     SLOTS = 1 << 16
-    _SLOT = struct.Struct("dd")
+    _SLOT = struct.Struct("ddd")
 
-    def __init__(self, path: str, lock: Any) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._lock = lock
-        with open(path, "r+b") as f:
-            self._map = mmap.mmap(f.fileno(), self.SLOTS * self._SLOT.size)
+        self._file = open(path, "r+b")  # noqa: SIM115 - held open for the lock, closed in close()
+        self._map = mmap.mmap(self._file.fileno(), self.SLOTS * self._SLOT.size)
 
     @classmethod
-    def create(cls, ctx: BaseContext) -> SharedBuckets:
-        """A new, full table (in the parent, before the processes are started)."""
+    def create(cls) -> SharedBuckets:
+        """A new table of full buckets (in the supervisor, before the processes start)."""
         fd, path = tempfile.mkstemp(prefix="metanet-buckets-")
         with os.fdopen(fd, "wb") as f:
-            f.truncate(cls.SLOTS * cls._SLOT.size)  # zeros: every bucket full
-        return cls(path, ctx.Lock())
+            f.truncate(cls.SLOTS * cls._SLOT.size)  # zeros: every slot unused
+        return cls(path)
 
-    def __getstate__(self) -> tuple[str, Any]:  # handed to a spawned process: it maps the file
-        return self.path, self._lock
+    def __getstate__(self) -> str:  # handed to a spawned process: it opens and maps the file
+        return self.path
 
-    def __setstate__(self, state: tuple[str, Any]) -> None:
-        self.__init__(*state)  # type: ignore[misc]
+    def __setstate__(self, path: str) -> None:
+        self.__init__(path)  # type: ignore[misc]
 
     def take(self, client: str, rate: float, burst: int, now: float) -> float:
         """As RateLimiter.take; `now` is time.monotonic(), one clock for every process."""
         slot = int.from_bytes(hashlib.blake2b(client.encode(), digest_size=8).digest(), "little")
         offset = (slot % self.SLOTS) * self._SLOT.size
-        with self._lock:
-            tokens, at = self._SLOT.unpack_from(self._map, offset)
-            tokens = float(burst) if at == 0 else min(burst, tokens + (now - at) * rate)
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        try:
+            tokens, at, used = self._SLOT.unpack_from(self._map, offset)
+            if not used:
+                tokens, at = float(burst), now
+            # Another process may have read its clock just after ours: time never runs backwards.
+            tokens = min(burst, tokens + max(0.0, now - at) * rate)
             wait = 0.0
             if tokens >= 1:
                 tokens -= 1
             else:
                 wait = (1 - tokens) / rate
-            self._SLOT.pack_into(self._map, offset, tokens, now)
+            self._SLOT.pack_into(self._map, offset, tokens, max(now, at), 1.0)
+        finally:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
         return wait
 
     def close(self, unlink: bool = False) -> None:
         self._map.close()
+        self._file.close()
         if unlink:
             os.unlink(self.path)
 

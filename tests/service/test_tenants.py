@@ -134,7 +134,7 @@ def _take_in_another_process(buckets: SharedBuckets, takes: list[tuple[str, int]
 
 def test_shared_buckets_are_one_limit_for_every_process() -> None:
     ctx = multiprocessing.get_context("spawn")
-    buckets = SharedBuckets.create(ctx)
+    buckets = SharedBuckets.create()
     try:
         here = RateLimiter(rate=0.001, burst=5, shared=buckets)  # the real clock: one for both
         assert [here.take("alice") for _ in range(3)] == [0, 0, 0]
@@ -143,6 +143,7 @@ def test_shared_buckets_are_one_limit_for_every_process() -> None:
         other.start()
         there, bob = out.get(timeout=60)
         other.join(60)
+        assert other.exitcode == 0
         # alice had 2 tokens left: the other process got them, then waits; bob has his own bucket
         assert there[:2] == [0, 0] and all(wait > 0 for wait in there[2:]), there
         assert bob == [0]
@@ -152,7 +153,7 @@ def test_shared_buckets_are_one_limit_for_every_process() -> None:
 
 
 def test_a_shared_bucket_refills_at_the_rate_and_saves_no_more_than_the_burst() -> None:
-    buckets = SharedBuckets.create(multiprocessing.get_context("spawn"))
+    buckets = SharedBuckets.create()
     try:
         clock = FakeClock()
         limiter = RateLimiter(rate=2.0, burst=3, clock=clock, shared=buckets)

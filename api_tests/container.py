@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from api_tests.helpers import REPO
-from bench.harness import wait_ready
+from bench.harness import descendants, parent_of, wait_ready
 
 TORCH_VERSION = "2.13.0"  # the Dockerfile's default TORCH_VERSION
 WHEELS_IN_CONTEXT = REPO / "docker" / "wheels"  # the Dockerfile's default WHEELS_DIR
@@ -215,9 +215,9 @@ class Container:
         """The server itself: the one process below `buildah run` that is not buildah's own helper
         (and not one of its own children: the server processes a supervisor runs on a CPU)."""
         assert self.process is not None
-        pids = [pid for pid in _descendants(self.process.pid)
+        pids = [pid for pid in descendants(self.process.pid)
                 if not _comm(pid).startswith(("memfd:", "buildah"))]
-        roots = [pid for pid in pids if _ppid(pid) not in pids]
+        roots = [pid for pid in pids if parent_of(pid) not in pids]
         assert len(roots) == 1, [(pid, _comm(pid)) for pid in pids]
         return roots[0]
 
@@ -242,31 +242,6 @@ class Container:
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rpartition(")")[2].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-    except OSError:
-        return 0
 
 
 def _comm(pid: int) -> str:

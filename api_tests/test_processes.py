@@ -11,6 +11,8 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,19 +21,21 @@ import httpx
 import numpy as np
 import pytest
 
-from api_tests.helpers import QUERIES, Server, as_matrix, assert_error, examples, metrics, png, running
+from api_tests.helpers import QUERIES, REPO, Server, as_matrix, assert_error, examples, metrics, png, running
+from bench.harness import descendants, parent_of
 
 FRESH = 24  # requests on fresh connections: all 24 reach one of 2 processes with p = 2 ** -23
 
 
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def server_children(server: Server) -> list[int]:
     """The server processes (the supervisor's other child is multiprocessing's resource tracker)."""
-    return [p for p in children(server.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()
-            and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+    def cmdline(pid: int) -> bytes:
+        with contextlib.suppress(OSError):
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b""
+
+    return [p for p in descendants(server.pid)
+            if parent_of(p) == server.pid and b"resource_tracker" not in cmdline(p)]
 
 
 def state(pid: int) -> str:
@@ -209,3 +213,15 @@ def test_a_port_held_by_another_supervisor_is_refused_too(two: Server, tmp_data:
     assert second.process.wait(timeout=60) == 1
     assert "cannot listen on 127.0.0.1" in second.log_path.read_text()
     assert fresh(two, "GET", "/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(("flag", "says"), [
+    ("-1", "processes"), ("65", "processes"), ("two", "invalid int value: 'two'"),
+    ("1.5", "invalid int value"),
+])
+def test_a_nonsense_process_count_is_refused_before_anything_starts(tmp_data: Path, flag: str, says: str):
+    done = subprocess.run([sys.executable, "-m", "service", "--processes", flag, "--data-dir", str(tmp_data)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not tmp_data.exists() or not any(tmp_data.iterdir())  # no store was opened

@@ -139,6 +139,28 @@ def wait_ready(url: str, process: subprocess.Popen[Any], timeout: float, log_tai
     raise RuntimeError(f"the server was not ready after {timeout} s:\n{log_tail()}")
 
 
+def parent_of(pid: int) -> int:
+    """A process's parent pid from /proc (0 once it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except OSError:
+        return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, theirs, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            children.setdefault(parent_of(int(entry.name)), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """The metanet_* samples of a /metrics page by name, labels included as written
     (`metanet_dropped_total{reason="deadline"}`); counters under their _total names."""

@@ -27,25 +27,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.harness import LeanClient, ServiceProcess, parse_metrics  # noqa: E402
+from bench.harness import LeanClient, ServiceProcess, descendants, parse_metrics  # noqa: E402
 from bench.serving import WAY, as_png, omniglot_ink, percentile  # noqa: E402
-
-
-def family(pid: int) -> list[int]:
-    """The process and its descendants (the server processes of a supervisor)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        out.append(todo.pop())
-        todo.extend(children.get(out[-1], []))
-    return out
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -53,7 +36,7 @@ def thread_cpu(pid: int) -> dict[str, float]:
     "name/tid"."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
-    tasks = [task for p in family(pid) for task in Path(f"/proc/{p}/task").iterdir()]
+    tasks = [task for p in [pid, *descendants(pid)] for task in Path(f"/proc/{p}/task").iterdir()]
     for task in tasks:
         try:
             head, _, rest = (task / "stat").read_text().rpartition(")")
@@ -68,7 +51,7 @@ def proc_stat(pid: int) -> tuple[float, float, int]:
     """(user seconds, system seconds, minor faults) so far of a process and its descendants."""
     tick = os.sysconf("SC_CLK_TCK")
     user = system = faults = 0
-    for p in family(pid):
+    for p in [pid, *descendants(pid)]:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
         except OSError:

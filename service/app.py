@@ -72,7 +72,7 @@ def serve(settings: Settings, sock: socket.socket | None = None, buckets: Shared
     """Run the service until SIGINT/SIGTERM. Returns 1 if startup failed.
 
     With Settings.processes above 1 (or 0, by device, meaning more than one) this process
-    supervises that many servers on one socket (service/supervisor.py); each of them calls this
+    supervises that many servers on one port (service/supervisor.py); each of them calls this
     with its socket, the shared rate-limit buckets and what it needs to know of the others, and
     (a replacement of a process that died) `load_first`.
 

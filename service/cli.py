@@ -167,7 +167,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted")
     p.add_argument("--torch-threads", type=int, help="torch CPU threads")
     p.add_argument("--processes", type=int,
-                   help="server processes on one socket (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
+                   help="server processes on one port (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
     p.add_argument("--backend", choices=["torch", "onnx"], help="where queries run (default torch)")
     p.add_argument("--onnx-path", help="the ONNX query path (exported there when missing)")
     p.add_argument("--m-dtype", choices=["float32", "float16", "bfloat16"], help="dtype of cached M")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -59,7 +58,7 @@ class Metrics:
         from prometheus_client import multiprocess
 
         if self._state.sources is not None:
-            self._shared.publish(*self._state.sources, scrape=True)  # this process's figures: current
+            self._shared.publish(self._state.sources, scrape=True)  # this process's figures: current
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
@@ -71,43 +70,52 @@ class Metrics:
             return
         while True:
             if self._state.sources is not None:
-                self._shared.publish(*self._state.sources)
+                self._shared.publish(self._state.sources)
             await asyncio.sleep(seconds)
+
+
+_Sources = tuple[ByteLRU, Callable[[], int], Batcher]  # the cache, the task count, the batcher
+
+# The live state both modes report: (name, help, value from the sources). Gauges are summed over
+# the live processes in multiprocess mode; counters are monotonic in each process.
+_GAUGES: tuple[tuple[str, str, Callable[[_Sources], float]], ...] = (
+    ("metanet_cache_bytes", "Bytes of task memories cached", lambda s: s[0].nbytes),
+    ("metanet_cache_budget_bytes", "Cache budget in bytes", lambda s: s[0].budget),
+    ("metanet_cache_entries", "Task memories cached", lambda s: len(s[0])),
+    ("metanet_model_pending", "Model calls running or queued", lambda s: s[2].pending),
+    ("metanet_queue_images", "Query images queued for the model", lambda s: s[2].queued_images),
+)
+_COUNTERS: tuple[tuple[str, str, Callable[[_Sources], float]], ...] = (
+    ("metanet_cache_hits", "Memory cache hits", lambda s: s[0].hits),
+    ("metanet_cache_misses", "Memory cache misses (memory rebuilt)", lambda s: s[0].misses),
+    ("metanet_cache_evictions", "Memories evicted for space", lambda s: s[0].evictions),
+    ("metanet_batches", "Batched forwards run", lambda s: s[2].stats.batches),
+    ("metanet_batched_images", "Query images run in batched forwards", lambda s: s[2].stats.batched_images),
+    ("metanet_rejected", "Model jobs refused with 429: the queue was full", lambda s: s[2].stats.rejected),
+)
+_PROCESSES = ("metanet_server_processes", "Server processes running")
+_TASKS = ("metanet_tasks", "Tasks in the store")
+_DROPPED = ("metanet_dropped", "Queued model jobs dropped before compute")
 
 
 class _StateCollector(Collector):
     """Gauges and counters read from the live objects at scrape time, so they never drift."""
 
     def __init__(self) -> None:
-        self.sources: tuple[ByteLRU, Callable[[], int], Batcher] | None = None
+        self.sources: _Sources | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         if self.sources is None:
             return
-        cache, n_tasks, batcher = self.sources
-        yield GaugeMetricFamily("metanet_server_processes", "Server processes running", value=1)
-        yield GaugeMetricFamily("metanet_tasks", "Tasks in the store", value=n_tasks())
-        yield GaugeMetricFamily("metanet_cache_bytes", "Bytes of task memories cached", value=cache.nbytes)
-        yield GaugeMetricFamily("metanet_cache_budget_bytes", "Cache budget in bytes", value=cache.budget)
-        yield GaugeMetricFamily("metanet_cache_entries", "Task memories cached", value=len(cache))
-        yield CounterMetricFamily("metanet_cache_hits", "Memory cache hits", value=cache.hits)
-        yield CounterMetricFamily("metanet_cache_misses", "Memory cache misses (memory rebuilt)",
-                                  value=cache.misses)
-        yield CounterMetricFamily("metanet_cache_evictions", "Memories evicted for space",
-                                  value=cache.evictions)
-        yield GaugeMetricFamily("metanet_model_pending", "Model calls running or queued",
-                                value=batcher.pending)
-        yield GaugeMetricFamily("metanet_queue_images", "Query images queued for the model",
-                                value=batcher.queued_images)
-        stats = batcher.stats
-        yield CounterMetricFamily("metanet_batches", "Batched forwards run", value=stats.batches)
-        yield CounterMetricFamily("metanet_batched_images", "Query images run in batched forwards",
-                                  value=stats.batched_images)
-        yield CounterMetricFamily("metanet_rejected", "Model jobs refused with 429: the queue was full",
-                                  value=stats.rejected)
-        dropped = CounterMetricFamily("metanet_dropped", "Queued model jobs dropped before compute",
-                                      labels=["reason"])
-        for reason, count in stats.dropped.items():
+        sources = self.sources
+        yield GaugeMetricFamily(*_PROCESSES, value=1)
+        yield GaugeMetricFamily(*_TASKS, value=sources[1]())
+        for name, text, value in _GAUGES:
+            yield GaugeMetricFamily(name, text, value=value(sources))
+        for name, text, value in _COUNTERS:
+            yield CounterMetricFamily(name, text, value=value(sources))
+        dropped = CounterMetricFamily(*_DROPPED, labels=["reason"])
+        for reason, count in sources[2].stats.dropped.items():
             dropped.add_metric([reason], count)
         yield dropped
 
@@ -117,59 +125,27 @@ class _SharedState:
     counters that take each process's increase since it last published, and the tasks gauge set
     only by a scrape (from the store's count, read just before: the latest one wins)."""
 
-    _GAUGES = (
-        ("metanet_cache_bytes", "Bytes of task memories cached", "livesum"),
-        ("metanet_cache_budget_bytes", "Cache budget in bytes", "livesum"),
-        ("metanet_cache_entries", "Task memories cached", "livesum"),
-        ("metanet_model_pending", "Model calls running or queued", "livesum"),
-        ("metanet_queue_images", "Query images queued for the model", "livesum"),
-        ("metanet_server_processes", "Server processes running", "livesum"),
-        ("metanet_tasks", "Tasks in the store", "mostrecent"),
-    )
-    _COUNTERS = (
-        ("metanet_cache_hits", "Memory cache hits"),
-        ("metanet_cache_misses", "Memory cache misses (memory rebuilt)"),
-        ("metanet_cache_evictions", "Memories evicted for space"),
-        ("metanet_batches", "Batched forwards run"),
-        ("metanet_batched_images", "Query images run in batched forwards"),
-        ("metanet_rejected", "Model jobs refused with 429: the queue was full"),
-    )
-
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.gauges = {name: Gauge(name, text, registry=registry, multiprocess_mode=mode)
-                       for name, text, mode in self._GAUGES}
-        self.counters = {name: Counter(name, text, registry=registry) for name, text in self._COUNTERS}
-        self.dropped = Counter("metanet_dropped", "Queued model jobs dropped before compute", ["reason"],
-                               registry=registry)
-        self._last: dict[Any, float] = {}
-        self.gauges["metanet_server_processes"].set(1)
+        self.gauges = {name: Gauge(name, text, registry=registry, multiprocess_mode="livesum")
+                       for name, text, _ in _GAUGES}
+        self.counters = {name: Counter(name, text, registry=registry) for name, text, _ in _COUNTERS}
+        self.dropped = Counter(*_DROPPED, ["reason"], registry=registry)
+        self.tasks = Gauge(*_TASKS, registry=registry, multiprocess_mode="mostrecent")
+        Gauge(*_PROCESSES, registry=registry, multiprocess_mode="livesum").set(1)
+        self._last: dict[str, float] = {}
 
-    def publish(
-        self, cache: ByteLRU, n_tasks: Callable[[], int], batcher: Batcher, scrape: bool = False
-    ) -> None:
-        values = {
-            "metanet_cache_bytes": cache.nbytes, "metanet_cache_budget_bytes": cache.budget,
-            "metanet_cache_entries": len(cache), "metanet_model_pending": batcher.pending,
-            "metanet_queue_images": batcher.queued_images,
-        }
+    def publish(self, sources: _Sources, scrape: bool = False) -> None:
         if scrape:
-            values["metanet_tasks"] = n_tasks()
-        for name, value in values.items():
-            self.gauges[name].set(value)
-        stats = batcher.stats
-        totals: dict[Any, float] = {
-            "metanet_cache_hits": cache.hits, "metanet_cache_misses": cache.misses,
-            "metanet_cache_evictions": cache.evictions, "metanet_batches": stats.batches,
-            "metanet_batched_images": stats.batched_images, "metanet_rejected": stats.rejected,
-        }
-        totals.update({("dropped", reason): count for reason, count in stats.dropped.items()})
+            self.tasks.set(sources[1]())
+        for name, _, value in _GAUGES:
+            self.gauges[name].set(value(sources))
+        totals = {name: value(sources) for name, _, value in _COUNTERS}
+        totals.update({f"dropped:{reason}": count for reason, count in sources[2].stats.dropped.items()})
         for key, total in totals.items():
             increase = total - self._last.get(key, 0)
             if increase > 0:
-                if isinstance(key, tuple):
-                    self.dropped.labels(key[1]).inc(increase)
-                else:
-                    self.counters[key].inc(increase)
+                counter = self.counters.get(key) or self.dropped.labels(key.partition(":")[2])
+                counter.inc(increase)
             self._last[key] = total
 
 

@@ -5,10 +5,10 @@ hands it back and forth with the loop's Python, and on 2 cores about a fifth of 
 waiting for it (README, "Query throughput"). Processes share nothing of that: the supervisor
 reserves the port, starts `processes` copies of the service (spawned: each loads the model
 itself), each listening on that port with a socket of its own (SO_REUSEPORT), and the kernel
-spreads new connections over the listening ones by a hash of the client's address and port. (One
-shared socket, accepted by whichever process came first, gave one process most of a burst of
-keep-alive connections: in `bench/load_probe.py --concurrency 32` runs one process served 28 of 32
-clients.)
+spreads new connections over the listening ones by a hash of the client's address and port. (A
+first, uncommitted version had one shared socket, accepted by whichever process came first: two
+otherwise alike `bench/load_probe.py --concurrency 32 --images 1` runs made 524 and 332 requests/s,
+the slower with batches of 12.7 images against 7.0, so one process held most of the clients.)
 
 What the processes share: the task store (SQLite in WAL mode or Redis, as replicas do), the rate
 limiter's buckets (`SharedBuckets`, one table in shared memory), and the metrics (prometheus_client's

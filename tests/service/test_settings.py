@@ -17,6 +17,7 @@ BAD = [
     ("decode_processes", "-1"), ("decode_processes", "many"), ("heap_retain_mb", "-1"),
     ("heap_retain_mb", "lots"),
     ("model_workers", "-1"), ("model_workers", "two"),
+    ("processes", "-1"), ("processes", "lots"), ("processes", "65"),
 ]
 
 

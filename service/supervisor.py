@@ -8,7 +8,7 @@ itself), each listening on that port with a socket of its own (SO_REUSEPORT), an
 spreads new connections over the listening ones by a hash of the client's address and port. (A
 first, uncommitted version had one shared socket, accepted by whichever process came first: two
 otherwise alike `bench/load_probe.py --concurrency 32 --images 1` runs made 524 and 332 requests/s,
-the slower with batches of 12.7 images against 7.0, so one process held most of the clients.)
+the slower with batches of 12.7 images against 7.0: one process seemed to hold most clients.)
 
 What the processes share: the task store (SQLite in WAL mode or Redis, as replicas do), the rate
 limiter's buckets (`SharedBuckets`, one table in shared memory), and the metrics (prometheus_client's

@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     # loop, model workers and cache of task memories, all sharing the task store, the rate limits
     # and /metrics; the CPU threads are split between them. 0 = by device: 2 on a CPU with 2 or
     # more cores (a process's event loop and model threads take turns at one GIL; two processes of
-    # one worker each carried about a third more than one process of two: README, "Query
+    # one worker each carried about a third more 1-image requests than one process of two: README, "Query
     # throughput"), 1 on a GPU (one process batches all requests on the one device).
     processes: int = Field(0, ge=0, le=64)
     # Where query images are decoded: "model-thread" (just before their forward, one request after

@@ -204,6 +204,8 @@ class LeanClient:
                 f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
         try:
             async with asyncio.timeout(self.timeout):
+                if self._writer is not None and self._reader.at_eof():  # the server closed it while idle
+                    await self.close()
                 if self._writer is None:
                     self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
                 self._writer.write(head + body)

@@ -101,7 +101,8 @@ def serve(settings: Settings, sock: socket.socket | None = None, buckets: Shared
     # http: each response in one send (service/wire.py).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=None, access_log=False, http=OneSendHttpProtocol,
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s,
+                            timeout_keep_alive=settings.keep_alive_s)
     server = uvicorn.Server(config)
     runtime: Runtime = app.state.runtime
 

@@ -17,6 +17,18 @@ run in the next forward anyway. The bound is on time, which is what a caller wai
 proportion to the job: a large request may still queue behind others to keep the model busy, a
 small one does not wait behind a crowd. Work whose
 client disconnected, or whose deadline passed while it waited, is dropped before compute.
+
+Overload. Batching trades latency for throughput: a request waits for a forward many times the
+size of its own. That is the right trade while every client gets in, but once the service refuses
+many, it would hold the admitted ones at that long wait for nothing the refused ones gain. So with
+`overload` = (demand, factor) the batcher counts its demand: the requests queued or running, plus
+the clients waiting out a 429, estimated by Little's law as the Retry-After seconds handed out in
+the last `OVERLOAD_WINDOW_S` seconds divided by that window. Past `demand` it is overloaded (and
+stays so until the demand falls under 3/4 of it): then a forward holds only as many images as keep
+its compute within `factor` times that of its oldest request (by `BatchCost`), and a request is
+admitted only if it runs in the next such forward (or nothing is queued). An admitted request then
+waits for at most the rest of one small forward before its own, so it keeps close to its unloaded
+latency, at the cost of the throughput that larger forwards would have given.
 """
 
 from __future__ import annotations
@@ -35,6 +47,10 @@ from typing import Any, Generic, TypeVar
 from service.errors import ClientDisconnected, DeadlineExceeded, NotReady, Overloaded
 
 log = logging.getLogger("service.batcher")
+OVERLOAD_WINDOW_S = 2.0  # the refusals that count for the demand of waiting clients
+# The longest Retry-After of a refusal: under Settings.keep_alive_s, so a client that waits one out
+# finds its keep-alive connection still open.
+RETRY_AFTER_MAX_S = 10
 P = TypeVar("P")  # what one batchable job carries
 R = TypeVar("R")
 
@@ -121,7 +137,7 @@ class Batcher(Generic[P, R]):
     def __init__(
         self, executor: Executor, run_batch: Callable[[Sequence[P]], list[R | Exception]], *,
         max_batch_images: int, max_wait_s: float, max_pending: int, max_queue_images: int,
-        max_wait_ahead: tuple[float, float] = (0.0, 0.0),
+        max_wait_ahead: tuple[float, float] = (0.0, 0.0), overload: tuple[int, float] = (0, 0.0),
         on_batch: Callable[[int, float], None] | None = None,
         on_idle: Callable[[], object] | None = None, idle_s: float = 1.0, workers: int = 1,
     ) -> None:
@@ -133,6 +149,10 @@ class Batcher(Generic[P, R]):
         self.max_pending = max_pending
         self.max_queue_images = max_queue_images
         self.max_wait_ahead = max_wait_ahead  # (0, 0): no bound on time, only on counts
+        self.overload = overload  # (demand, forward factor); either 0: no overload mode
+        self._overloaded = False
+        self._refusals: deque[tuple[float, float]] = deque()  # (when, Retry-After seconds)
+        self._refused_seconds = 0.0  # sum of the Retry-After seconds in _refusals
         self.cost = BatchCost()
         self._solo_seconds = 0.0  # moving mean of a registration's seconds, for `work_ahead`
         self._on_batch = on_batch  # (images in the batch, seconds of compute)
@@ -161,6 +181,11 @@ class Batcher(Generic[P, R]):
     @property
     def queued_images(self) -> int:
         return self._queued_images
+
+    @property
+    def overloaded(self) -> bool:
+        """In overload mode now (see the module docstring)?"""
+        return self._overload_check()
 
     def check_admission(self, n_images: int) -> None:
         """Raise Overloaded now if a job of n_images would not be admitted."""
@@ -223,12 +248,54 @@ class Batcher(Generic[P, R]):
         queued = self._queued_images + self._reserved_images
         if n_images and queued and queued + n_images > self.max_queue_images:
             self._reject(f"{queued} images are already queued for the model")
+        if self._overload_check() and n_images:
+            most = self._overload_forward(n_images) * self.workers
+            if queued and queued + n_images > most:
+                self._reject(f"the service is overloaded and {queued} images are already queued for "
+                             f"its next forwards of {most} images")
+            return
         if n_images and any(self.max_wait_ahead) and self.cost.known and not self._in_next_batch(n_images):
             fixed, factor = self.max_wait_ahead
             ahead, allowed = self.work_ahead(), fixed + factor * self.cost.seconds(n_images)
             if ahead > allowed:
                 self._reject(f"the model has about {1000 * ahead:.0f} ms of work queued ahead, over "
                              f"the {1000 * allowed:.0f} ms this request may wait")
+
+    def demand(self) -> float:
+        """Requests queued or running, plus the clients estimated to be waiting out a 429."""
+        horizon = time.monotonic() - OVERLOAD_WINDOW_S
+        while self._refusals and self._refusals[0][0] < horizon:
+            self._refused_seconds -= self._refusals.popleft()[1]
+        if not self._refusals:
+            self._refused_seconds = 0.0  # no float drift left behind
+        return self.pending + self._refused_seconds / OVERLOAD_WINDOW_S
+
+    def _overload_check(self) -> bool:
+        """Update and return the overload mode: on past the demand bound, off under 3/4 of it."""
+        most, factor = self.overload
+        if not most or not factor:
+            return False
+        demand = self.demand()
+        if demand > most and not self._overloaded:
+            log.warning("overloaded: a demand of about %.0f requests, over %d; admitting only what "
+                        "runs in the next small forward", demand, most)
+            self._overloaded = True
+        elif demand < 0.75 * most and self._overloaded:
+            log.info("no longer overloaded: a demand of about %.0f requests", demand)
+            self._overloaded = False
+        return self._overloaded
+
+    def _overload_forward(self, n_images: int) -> int:
+        """Images in a forward under overload, for a smallest request of n_images: the most whose
+        compute stays within the overload factor times that request's own (at least n_images,
+        at most max_batch_images)."""
+        most = self.max_batch_images
+        if n_images >= most or not self.cost.known:
+            return most
+        a, b = self.cost.line()
+        allowed = self.overload[1] * self.cost.seconds(n_images)
+        fits = int((allowed - a) / b) if b > 0 else most
+        return max(n_images, min(most, fits))
 
     def _in_next_batch(self, n_images: int) -> bool:
         """Would a job of n_images queued now run in the next classify forward of a worker? Then
@@ -259,9 +326,12 @@ class Batcher(Generic[P, R]):
     def _reject(self, why: str) -> None:
         self.stats.rejected += 1
         # Retry-After: the work ahead in whole seconds (at least 1), plus up to as much again at
-        # random, so a crowd refused together does not come back together.
-        wait = max(1, math.ceil(self.work_ahead() if self.cost.known else 1.0))
+        # random, so a crowd refused together does not come back together; RETRY_AFTER_MAX_S at most.
+        wait = min(RETRY_AFTER_MAX_S // 2, max(1, math.ceil(self.work_ahead() if self.cost.known else 1.0)))
         wait += random.randint(0, wait)
+        if all(self.overload):
+            self._refusals.append((time.monotonic(), wait))
+            self._refused_seconds += wait
         raise Overloaded(f"{why}; retry shortly", headers={"Retry-After": str(wait)})
 
     def _future(self) -> asyncio.Future[Any]:
@@ -366,11 +436,17 @@ class Batcher(Generic[P, R]):
         except Exception:  # a housekeeping failure must not stop the dispatcher
             log.exception("the idle callback failed")
 
+    def _batch_images(self, head: _Job[P]) -> int:
+        """The most images in the next forward: max_batch_images, or fewer under overload."""
+        if self.overloaded:
+            return self._overload_forward(head.n_images)
+        return self.max_batch_images
+
     async def _fill(self, head: _Job[P]) -> None:
         """Wait until a full batch is queued or the oldest job has waited max_wait_s."""
         assert self._wake is not None
         until = head.enqueued + self.max_wait_s
-        while self._queued_images < self.max_batch_images:
+        while self._queued_images < self._batch_images(head):
             remaining = until - time.monotonic()
             if remaining <= 0:
                 return
@@ -381,14 +457,15 @@ class Batcher(Generic[P, R]):
                 return
 
     def _take_batch(self) -> list[_Job[P]]:
-        """Batchable jobs in arrival order up to max_batch_images (at least one); solo jobs keep
+        """Batchable jobs in arrival order up to `_batch_images` (at least one); solo jobs keep
         their place in the queue."""
         batch: list[_Job[P]] = []
         kept: deque[_Job[P]] = deque()
         images = 0
+        most = self._batch_images(self._queue[0])
         while self._queue:
             job = self._queue.popleft()
-            if job.payload is not None and (not batch or images + job.n_images <= self.max_batch_images):
+            if job.payload is not None and (not batch or images + job.n_images <= most):
                 batch.append(job)
                 images += job.n_images
                 self._queued -= job.counted

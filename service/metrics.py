@@ -84,6 +84,8 @@ _GAUGES: tuple[tuple[str, str, Callable[[_Sources], float]], ...] = (
     ("metanet_cache_entries", "Task memories cached", lambda s: len(s[0])),
     ("metanet_model_pending", "Model calls running or queued", lambda s: s[2].pending),
     ("metanet_queue_images", "Query images queued for the model", lambda s: s[2].queued_images),
+    ("metanet_overloaded", "Server processes in overload mode (small forwards, a short queue)",
+     lambda s: float(s[2].overloaded)),
 )
 _COUNTERS: tuple[tuple[str, str, Callable[[_Sources], float]], ...] = (
     ("metanet_cache_hits", "Memory cache hits", lambda s: s[0].hits),

@@ -543,3 +543,128 @@ def test_a_requests_parts_queue_together_count_as_one_pending_request_and_fail_t
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------------ overload
+
+def overloaded_batcher(worker: Worker, demand: int = 4, factor: float = 1.25,
+                       **limits: Any) -> Batcher[int, int]:
+    """Forwards that cost 10 ms per image and nothing fixed: under overload, a forward for a
+    one-image request holds one image (two would cost twice its own compute, over 1.25)."""
+    batcher = make(worker, overload=(demand, factor), **limits)
+    for n in (1, 8):
+        batcher.cost.observe(n, 0.010 * n)
+    return batcher
+
+
+def waiting(batcher: Batcher[int, int], seconds: int) -> None:
+    """As if a client had just been refused with Retry-After: `seconds`."""
+    batcher._refusals.append((time.monotonic(), seconds))
+    batcher._refused_seconds += seconds
+
+
+async def refuse(batcher: Batcher[int, int], times: int) -> list[int]:
+    """Have the batcher refuse `times` one-image requests (its pending bound is full); their
+    Retry-After values."""
+    waits = []
+    for _ in range(times):
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(0, 1, Call())
+        waits.append(int(refused.value.headers["Retry-After"]))
+    return waits
+
+
+def test_clients_waiting_out_a_429_count_as_demand_and_past_the_bound_forwards_shrink() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = overloaded_batcher(worker, demand=6, max_pending=4)
+        running = await occupy(batcher, worker, payload=100)
+        queued = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert batcher.demand() == 4 and not batcher.overloaded
+        waits = await refuse(batcher, 3)  # each refused client waits 1 or 2 s: 1.5 to 3 more
+        assert batcher.demand() == pytest.approx(4 + sum(waits) / 2.0)
+        if not batcher.overloaded:  # 4 + 1.5 is not past 6; 4 + more is
+            waits += await refuse(batcher, 3)
+        assert batcher.overloaded
+        worker.gate.set()
+        assert await asyncio.gather(running, *queued) == [200, 0, 2, 4]
+        assert worker.batches == [[100], [0], [1], [2]]  # one image a forward, not [0, 1, 2]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_under_overload_only_what_runs_in_the_next_forward_is_admitted() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = overloaded_batcher(worker, demand=1)
+        running = await occupy(batcher, worker, payload=100)
+        waiting(batcher, 5)  # 5 s / 2 s: two or three clients waiting out a 429
+        assert batcher.overloaded
+        nxt = asyncio.create_task(batcher.submit(1, 1, Call()))  # nothing queued: it runs next
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="overloaded") as refused:
+            await batcher.submit(2, 1, Call())  # would wait for a second forward
+        assert 1 <= int(refused.value.headers["Retry-After"]) <= 10
+        worker.gate.set()
+        assert await asyncio.gather(running, nxt) == [200, 2]
+        # A request larger than one forward runs when nothing is queued ahead of it.
+        assert await batcher.submit(3, 20, Call()) == 6
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_overload_ends_once_the_demand_falls_under_three_quarters_of_the_bound(monkeypatch) -> None:
+    monkeypatch.setattr("service.batcher.OVERLOAD_WINDOW_S", 0.2)
+
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = overloaded_batcher(worker, demand=8)
+        waiting(batcher, 2)  # 2 s / 0.2 s: ten clients waiting out a 429
+        assert batcher.overloaded
+        await asyncio.sleep(0.25)  # the refusal left the window: no demand
+        assert not batcher.overloaded
+        running = await occupy(batcher, worker, payload=100)
+        burst = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(4)]
+        await asyncio.sleep(0.01)
+        worker.gate.set()
+        assert await asyncio.gather(running, *burst) == [200, 0, 2, 4, 6]
+        assert worker.batches == [[100], [0, 1, 2, 3]]  # full forwards again
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("overload", [(0, 1.25), (4, 0.0)])
+def test_without_an_overload_bound_or_factor_refusals_never_change_the_forwards(overload) -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = overloaded_batcher(worker, *overload, max_pending=4)
+        running = await occupy(batcher, worker, payload=100)
+        queued = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(3)]
+        await asyncio.sleep(0.01)
+        await refuse(batcher, 20)
+        assert not batcher.overloaded and batcher.demand() == 4
+        worker.gate.set()
+        await asyncio.gather(running, *queued)
+        assert worker.batches == [[100], [0, 1, 2]]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_retry_after_stays_under_the_keep_alive_however_much_work_is_ahead() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, max_pending=1)
+        batcher.cost.observe(1, 100.0)  # a hundred seconds an image
+        running = await occupy(batcher, worker, payload=100)
+        assert batcher.work_ahead() > 50
+        assert max(await refuse(batcher, 20)) <= 10
+        worker.gate.set()
+        await running
+        await batcher.close()
+
+    asyncio.run(scenario())

@@ -18,6 +18,9 @@ BAD = [
     ("heap_retain_mb", "lots"),
     ("model_workers", "-1"), ("model_workers", "two"),
     ("processes", "-1"), ("processes", "lots"), ("processes", "65"),
+    ("overload_demand", "-1"), ("overload_demand", "many"), ("overload_forward_factor", "0.5"),
+    ("overload_forward_factor", "-1"), ("overload_forward_factor", "inf"), ("keep_alive_s", "0"),
+    ("keep_alive_s", "forever"),
 ]
 
 
@@ -33,3 +36,12 @@ def test_zero_turns_the_idle_heap_trim_off_and_the_default_is_one_second(monkeyp
     assert Settings().heap_trim_idle_s == 1.0
     monkeypatch.setenv("METANET_HEAP_TRIM_IDLE_S", "0")
     assert Settings().heap_trim_idle_s == 0.0
+
+
+def test_the_overload_factor_is_off_at_zero_and_says_what_it_takes(monkeypatch) -> None:
+    assert Settings().overload_forward_factor == 1.25 and Settings().overload_demand == 0
+    monkeypatch.setenv("METANET_OVERLOAD_FORWARD_FACTOR", "0")
+    assert Settings().overload_forward_factor == 0
+    monkeypatch.setenv("METANET_OVERLOAD_FORWARD_FACTOR", "0.9")
+    with pytest.raises(ValidationError, match="0 \\(off\\) or at least 1"):
+        Settings()

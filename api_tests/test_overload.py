@@ -16,12 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from api_tests.helpers import GLYPHS, Server, examples, metrics, png, running
-from service.batcher import RETRY_AFTER_MAX_S
-from service.settings import Settings
 
 KINDS = list(GLYPHS)
 QUERY = [png(KINDS[0], shift=(2, -1), stroke=5)]
 CROWD = 40
+RETRY_AFTER_MAX_S = 10  # the longest Retry-After of a full model queue (README, Configuration)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +47,7 @@ def test_a_crowd_past_the_demand_bound_gets_one_image_forwards_and_only_200_or_4
                     answers.append((r.status_code, r.headers.get("retry-after", ""), r.json()))
 
         with ThreadPoolExecutor(CROWD) as pool:
-            for _ in range(CROWD):
-                pool.submit(crowd_member)
+            members = [pool.submit(crowd_member) for _ in range(CROWD)]
             try:
                 deadline = time.monotonic() + 60
                 while (before := metrics(client))["metanet_overloaded"] != 1:
@@ -59,6 +57,8 @@ def test_a_crowd_past_the_demand_bound_gets_one_image_forwards_and_only_200_or_4
                 during = metrics(client)
             finally:
                 stop.set()
+        for member in members:
+            member.result()  # no member died of an exception (a cut connection, a non-JSON answer)
         assert during["metanet_overloaded"] == 1
         batches = during["metanet_batches_total"] - before["metanet_batches_total"]
         images = during["metanet_batched_images_total"] - before["metanet_batched_images_total"]
@@ -92,8 +92,3 @@ def test_an_idle_keep_alive_connection_stays_open_for_keep_alive_s_then_closes(s
             assert conn.recv(4096).startswith(b"HTTP/1.1 200")
         time.sleep(3.0)  # past it: the server has closed the connection
         assert conn.recv(4096) == b""
-
-
-def test_the_default_keep_alive_outlives_the_longest_retry_after_a_client_may_wait() -> None:
-    # metanet_client and the serving benchmark wait up to 10% past a Retry-After
-    assert Settings().keep_alive_s > 1.1 * RETRY_AFTER_MAX_S + 2

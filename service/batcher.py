@@ -19,21 +19,22 @@ small one does not wait behind a crowd. Work whose
 client disconnected, or whose deadline passed while it waited, is dropped before compute.
 
 Overload. Batching trades latency for throughput: a request waits for a forward many times the
-size of its own. That is the right trade while every client gets in, but once the service refuses
-many, it would hold the admitted ones at that long wait for nothing the refused ones gain. So with
-`overload` = (demand, factor) the batcher counts its demand: the requests queued or running, plus
-the clients waiting out a 429, estimated by Little's law as the Retry-After seconds handed out in
-the last `OVERLOAD_WINDOW_S` seconds divided by that window. Past `demand` it is overloaded (and
-stays so until the demand falls under 3/4 of it): then a forward holds only as many images as keep
-its compute within `factor` times that of its oldest request (by `BatchCost`), and a request is
-admitted only if it runs in the next such forward (or nothing is queued). An admitted request then
-waits for at most the rest of one small forward before its own, so it keeps close to its unloaded
-latency, at the cost of the throughput that larger forwards would have given.
+size of its own. That is the right trade while every client gets in, but once more clients want in
+than the queue holds, it would keep the admitted ones at that long wait for nothing the refused
+ones gain. So with `overload` = (demand, factor) the batcher counts its demand: the requests queued
+or running, plus the clients waiting out a 429 right now (each refusal counts until its
+Retry-After has passed). Past `demand` it is overloaded (and stays so until the demand falls under
+3/4 of it): then a forward holds only as many images as keep its compute within `factor` times
+that of the oldest request queued (by `BatchCost`), and a request is admitted only if it runs in
+the next such forward (or nothing is queued), and not behind a registration. An admitted request
+then waits for at most the rest of one small forward before its own, so it keeps close to its
+unloaded latency, at the cost of the throughput that larger forwards would have given.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import random
@@ -47,7 +48,6 @@ from typing import Any, Generic, TypeVar
 from service.errors import ClientDisconnected, DeadlineExceeded, NotReady, Overloaded
 
 log = logging.getLogger("service.batcher")
-OVERLOAD_WINDOW_S = 2.0  # the refusals that count for the demand of waiting clients
 # The longest Retry-After of a refusal: under Settings.keep_alive_s, so a client that waits one out
 # finds its keep-alive connection still open.
 RETRY_AFTER_MAX_S = 10
@@ -151,8 +151,7 @@ class Batcher(Generic[P, R]):
         self.max_wait_ahead = max_wait_ahead  # (0, 0): no bound on time, only on counts
         self.overload = overload  # (demand, forward factor); either 0: no overload mode
         self._overloaded = False
-        self._refusals: deque[tuple[float, float]] = deque()  # (when, Retry-After seconds)
-        self._refused_seconds = 0.0  # sum of the Retry-After seconds in _refusals
+        self._waiting: list[float] = []  # heap: when each refused client's Retry-After ends
         self.cost = BatchCost()
         self._solo_seconds = 0.0  # moving mean of a registration's seconds, for `work_ahead`
         self._on_batch = on_batch  # (images in the batch, seconds of compute)
@@ -184,7 +183,8 @@ class Batcher(Generic[P, R]):
 
     @property
     def overloaded(self) -> bool:
-        """In overload mode now (see the module docstring)?"""
+        """In overload mode now (see the module docstring)? Reading it updates the mode, so the
+        metrics gauge falls back to 0 once the demand is gone even with no request to admit."""
         return self._overload_check()
 
     def check_admission(self, n_images: int) -> None:
@@ -249,7 +249,11 @@ class Batcher(Generic[P, R]):
         if n_images and queued and queued + n_images > self.max_queue_images:
             self._reject(f"{queued} images are already queued for the model")
         if self._overload_check() and n_images:
-            most = self._overload_forward(n_images) * self.workers
+            if self._solo_running or any(job.solo is not None for job in self._queue):
+                self._reject("the service is overloaded and a registration is running or queued")
+            # the next forward is sized by its oldest request (see _batch_images)
+            head = next((job.n_images for job in self._queue if job.payload is not None), n_images)
+            most = self._overload_forward(head) * self.workers
             if queued and queued + n_images > most:
                 self._reject(f"the service is overloaded and {queued} images are already queued for "
                              f"its next forwards of {most} images")
@@ -261,14 +265,12 @@ class Batcher(Generic[P, R]):
                 self._reject(f"the model has about {1000 * ahead:.0f} ms of work queued ahead, over "
                              f"the {1000 * allowed:.0f} ms this request may wait")
 
-    def demand(self) -> float:
-        """Requests queued or running, plus the clients estimated to be waiting out a 429."""
-        horizon = time.monotonic() - OVERLOAD_WINDOW_S
-        while self._refusals and self._refusals[0][0] < horizon:
-            self._refused_seconds -= self._refusals.popleft()[1]
-        if not self._refusals:
-            self._refused_seconds = 0.0  # no float drift left behind
-        return self.pending + self._refused_seconds / OVERLOAD_WINDOW_S
+    def demand(self) -> int:
+        """Requests queued or running, plus the refused clients still waiting out their 429."""
+        now = time.monotonic()
+        while self._waiting and self._waiting[0] <= now:
+            heapq.heappop(self._waiting)
+        return self.pending + len(self._waiting)
 
     def _overload_check(self) -> bool:
         """Update and return the overload mode: on past the demand bound, off under 3/4 of it."""
@@ -277,24 +279,24 @@ class Batcher(Generic[P, R]):
             return False
         demand = self.demand()
         if demand > most and not self._overloaded:
-            log.warning("overloaded: a demand of about %.0f requests, over %d; admitting only what "
+            log.warning("overloaded: a demand of %d requests, over %d; admitting only what "
                         "runs in the next small forward", demand, most)
             self._overloaded = True
         elif demand < 0.75 * most and self._overloaded:
-            log.info("no longer overloaded: a demand of about %.0f requests", demand)
+            log.info("no longer overloaded: a demand of %d requests", demand)
             self._overloaded = False
         return self._overloaded
 
     def _overload_forward(self, n_images: int) -> int:
         """Images in a forward under overload, for a smallest request of n_images: the most whose
-        compute stays within the overload factor times that request's own (at least n_images,
-        at most max_batch_images)."""
+        compute stays within the overload factor times that request's own, and at least n_images,
+        but never past max_batch_images (a larger request runs in parts of that size)."""
         most = self.max_batch_images
         if n_images >= most or not self.cost.known:
             return most
         a, b = self.cost.line()
         allowed = self.overload[1] * self.cost.seconds(n_images)
-        fits = int((allowed - a) / b) if b > 0 else most
+        fits = math.floor((allowed - a) / b + 1e-9) if b > 0 else most
         return max(n_images, min(most, fits))
 
     def _in_next_batch(self, n_images: int) -> bool:
@@ -330,8 +332,7 @@ class Batcher(Generic[P, R]):
         wait = min(RETRY_AFTER_MAX_S // 2, max(1, math.ceil(self.work_ahead() if self.cost.known else 1.0)))
         wait += random.randint(0, wait)
         if all(self.overload):
-            self._refusals.append((time.monotonic(), wait))
-            self._refused_seconds += wait
+            heapq.heappush(self._waiting, time.monotonic() + wait)
         raise Overloaded(f"{why}; retry shortly", headers={"Retry-After": str(wait)})
 
     def _future(self) -> asyncio.Future[Any]:

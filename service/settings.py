@@ -79,13 +79,14 @@ class Settings(BaseSettings):
     max_queue_wait_ms: float = Field(5.0, ge=0)
     max_queue_wait_factor: float = Field(2.0, ge=0)
     # Overload (service/batcher.py): when a server process's demand — requests queued or running,
-    # plus the clients waiting out a 429 (the Retry-After seconds it handed out in the last 2 s,
-    # over 2 s) — passes `overload_demand`, its forwards shrink to at most
-    # `overload_forward_factor` times the compute of their oldest request and only what runs in
-    # the next forward is admitted, until the demand falls under 3/4 of the bound. Admitted
-    # requests then keep near their unloaded latency, and the service carries fewer images than
-    # with full forwards. overload_demand 0 = by device: twice the images of one round of forwards
-    # (batch_max_images x model workers). overload_forward_factor 0 = no overload mode.
+    # plus the clients it refused that are still waiting out their Retry-After — passes
+    # `overload_demand`, its forwards shrink to at most `overload_forward_factor` times the
+    # compute of their oldest request, and only what runs in the next forward (and not behind a
+    # registration) is admitted, until the demand falls under 3/4 of the bound. Admitted requests
+    # then keep near their unloaded latency, and the service carries fewer images than with full
+    # forwards. overload_demand 0 = by device: twice as many one-image requests as one round of
+    # forwards holds (2 x batch_max_images x model workers: 32 a process on a CPU, 512 on a GPU).
+    # overload_forward_factor 0 = no overload mode.
     overload_demand: int = Field(0, ge=0)
     overload_forward_factor: float = Field(1.25, ge=0, allow_inf_nan=False)
     # A request's deadline: this, or less with the header X-Request-Timeout-Ms; work still queued
@@ -139,9 +140,10 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(20, ge=1)
 
     # Seconds an idle keep-alive connection stays open. Longer than the longest Retry-After of a
-    # full queue (10 s, service/batcher.py), so a client that waits one out comes back on its
-    # connection rather than racing the server's close (uvicorn's default is 5 s); a proxy in front
-    # should drop its idle upstream connections sooner (docker/nginx.conf: 10 s).
+    # full model queue (10 s, service/batcher.py; a rate limit's may be longer), so a client that
+    # waits one out comes back on its connection rather than racing the server's close (uvicorn's
+    # default is 5 s). A proxy in front must drop its idle upstream connections sooner
+    # (docker/nginx.conf: 10 s; lower it there if you set this to 10 or less).
     keep_alive_s: float = Field(15.0, gt=0, le=3600)
     # On SIGTERM: stop accepting, give in-flight requests this long to finish, then close the store.
     shutdown_timeout_s: float = Field(30.0, ge=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from service.batcher import RETRY_AFTER_MAX_S
 from service.settings import Settings
 
 BAD = [
@@ -45,3 +46,8 @@ def test_the_overload_factor_is_off_at_zero_and_says_what_it_takes(monkeypatch) 
     monkeypatch.setenv("METANET_OVERLOAD_FORWARD_FACTOR", "0.9")
     with pytest.raises(ValidationError, match="0 \\(off\\) or at least 1"):
         Settings()
+
+
+def test_the_default_keep_alive_outlives_the_longest_retry_after_a_client_may_wait() -> None:
+    # metanet_client and the serving benchmark wait up to 10% past a Retry-After
+    assert Settings().keep_alive_s > 1.1 * RETRY_AFTER_MAX_S + 2

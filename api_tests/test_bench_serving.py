@@ -1,0 +1,36 @@
+"""bench/serving.py end to end at a toy size: the in-process half, a real service under the load
+generator, the overload phases, the ceilings measured beside each phase, the record and table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from api_tests.helpers import REPO
+
+
+def test_a_small_serving_run_writes_its_record_with_the_ceilings_beside_each_phase(tmp_path: Path) -> None:
+    out = tmp_path / "serving.json"
+    run = subprocess.run(
+        [sys.executable, "bench/serving.py", "--backends", "torch", "--sizes", "1", "--concurrency", "1,2",
+         "--seconds", "0.5", "--warmup", "0.2", "--batch-sizes", "1,8", "--inproc-seconds", "0.2",
+         "--register-repeats", "1", "--overload-concurrency", "8", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "METANET_TORCH_THREADS": "2"})
+    assert run.returncode in (0, 1), run.stderr[-3000:]  # 1: a bar missed, at this toy size
+    record = json.loads(out.read_text())
+    rows = record["service"]["torch"]["rows"] + record["service"]["torch"]["overload"]
+    assert [(r["images_per_request"], r["concurrency"]) for r in rows] == [(1, 1), (1, 2), (1, 8), (1, 8)]
+    for row in rows:
+        assert row["n_errors"] == 0 and row["images_per_s"] > 0
+        before, after = row["ceilings_beside"]
+        assert before > 0 and after > 0
+        assert row["ratio_beside"] == round(2 * row["images_per_s"] / (before + after), 3)
+    # consecutive phases share the ceiling measured between them
+    assert all(a["ceilings_beside"][1] == b["ceilings_beside"][0] for a, b in zip(rows, rows[1:], strict=False))
+    judged = {t["target"]: t for t in record["targets"] if t["backend"] == "torch"}
+    assert "p99 of 1-image requests at concurrency 1 (ms)" in judged
+    assert "/ in-process (beside)" in run.stdout and f"wrote {out}" in run.stdout

@@ -30,7 +30,8 @@ def test_a_small_serving_run_writes_its_record_with_the_ceilings_beside_each_pha
         assert before > 0 and after > 0
         assert row["ratio_beside"] == round(2 * row["images_per_s"] / (before + after), 3)
     # consecutive phases share the ceiling measured between them
-    assert all(a["ceilings_beside"][1] == b["ceilings_beside"][0] for a, b in zip(rows, rows[1:], strict=False))
+    for earlier, later in zip(rows, rows[1:], strict=False):
+        assert earlier["ceilings_beside"][1] == later["ceilings_beside"][0]
     judged = {t["target"]: t for t in record["targets"] if t["backend"] == "torch"}
     assert "p99 of 1-image requests at concurrency 1 (ms)" in judged
     assert "/ in-process (beside)" in run.stdout and f"wrote {out}" in run.stdout

@@ -233,7 +233,7 @@ def test_two_model_workers_and_worker_decoding_answer_as_one_model_thread(server
     worker threads: same answers as the default server, registrations in between, and a broken
     image still fails its own request with a 422 naming it while the good ones beside it succeed."""
     # Batches of 2 make every request past the first four wait behind others: the queue's time
-    # bound, or overload mode (past 2 x 2 x 2 = 8 pending), neither what this test is about,
+    # bound, or overload mode (past 1.5 x 2 x 2 = 6 pending), neither what this test is about,
     # could refuse some of them.
     workers = Server(tmp_path / "data", query_decode="workers", model_workers=2, batch_max_images=2,
                      max_queue_wait_ms=0, max_queue_wait_factor=0, overload_forward_factor=0)

@@ -84,7 +84,7 @@ class Engine:
             max_batch_images=batch_max_images, max_wait_s=settings.batch_max_wait_ms / 1000,
             max_pending=settings.max_pending, max_queue_images=settings.max_queue_images,
             max_wait_ahead=(settings.max_queue_wait_ms / 1000, settings.max_queue_wait_factor),
-            overload=(settings.overload_demand or 2 * batch_max_images * self._workers,
+            overload=(settings.overload_demand or 3 * batch_max_images * self._workers // 2,
                       settings.overload_forward_factor),
             on_batch=None if observe is None else lambda n, seconds: observe("batch", seconds),
             on_idle=heap.trim if settings.heap_trim_idle_s > 0 and heap.available() else None,

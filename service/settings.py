@@ -84,8 +84,11 @@ class Settings(BaseSettings):
     # compute of their oldest request, and only what runs in the next forward (and not behind a
     # registration) is admitted, until the demand falls under 3/4 of the bound. Admitted requests
     # then keep near their unloaded latency, and the service carries fewer images than with full
-    # forwards. overload_demand 0 = by device: twice as many one-image requests as one round of
-    # forwards holds (2 x batch_max_images x model workers: 32 a process on a CPU, 512 on a GPU).
+    # forwards. overload_demand 0 = by device: one and a half times as many one-image requests as
+    # one round of forwards holds (1.5 x batch_max_images x model workers: 24 a process on a CPU,
+    # 384 on a GPU). Past a round, clients already wait behind others; at 32 clients two processes
+    # hold about 16 each (over 24 once in a thousand), at 80 about 40 (under 25 once in ten
+    # thousand), where twice a round (32) left one process out of overload mode in one try of two.
     # overload_forward_factor 0 = no overload mode.
     overload_demand: int = Field(0, ge=0)
     overload_forward_factor: float = Field(1.25, ge=0, allow_inf_nan=False)

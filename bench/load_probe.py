@@ -5,9 +5,11 @@
 
 Starts `python -m service` (CPU unless --set device=...) with the given METANET_* settings,
 registers a 20-way one-shot Omniglot task, and drives it with `--concurrency` LeanClients in this
-process (a client refused with 429 waits out its Retry-After) for `--seconds`. Prints one line:
+process (a client refused with 429 waits out its Retry-After) for `--seconds`. Prints the
 answered requests/s, their p50 / p99, the server's CPU time (user, system) and minor page faults
-per answered request from /proc, and the average batch from /metrics. Nothing is recorded: it is
+per answered request from /proc, and the average batch from /metrics; then the server processes in
+overload mode (`metanet_overloaded`) every 0.5 s of the load; then the CPU per request of each
+thread. Nothing is recorded: it is
 for finding out where a setting matters, before `bench/serving.py` measures it properly.
 """
 
@@ -21,6 +23,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -128,7 +131,21 @@ def main(argv: list[str] | None = None) -> int:
                      "--rate", "250", "--threads", "--subprocesses", "--format", "raw",
                      "--output", str(args.profile)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                latencies = asyncio.run(drive(server.url, path, bodies, args.concurrency, args.seconds))
+                overloaded: list[float] = []  # metanet_overloaded every 0.5 s: processes in overload mode
+                sampling = threading.Event()
+
+                def sample() -> None:
+                    with httpx.Client(base_url=server.url, timeout=30) as sampler:
+                        while not sampling.wait(0.5):
+                            overloaded.append(parse_metrics(sampler.get("/metrics").text)
+                                              .get("metanet_overloaded", float("nan")))
+                sampler = threading.Thread(target=sample)
+                sampler.start()
+                try:
+                    latencies = asyncio.run(drive(server.url, path, bodies, args.concurrency, args.seconds))
+                finally:
+                    sampling.set()
+                    sampler.join()
                 user1, sys1, faults1 = proc_stat(server.pid)
                 threads1 = thread_cpu(server.pid)
                 if spy is not None:
@@ -146,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{(faults1 - faults0) / n:.0f} minor faults; batches of {images / max(batches, 1):.1f} images "
           f"({settings})")
     per_thread = {name: threads1[name] - threads0.get(name, 0.0) for name in threads1}
+    print("processes in overload mode (metanet_overloaded every 0.5 s): "
+          + " ".join(f"{v:g}" for v in overloaded))
     print("per request, by thread: " + ", ".join(
         f"{name} {1000 * cpu / n:.2f} ms" for name, cpu in sorted(per_thread.items(), key=lambda kv: -kv[1])
         if cpu * 1000 / n >= 0.01))

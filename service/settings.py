@@ -86,9 +86,9 @@ class Settings(BaseSettings):
     # then keep near their unloaded latency, and the service carries fewer images than with full
     # forwards. overload_demand 0 = by device: one and a half times as many one-image requests as
     # one round of forwards holds (1.5 x batch_max_images x model workers: 24 a process on a CPU,
-    # 384 on a GPU). Past a round, clients already wait behind others; at 32 clients two processes
-    # hold about 16 each (over 24 once in a thousand), at 80 about 40 (under 25 once in ten
-    # thousand), where twice a round (32) left one process out of overload mode in one try of two.
+    # 384 on a GPU). The kernel's hash splits clients between processes: at 32 clients one of two
+    # holds more than 24 about once in 500 tries, at 80 one holds 24 or fewer about once in 2,200
+    # (and 32 or fewer, the bound of twice a round, about once in 11: README, Query throughput).
     # overload_forward_factor 0 = no overload mode.
     overload_demand: int = Field(0, ge=0)
     overload_forward_factor: float = Field(1.25, ge=0, allow_inf_nan=False)

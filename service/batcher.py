@@ -288,7 +288,7 @@ class Batcher(Generic[P, R]):
         return self._overloaded
 
     def _overload_forward(self, n_images: int) -> int:
-        """Images in a forward under overload, for a smallest request of n_images: the most whose
+        """Images in a forward under overload, for an oldest request of n_images: the most whose
         compute stays within the overload factor times that request's own, and at least n_images,
         but never past max_batch_images (a larger request runs in parts of that size)."""
         most = self.max_batch_images

@@ -25,7 +25,9 @@ def test_a_small_serving_run_writes_its_record_with_the_ceilings_beside_each_pha
     rows = record["service"]["torch"]["rows"] + record["service"]["torch"]["overload"]
     assert [(r["images_per_request"], r["concurrency"]) for r in rows] == [(1, 1), (1, 2), (1, 8), (1, 8)]
     for row in rows:
-        assert row["n_errors"] == 0 and row["images_per_s"] > 0
+        assert row["n_errors"] == 0
+        # an overload phase this short may pass with every client waiting out a Retry-After
+        assert row["images_per_s"] > 0 or row.get("overload")
         before, after = row["ceilings_beside"]
         assert before > 0 and after > 0
         assert row["ratio_beside"] == round(2 * row["images_per_s"] / (before + after), 3)

@@ -251,12 +251,9 @@ class Batcher(Generic[P, R]):
         if self._overload_check() and n_images:
             if self._solo_running or any(job.solo is not None for job in self._queue):
                 self._reject("the service is overloaded and a registration is running or queued")
-            # the next forward is sized by its oldest request (see _batch_images)
-            head = next((job.n_images for job in self._queue if job.payload is not None), n_images)
-            most = self._overload_forward(head) * self.workers
-            if queued and queued + n_images > most:
+            if queued and not self._in_next_batch(n_images):
                 self._reject(f"the service is overloaded and {queued} images are already queued for "
-                             f"its next forwards of {most} images")
+                             f"its next forwards of {self._next_forward(n_images)} images")
             return
         if n_images and any(self.max_wait_ahead) and self.cost.known and not self._in_next_batch(n_images):
             fixed, factor = self.max_wait_ahead
@@ -299,11 +296,21 @@ class Batcher(Generic[P, R]):
         fits = math.floor((allowed - a) / b + 1e-9) if b > 0 else most
         return max(n_images, min(most, fits))
 
+    def _next_forward(self, n_images: int) -> int:
+        """The most images in the next forward a job of n_images queued now could join: sized by
+        the oldest classify job queued (the job itself when none is), see `_batch_images`."""
+        if not self.overloaded:
+            return self.max_batch_images
+        head = next((job.n_images for job in self._queue if job.payload is not None), n_images)
+        return self._overload_forward(head)
+
     def _in_next_batch(self, n_images: int) -> bool:
         """Would a job of n_images queued now run in the next classify forward of a worker? Then
         refusing it would spare no one a wait, so a burst that fits a batch is never refused on
-        time, nor is a request that comes while a registration runs."""
-        return self._queued_images + self._reserved_images + n_images <= self.max_batch_images * self.workers
+        time, nor is a request that comes while a registration runs. Under overload this is
+        what admission asks of every request (when something is queued)."""
+        queued = self._queued_images + self._reserved_images
+        return queued + n_images <= self._next_forward(n_images) * self.workers
 
     def work_ahead(self) -> float:
         """Estimated seconds until a job queued now would start: the rest of the running jobs, then
@@ -438,10 +445,8 @@ class Batcher(Generic[P, R]):
             log.exception("the idle callback failed")
 
     def _batch_images(self, head: _Job[P]) -> int:
-        """The most images in the next forward: max_batch_images, or fewer under overload."""
-        if self.overloaded:
-            return self._overload_forward(head.n_images)
-        return self.max_batch_images
+        """The most images in the forward `head` starts: max_batch_images, or fewer under overload."""
+        return self._overload_forward(head.n_images) if self.overloaded else self.max_batch_images
 
     async def _fill(self, head: _Job[P]) -> None:
         """Wait until a full batch is queued or the oldest job has waited max_wait_s."""

@@ -595,12 +595,19 @@ def test_refused_clients_count_as_demand_until_their_retry_after_and_past_the_bo
     asyncio.run(scenario())
 
 
+async def overloaded_and_busy(worker: Worker) -> tuple[Batcher[int, int], asyncio.Task[int]]:
+    """A batcher in overload mode (five clients waiting out a 429, past a bound of 1) whose worker
+    is held on a one-image batch of 100 until the gate opens."""
+    batcher = overloaded_batcher(worker, demand=1)
+    running = await occupy(batcher, worker, payload=100)
+    waiting(batcher, 5)
+    return batcher, running
+
+
 def test_under_overload_only_what_runs_in_the_next_forward_is_admitted() -> None:
     async def scenario() -> None:
         worker = Worker()
-        batcher = overloaded_batcher(worker, demand=1)
-        running = await occupy(batcher, worker, payload=100)
-        waiting(batcher, 5)
+        batcher, running = await overloaded_and_busy(worker)
         assert batcher.overloaded
         nxt = asyncio.create_task(batcher.submit(1, 1, Call()))  # nothing queued: it runs next
         await asyncio.sleep(0.01)
@@ -620,9 +627,7 @@ def test_under_overload_only_what_runs_in_the_next_forward_is_admitted() -> None
 def test_under_overload_the_next_forward_is_sized_by_the_oldest_queued_request() -> None:
     async def scenario() -> None:
         worker = Worker()
-        batcher = overloaded_batcher(worker, demand=1)
-        running = await occupy(batcher, worker, payload=100)
-        waiting(batcher, 5)
+        batcher, running = await overloaded_and_busy(worker)
         head = asyncio.create_task(batcher.submit(1, 4, Call()))  # the next forward: 4 images
         await asyncio.sleep(0.01)
         with pytest.raises(Overloaded):

@@ -72,7 +72,13 @@ async def _read_body(headers: Headers, receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# What clients send nearly always: accepted without parsing the header.
+_PLAIN_JSON = frozenset({"application/json", "application/json; charset=utf-8"})
+
+
 def _check_json(content_type: str | None) -> None:
+    if content_type is not None and content_type.lower() in _PLAIN_JSON:
+        return
     if content_type is None:
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
     header = MimeHeader()

@@ -10,15 +10,22 @@ plain versions for code outside dependency injection."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import time
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Annotated, Any, get_type_hints
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, params
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.batcher import Call
-from service.errors import InvalidInput, NotReady, RateLimited, Unauthorized
+from service.errors import InvalidInput, MalformedJSON, NotReady, RateLimited, Unauthorized
 from service.limits import LimitedRoute
 from service.runtime import Runtime
 from service.tasks import TaskService
@@ -129,3 +136,106 @@ async def require_metrics_key(request: Request, runtime: RuntimeDep) -> None:
 
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+class LeanRoute(AdmittedRoute):
+    """An AdmittedRoute served without FastAPI's per-request dependency solving and response
+    validation, when its endpoint's parameters allow: strings from the path, one JSON body (a
+    pydantic model) and dependencies that each take only the request (the ones above), and it
+    returns a pydantic model. The body is parsed and validated as FastAPI would (the same errors,
+    located under "body"), each dependency is called once, and the returned model is written as
+    JSON. Other endpoints get FastAPI's handler. The OpenAPI document still comes from the
+    endpoint's signature.
+
+    Why: on the classify routes, FastAPI's handler (dependency solving, validating the returned
+    model again) was about a third of the event loop's time per one-image request; the loop's time
+    is a fifth of the server's CPU per request at concurrency 32 on 2 cores."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        plan = _lean_plan(self.endpoint, self.path)
+        if plan is None:
+            return super().get_route_handler()
+        endpoint, status_code = self.endpoint, self.status_code or 200
+
+        async def handler(request: Request) -> Response:
+            # FastAPI's order: bad JSON first, then the dependencies (401, 503, a bad header),
+            # then the parameters' and body's validation.
+            document = await _json_document(request) if plan.body is not None else None
+            values: dict[str, Any] = {name: request.path_params[name] for name in plan.path}
+            for name, dependency in plan.dependencies:
+                values[name] = await dependency(request)
+            if plan.body is not None:
+                values[plan.body[0]] = _validated_body(document, plan.body[1])
+            result = await endpoint(**values)
+            return Response(result.model_dump_json(), status_code=status_code, media_type="application/json")
+
+        return handler
+
+
+@dataclass(frozen=True)
+class _LeanPlan:
+    path: tuple[str, ...]
+    body: tuple[str, TypeAdapter[Any]] | None
+    dependencies: tuple[tuple[str, Callable[[Request], Awaitable[Any]]], ...]
+
+
+def _lean_plan(endpoint: Callable[..., Any], path: str) -> _LeanPlan | None:
+    """How to call `endpoint` without FastAPI's dependency solving, or None if it needs it."""
+    if not inspect.iscoroutinefunction(endpoint):
+        return None
+    hints = get_type_hints(endpoint, include_extras=True)
+    if not isinstance(hints.get("return"), type) or not issubclass(hints["return"], BaseModel):
+        return None
+    path_names, body, dependencies = [], None, []
+    for name, parameter in inspect.signature(endpoint).parameters.items():
+        hint = hints.get(name)
+        depends = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, params.Depends)]
+        if depends and depends[0].dependency is not None and _takes_request_only(depends[0].dependency):
+            dependencies.append((name, depends[0].dependency))
+        elif hint is str and f"{{{name}}}" in path and parameter.default is inspect.Parameter.empty:
+            path_names.append(name)
+        elif isinstance(hint, type) and issubclass(hint, BaseModel) and body is None:
+            body = (name, TypeAdapter(hint))
+        else:
+            return None
+    return _LeanPlan(tuple(path_names), body, tuple(dependencies))
+
+
+def _takes_request_only(dependency: Callable[..., Any]) -> bool:
+    if not inspect.iscoroutinefunction(dependency):
+        return False
+    parameters = list(inspect.signature(dependency).parameters.values())
+    return len(parameters) == 1 and get_type_hints(dependency).get(parameters[0].name) is Request
+
+
+_NO_BODY = object()
+
+
+async def _json_document(request: Request) -> Any:
+    """The request's body parsed as JSON (_NO_BODY when empty), or FastAPI's error for bad JSON."""
+    raw = await request.body()
+    if not raw:
+        return _NO_BODY
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", exc.pos),
+                                       "msg": "JSON decode error", "input": {},
+                                       "ctx": {"error": exc.msg}}]) from None
+    except UnicodeDecodeError as exc:
+        raise MalformedJSON(f"the body is not valid JSON (not {exc.encoding} text: {exc.reason} "
+                            f"at byte {exc.start})") from None
+    except RecursionError:
+        raise MalformedJSON("the body is not valid JSON for this service (nested too deeply)") from None
+
+
+def _validated_body(document: Any, adapter: TypeAdapter[Any]) -> Any:
+    """A JSON body parameter validated as FastAPI does, its errors located under "body"."""
+    if document is _NO_BODY:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required",
+                                       "input": None}])
+    try:
+        return adapter.validate_python(document, from_attributes=True)
+    except ValidationError as exc:
+        raise RequestValidationError([{**error, "loc": ("body", *error["loc"])}
+                                      for error in exc.errors(include_url=False)]) from None

@@ -128,20 +128,38 @@ def resize(ink: np.ndarray, size: int) -> np.ndarray:
     training: non-square images padded to a centred square, then area averaging.
 
     Area averaging is separable (each output pixel averages a rectangle of rows x columns, the
-    windows of torch's adaptive_avg_pool2d), so it is two small matrix products per image, which
-    numpy runs for the whole stack in one call; no torch op runs, which keeps request threads off
-    torch's CPU thread team. Each image's result is the same, bit for bit, alone or in a stack.
+    windows of torch's adaptive_avg_pool2d). A square image takes two small matrix products, which
+    numpy runs for the whole stack in one call; each image's result is the same, bit for bit, alone
+    or in a stack. A non-square one is averaged over the windows of its padded square without
+    building that square: a 100000 x 1 image within the pixel limit would otherwise pad to 37 GB.
+    No torch op runs, which keeps request threads off torch's CPU thread team.
     """
     x = np.asarray(ink, dtype=np.float32)
     h, w = x.shape[-2:]
     if h != w:
         side = max(h, w)
-        top, left = (side - h) // 2, (side - w) // 2
-        x = np.pad(x, ((0, 0), (top, side - h - top), (left, side - w - left)))
-    if x.shape[-1] != size:
-        rows = _area_weights(x.shape[-1], size)
+        axes = [(-2, (side - h) // 2), (-1, (side - w) // 2)]  # the long axis first: it shrinks most
+        for axis, offset in axes if h > w else axes[::-1]:
+            x = _window_means(x, axis, side, offset, size)
+    elif w != size:
+        rows = _area_weights(w, size)
         x = rows @ x @ rows.T
     return np.clip(x, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _window_means(x: np.ndarray, axis: int, side: int, offset: int, size: int) -> np.ndarray:
+    """Means along `axis` over the `size` area windows of a length-`side` axis in which x's
+    values start at `offset` and the rest is background (0): prefix sums, no padding."""
+    length = x.shape[axis]
+    sums = np.cumsum(x, axis=axis, dtype=np.float64)
+    sums = np.concatenate([np.zeros_like(np.take(sums, [0], axis=axis)), sums], axis=axis)
+    i = np.arange(size)
+    start, end = (i * side) // size, -((-(i + 1) * side) // size)
+    inside = [np.clip(bound - offset, 0, length) for bound in (start, end)]
+    shape = [1] * x.ndim
+    shape[axis] = size
+    totals = np.take(sums, inside[1], axis=axis) - np.take(sums, inside[0], axis=axis)
+    return (totals / (end - start).reshape(shape)).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import Response as RawResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import AdmittedRoute, CallDep, OwnerDep, RuntimeDep, TasksDep, require_metrics_key
+from service.deps import CallDep, LeanRoute, OwnerDep, RuntimeDep, TasksDep, require_metrics_key
 from service.schemas import (
     MAX_PAGE_SIZE,
     ClassifyOnceRequest,
@@ -46,7 +46,7 @@ _BODY = errors(400, 413, 415)  # routes that take a JSON body
 _TASK = errors(404)  # routes that name a task
 _MODEL = errors(504)  # routes that queue model work under the request's deadline
 
-v1 = APIRouter(prefix="/v1", route_class=AdmittedRoute, responses=errors(401, 422, 429, 503))
+v1 = APIRouter(prefix="/v1", route_class=LeanRoute, responses=errors(401, 422, 429, 503))
 probes = APIRouter()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFile
 
 from model.data import to_model_input
 from service.errors import ImageTooLarge, InvalidImage
-from service.images import ImageLimits, decode, ink_map, pixel_array
+from service.images import ImageLimits, decode, ink_map, model_inputs, pixel_array, resize
 
 LIMITS = ImageLimits(max_bytes=1_000_000, max_pixels=4_000_000)
 
@@ -125,3 +126,31 @@ def test_encoded_files_over_the_byte_limit_are_refused() -> None:
 def test_undecodable_images_are_invalid(text: str) -> None:
     with pytest.raises(InvalidImage):
         decode(text, LIMITS)
+
+
+@pytest.mark.parametrize("shape", [(2, 40, 105), (1, 105, 37), (3, 3, 200), (2, 200, 3), (1, 28, 20),
+                                   (1, 1, 5), (1, 29, 28), (2, 105, 105), (1, 4, 4)])
+def test_resizing_matches_the_training_preprocessing(shape: tuple[int, int, int]) -> None:
+    ink = np.random.default_rng(sum(shape)).random(shape).astype(np.float32)
+    np.testing.assert_allclose(resize(ink, 28), to_model_input(ink).numpy(), rtol=0, atol=1e-6)
+
+
+def test_a_square_image_resizes_the_same_alone_or_in_a_stack() -> None:
+    stack = np.random.default_rng(1).random((5, 105, 105)).astype(np.float32)
+    np.testing.assert_array_equal(resize(stack[2:3], 28)[0], resize(stack, 28)[2])
+
+
+@pytest.mark.parametrize(("width", "height"), [(4_000_000, 1), (1, 4_000_000), (100_000, 40)])
+def test_a_long_thin_image_is_not_padded_to_its_square(width: int, height: int) -> None:
+    # Padded to a square first, a 4,000,000 x 1 image (a few kB as a PNG, within the pixel
+    # limit) would take 64 TB; its windows are averaged in place instead.
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 255).save(buf, "PNG")
+    tracemalloc.start()
+    try:
+        x = model_inputs([base64.b64encode(buf.getvalue()).decode()], LIMITS, 28)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert x.shape == (1, 28, 28) and not x.any()  # blank paper, no ink
+    assert peak < 40 * width * height + 10_000_000  # a few copies of the image, not of its square

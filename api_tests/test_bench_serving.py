@@ -39,3 +39,14 @@ def test_a_small_serving_run_writes_its_record_with_the_ceilings_beside_each_pha
     judged = {t["target"]: t for t in record["targets"] if t["backend"] == "torch"}
     assert "p99 of 1-image requests at concurrency 1 (ms)" in judged
     assert "/ in-process (beside)" in run.stdout and f"wrote {out}" in run.stdout
+
+
+def test_the_asgi_stack_bench_measures_answered_classify_requests(tmp_path: Path) -> None:
+    out = tmp_path / "asgi.json"
+    run = subprocess.run([sys.executable, "bench/asgi_stack.py", "--requests", "50", "--rounds", "2",
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert len(record["us_per_request"]["rounds"]) == 2
+    assert 0 < record["us_per_request"]["min"] <= record["us_per_request"]["median"]
+    assert "us per request" in run.stdout

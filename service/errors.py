@@ -204,6 +204,18 @@ def allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
+def unparsable_json(cause: ValueError | RecursionError) -> MalformedJSON:
+    """The 400 for a body that json.loads refused for other than its syntax: bytes that are not
+    UTF-8 (or UTF-16/32) text, nesting too deep for the parser, an integer of more digits than
+    Python converts."""
+    if isinstance(cause, UnicodeDecodeError):
+        return MalformedJSON(f"the body is not valid JSON (not {cause.encoding} text: {cause.reason} "
+                             f"at byte {cause.start})")
+    if isinstance(cause, RecursionError):
+        return MalformedJSON("the body is not valid JSON for this service (nested too deeply)")
+    return MalformedJSON(f"the body is not valid JSON for this service ({str(cause)[:200]})")
+
+
 def as_service_error(exc: Exception) -> ServiceError:
     match exc:
         case ServiceError():
@@ -214,6 +226,9 @@ def as_service_error(exc: Exception) -> ServiceError:
             return NotFound("no such route")
         case HTTPException(status_code=405):
             return MethodNotAllowed("method not allowed on this route", headers=dict(exc.headers or {}))
+        case HTTPException(status_code=400) if isinstance(exc.__cause__, ValueError | RecursionError):
+            # FastAPI's handler: a body json.loads refused other than by a syntax error
+            return unparsable_json(exc.__cause__)
         case HTTPException(status_code=code) if 400 <= code < 500:
             return BadRequest(str(exc.detail))
         case _:

@@ -43,11 +43,16 @@ def state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
 
 
+def listening_inodes(server: Server) -> set[str]:
+    """The sockets in LISTEN state on the server's port (the supervisor's own never listens)."""
+    port = f":{server.port:04X}"
+    return {line.split()[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+            if line.split()[1].endswith(port) and line.split()[3] == "0A"}  # 0A: LISTEN
+
+
 def all_listening(server: Server) -> bool:
     """Do two server processes hold a listening socket on the server's port?"""
-    port = f":{server.port:04X}"
-    inodes = {line.split()[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
-              if line.split()[1].endswith(port) and line.split()[3] == "0A"}  # 0A: LISTEN
+    inodes = listening_inodes(server)
     holders = 0
     for pid in server_children(server):
         fds = Path(f"/proc/{pid}/fd")
@@ -154,9 +159,12 @@ def test_a_killed_process_is_replaced_and_the_other_keeps_serving(tmp_data: Path
         path = f"/v1/tasks/{task['task_id']}/classify"
         first = server_children(server)
         os.kill(first[0], signal.SIGKILL)  # as the OOM killer would
-        # Connections queued on its socket as it died are lost (reset); once it is gone (its
-        # sockets closed, a zombie until the supervisor reaps it) new ones reach the other.
+        # Connections queued on its socket as it died are lost (reset); once its socket is closed
+        # new ones reach the other. A zombie is not enough: its main thread turns Z while the
+        # others are still exiting, and the descriptors they share close with the last of them
+        # (CI once sent a request in that window and had it reset).
         assert eventually(lambda: not Path(f"/proc/{first[0]}").exists() or state(first[0]) == "Z")
+        assert eventually(lambda: len(listening_inodes(server)) == 1)
         # Until the replacement is loaded and warm it does not listen: every request, the model's
         # included, reaches the live process and is answered, before, while and after it loads.
         statuses, deadline = [], time.monotonic() + 180

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from api_tests.helpers import REPO
 
@@ -50,3 +51,35 @@ def test_the_asgi_stack_bench_measures_answered_classify_requests(tmp_path: Path
     assert len(record["us_per_request"]["rounds"]) == 2
     assert 0 < record["us_per_request"]["min"] <= record["us_per_request"]["median"]
     assert "us per request" in run.stdout
+
+
+def test_the_bars_are_judged_on_unrounded_ratios() -> None:
+    from bench.serving import targets
+
+    def row(size: int, concurrency: int, images_per_s: float, **more: Any) -> dict[str, Any]:
+        return {"images_per_request": size, "concurrency": concurrency, "images_per_s": images_per_s,
+                "ratio": round(images_per_s / 1000, 3), "p99_ms": 8.0, **more}
+
+    def overload(p99_ms: float) -> dict[str, Any]:
+        return {"images_per_request": 1, "concurrency": 320, "clients": "wait Retry-After", "n_429": 5,
+                "n_5xx": 0, "n_errors": 0, "p99_ms": p99_ms, "unloaded_p99_ms": 10.0,
+                "p99_ratio": round(p99_ms / 10.0, 2)}
+
+    inproc = {"backends": {b: {"ceiling_images_per_s": 1000.0, "single_query_ms": {"p50": 3.0}}
+                           for b in ("a", "b")}}
+    service = {  # session 11's onnx 1-image c32: 0.59967, recorded as 0.6
+        "a": {"rows": [row(1, 1, 100.0), row(1, 32, 681.6, ceilings_beside=[1142.8, 1130.4]),
+                       row(32, 32, 900.0)], "overload": [overload(30.04)]},
+        "b": {"rows": [row(1, 1, 100.0), row(1, 32, 600.0), row(32, 32, 850.0)],
+              "overload": [overload(30.0)]},
+    }
+    judged = {(t["backend"], t["target"].split(" /")[0].split(":")[0]): t for t in targets(inproc, service)}
+    one = judged["a", "1-image requests at concurrency 32"]
+    assert (one["value"], one["result"]) == (0.5997, "FAIL")
+    assert judged["a", "32-image requests at concurrency 32"]["result"] == "PASS"
+    late = [t for t in targets(inproc, service) if "p99 of admitted" in t["target"]]
+    assert [(t["backend"], t["value"], t["result"]) for t in late] == [("a", 3.004, "FAIL"),
+                                                                        ("b", 3.0, "PASS")]
+    exact = judged["b", "1-image requests at concurrency 32"]  # no ceiling beside: the start's
+    assert (exact["value"], exact["result"]) == (0.6, "PASS")
+    assert judged["b", "32-image requests at concurrency 32"]["result"] == "PASS"

@@ -51,6 +51,9 @@ def test_the_asgi_stack_bench_measures_answered_classify_requests(tmp_path: Path
     assert len(record["us_per_request"]["rounds"]) == 2
     assert 0 < record["us_per_request"]["min"] <= record["us_per_request"]["median"]
     assert "us per request" in run.stdout
+    wrong = subprocess.run([sys.executable, "bench/asgi_stack.py", "--repo", str(tmp_path)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "--repo must be a checkout" in wrong.stderr, wrong.stderr[-2000:]
 
 
 def test_the_bars_are_judged_on_unrounded_ratios() -> None:

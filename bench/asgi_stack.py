@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.requests < 1 or args.rounds < 1:
         parser.error("--requests and --rounds must be at least 1")
+    if not (args.repo / "service" / "app.py").is_file():
+        parser.error(f"--repo must be a checkout of this project (no service/app.py in {args.repo})")
     sys.path.insert(0, str(args.repo.resolve()))
     sys.path.insert(1, str(REPO))
     import numpy as np  # noqa: PLC0415
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     from bench.serving import as_png  # noqa: PLC0415  (the repository first on the path)
     from service.app import create_app  # noqa: PLC0415
     from service.settings import Settings  # noqa: PLC0415
+
+    measured = Path(sys.modules["service.app"].__file__).resolve()
+    if not measured.is_relative_to(args.repo.resolve()):  # an installed copy came first
+        parser.error(f"imported the service from {measured}, not from --repo {args.repo}")
 
     with tempfile.TemporaryDirectory(prefix="metanet-asgi-") as tmp:
         app = create_app(Settings(data_dir=Path(tmp), log_level="warning"))

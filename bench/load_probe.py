@@ -63,18 +63,25 @@ def proc_stat(pid: int) -> tuple[float, float, int]:
     return user / tick, system / tick, faults
 
 
-async def drive(url: str, path: str, bodies: list[bytes], concurrency: int, seconds: float) -> list[float]:
+async def drive(url: str, path: str, bodies: list[bytes], concurrency: int, seconds: float,
+                warmup: float = 0.0) -> tuple[list[float], int]:
+    """Latencies of the 200s that end in the `seconds` after `warmup`, and how many 200s in all."""
     latencies: list[float] = []
-    end = time.perf_counter() + seconds
+    answered = 0
+    counted = time.perf_counter() + warmup
+    end = counted + seconds
 
     async def client(i: int) -> None:
+        nonlocal answered
         async with LeanClient(url, timeout=120) as lean:
             k = i
             while (start := time.perf_counter()) < end:
                 status, headers, _ = await lean.post(path, bodies[k % len(bodies)])
                 k += 1
                 if status == 200:
-                    latencies.append(time.perf_counter() - start)
+                    answered += 1
+                    if (done := time.perf_counter()) >= counted:
+                        latencies.append(done - start)
                 elif status == 429:
                     pause = float(headers.get("retry-after", 1)) * random.uniform(1.0, 1.1)
                     await asyncio.sleep(min(pause, max(0.0, end - time.perf_counter())))
@@ -82,7 +89,7 @@ async def drive(url: str, path: str, bodies: list[bytes], concurrency: int, seco
                     raise RuntimeError(f"unexpected status {status}")
 
     await asyncio.gather(*(client(i) for i in range(concurrency)))
-    return latencies
+    return latencies, answered
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--images", type=int, default=1, help="images per request")
     parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--warmup", type=float, default=0.0,
+                        help="seconds of load before the counted ones (the bench's phases take 2)")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="also record the server with py-spy (raw folded stacks, per thread) into FILE")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -98,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                 or Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot")
     parser.add_argument("--data-dir", type=Path, default=Path(omniglot))
     args = parser.parse_args(argv)
-    if args.concurrency < 1 or args.images < 1 or not args.seconds > 0:
-        parser.error("--concurrency and --images must be at least 1 and --seconds more than 0")
+    if args.concurrency < 1 or args.images < 1 or not args.seconds > 0 or not args.warmup >= 0:
+        parser.error("--concurrency and --images must be at least 1, --seconds more than 0 "
+                     "and --warmup at least 0")
     settings: dict[str, str] = {"device": "cpu"}
     for item in args.set:
         name, sep, value = item.partition("=")
@@ -142,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                 sampler = threading.Thread(target=sample)
                 sampler.start()
                 try:
-                    latencies = asyncio.run(drive(server.url, path, bodies, args.concurrency, args.seconds))
+                    latencies, answered = asyncio.run(
+                        drive(server.url, path, bodies, args.concurrency, args.seconds, args.warmup))
                 finally:
                     sampling.set()
                     sampler.join()
@@ -153,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 after_metrics = parse_metrics(client.get("/metrics").text)
         finally:
             server.stop()
-    n = max(len(latencies), 1)
+    n = max(answered, 1)  # the server's CPU and metrics span the warmup too
     batches = after_metrics.get("metanet_batches_total", 0) - before_metrics.get("metanet_batches_total", 0)
     images = (after_metrics.get("metanet_batched_images_total", 0)
               - before_metrics.get("metanet_batched_images_total", 0))

@@ -82,14 +82,15 @@ class Settings(BaseSettings):
     # plus the clients it refused that are still waiting out their Retry-After — passes
     # `overload_demand`, its forwards shrink to at most `overload_forward_factor` times the
     # compute of their oldest request, and only what runs in the next forward (and not behind a
-    # registration) is admitted, until the demand falls under 3/4 of the bound. Admitted requests
-    # then keep near their unloaded latency, and the service carries fewer images than with full
-    # forwards. overload_demand 0 = by device: one and a half times as many one-image requests as
-    # one round of forwards holds (1.5 x batch_max_images x model workers: 24 a process on a CPU,
-    # 384 on a GPU). The kernel's hash splits clients between processes: at 32 clients one of two
-    # holds more than 24 about once in 500 tries, at 80 one holds 24 or fewer about once in 2,200
-    # (and 32 or fewer, the bound of twice a round, about once in 11: README, Query throughput).
-    # overload_forward_factor 0 = no overload mode.
+    # registration) is admitted (where that forward would hold only the request's own images, as
+    # one-image requests' do on a CPU, only if it starts at once), until the demand falls under 3/4
+    # of the bound. Admitted requests then keep near their unloaded latency, and the service
+    # carries fewer images than with full forwards. overload_demand 0 = by device: one and a half
+    # times as many one-image requests as one round of forwards holds (1.5 x batch_max_images x
+    # model workers: 24 a process on a CPU, 384 on a GPU). The kernel's hash splits clients between
+    # processes: at 32 clients one of two holds more than 24 about once in 500 tries, at 80 one
+    # holds 24 or fewer about once in 2,200 (and 32 or fewer, the bound of twice a round, about
+    # once in 11: README, Query throughput). overload_forward_factor 0 = no overload mode.
     overload_demand: int = Field(0, ge=0)
     overload_forward_factor: float = Field(1.25, ge=0, allow_inf_nan=False)
     # A request's deadline: this, or less with the header X-Request-Timeout-Ms; work still queued

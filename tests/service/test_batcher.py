@@ -608,17 +608,58 @@ def test_under_overload_only_what_runs_in_the_next_forward_is_admitted() -> None
     async def scenario() -> None:
         worker = Worker()
         batcher, running = await overloaded_and_busy(worker)
+        batcher.overload = (1, 2.0)  # forwards of up to twice their oldest request: room to share
         assert batcher.overloaded
-        nxt = asyncio.create_task(batcher.submit(1, 1, Call()))  # nothing queued: it runs next
+        nxt = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in (1, 2)]  # the next forward
         await asyncio.sleep(0.01)
         for n in (1, 4):  # would wait for a second forward
             with pytest.raises(Overloaded, match="overloaded") as refused:
-                await batcher.submit(2, n, Call())
+                await batcher.submit(3, n, Call())
             assert 1 <= int(refused.value.headers["Retry-After"]) <= 10
         worker.gate.set()
-        assert await asyncio.gather(running, nxt) == [200, 2]
+        assert await asyncio.gather(running, *nxt) == [200, 2, 4]
+        assert worker.batches == [[100], [1, 2]]
         # A request larger than one forward runs when nothing is queued ahead of it.
         assert await batcher.submit(3, 20, Call()) == 6
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_under_overload_a_request_whose_forward_holds_only_its_own_images_must_start_at_once() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher, running = await overloaded_and_busy(worker)  # a factor of 1: forwards of one request
+        for n in (1, 4, 20):  # nothing is queued, but the one worker is busy
+            with pytest.raises(Overloaded, match="model is busy") as refused:
+                await batcher.submit(1, n, Call())
+            assert 1 <= int(refused.value.headers["Retry-After"]) <= 10
+        worker.gate.set()
+        assert await running == 200
+        await until(lambda: batcher.pending == 0)
+        assert batcher.overloaded
+        assert await batcher.submit(1, 1, Call()) == 2  # the worker is free: it starts at once
+        assert await batcher.submit(3, 20, Call()) == 6  # so does one larger than a forward
+        await batcher.close()
+
+        # Two workers: a request is admitted while one of them is free and nothing queued (or
+        # reserved) would take it first.
+        run = Overlap()
+        batcher = several(run, max_batch_images=8, overload=(1, 1.0))
+        for n in (1, 8):
+            batcher.cost.observe(n, 0.010 * n)
+        waiting(batcher, 5)
+        first = asyncio.create_task(batcher.submit(1, 1, Call()))
+        await until(lambda: run.now == 1)
+        reserved = batcher.reserve(1)  # the other worker's, while its request is decoded
+        with pytest.raises(Overloaded, match="model is busy"):
+            batcher.check_admission(1)
+        second = asyncio.create_task(batcher.submit(2, 1, Call(), reserved=reserved))
+        await until(lambda: run.now == 2)
+        with pytest.raises(Overloaded, match="model is busy"):
+            await batcher.submit(3, 1, Call())
+        run.gate.set()
+        assert await asyncio.gather(first, second) == [2, 4]
         await batcher.close()
 
     asyncio.run(scenario())
@@ -628,11 +669,13 @@ def test_under_overload_the_next_forward_is_sized_by_the_oldest_queued_request()
     async def scenario() -> None:
         worker = Worker()
         batcher, running = await overloaded_and_busy(worker)
-        head = asyncio.create_task(batcher.submit(1, 4, Call()))  # the next forward: 4 images
+        batcher.overload = (1, 1.5)  # forwards of up to 1.5 x 4 images: a head of 4 may queue
+        head = asyncio.create_task(batcher.submit(1, 4, Call()))  # the next forward
         await asyncio.sleep(0.01)
-        with pytest.raises(Overloaded):
+        batcher.overload = (1, 1.0)  # the next forward: the head's 4 images
+        with pytest.raises(Overloaded, match="already queued"):
             await batcher.submit(2, 1, Call())  # 4 + 1 would not fit it
-        batcher.overload = (1, 1.5)  # forwards of up to 1.5 x 4 images: a one-image request fits
+        batcher.overload = (1, 1.5)  # 1.5 x 4: a one-image request fits
         rider = asyncio.create_task(batcher.submit(2, 1, Call()))
         await asyncio.sleep(0.01)
         worker.gate.set()

@@ -12,8 +12,10 @@ import base64
 import hashlib
 import hmac
 import json
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -141,10 +143,10 @@ class SqliteTaskStore:
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the client hears 201
         db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(_SCHEMA)
+        _while_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
+        db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the client hears 201
+        _while_locked(lambda: db.executescript(_SCHEMA))  # each statement of it can be run again
         self._cursors = _Cursors(db.execute("SELECT value FROM meta WHERE name = 'cursor_key'").fetchone()[0])
         reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         reader.execute("PRAGMA query_only=ON")
@@ -263,6 +265,23 @@ class SqliteTaskStore:
                     raise RuntimeError("the task store is not open")
                 return fn(self._db)
         return await run_in_threadpool(locked)
+
+
+def _while_locked(step: Callable[[], object], seconds: float = 10.0) -> None:
+    """Run `step`, again while the database is locked, for up to `seconds`. The server processes
+    of one data directory open it at once, and on a new database only one of them can switch it to
+    WAL: SQLite answers the others "database is locked" at once, without its busy handler (a wait
+    there could deadlock), 6 times in 40 for four processes opening one new file together."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            locked = (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not locked or time.monotonic() > deadline:
+                raise
+        time.sleep(random.uniform(0.005, 0.02))
 
 
 @contextmanager

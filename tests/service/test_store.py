@@ -4,6 +4,7 @@ compare-and-set writes; then what only Redis has: retried writes, shared cursors
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -298,3 +299,33 @@ def test_sqlite_refuses_reads_once_closed(tmp_path) -> None:
             await store.get("", "t1")
 
     asyncio.run(scenario())
+
+
+def _open_at(path: Path, start: object, results: object) -> None:
+    start.wait()  # type: ignore[attr-defined]
+    try:
+        store = SqliteTaskStore(path)
+        store._open()
+        store._close()
+        results.put("ok")  # type: ignore[attr-defined]
+    except Exception as exc:  # reported to the test, not lost in a child
+        results.put(repr(exc))  # type: ignore[attr-defined]
+
+
+def test_server_processes_opening_a_new_sqlite_database_at_once_all_start(tmp_path) -> None:
+    # Only one connection can switch a new database to WAL; SQLite refused the others at once
+    # ("database is locked") in 6 of 40 such starts before the store retried it. A server of
+    # several processes failed to start on that.
+    context = multiprocessing.get_context("fork")
+    failures = []
+    for trial in range(30):
+        path = tmp_path / f"{trial}" / "tasks.db"
+        start, results = context.Barrier(4), context.Queue()
+        children = [context.Process(target=_open_at, args=(path, start, results)) for _ in range(4)]
+        for child in children:
+            child.start()
+        outcomes = [results.get(timeout=60) for _ in children]
+        for child in children:
+            child.join(60)
+        failures += [o for o in outcomes if o != "ok"]
+    assert failures == []

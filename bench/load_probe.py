@@ -63,6 +63,11 @@ def proc_stat(pid: int) -> tuple[float, float, int]:
     return user / tick, system / tick, faults
 
 
+# A batch's seconds from its dispatch to its results back on the event loop: decoding on the
+# model thread and the forward, with the hand-offs between threads.
+BATCH_SECONDS = 'metanet_model_seconds_sum{operation="batch"}'
+
+
 async def drive(url: str, path: str, bodies: list[bytes], concurrency: int, seconds: float,
                 warmup: float = 0.0) -> tuple[list[float], int]:
     """Latencies of the 200s that end in the `seconds` after `warmup`, and how many 200s in all."""
@@ -168,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     batches = after_metrics.get("metanet_batches_total", 0) - before_metrics.get("metanet_batches_total", 0)
     images = (after_metrics.get("metanet_batched_images_total", 0)
               - before_metrics.get("metanet_batched_images_total", 0))
+    batch_seconds = (after_metrics.get(BATCH_SECONDS, 0) - before_metrics.get(BATCH_SECONDS, 0))
     print(f"{len(latencies) / args.seconds:.1f} requests/s, p50 {1000 * percentile(latencies, 0.5):.1f} ms, "
           f"p99 {1000 * percentile(latencies, 0.99):.1f} ms; server per request: "
           f"{1000 * (user1 - user0) / n:.2f} ms user + {1000 * (sys1 - sys0) / n:.2f} ms system CPU, "
-          f"{(faults1 - faults0) / n:.0f} minor faults; batches of {images / max(batches, 1):.1f} images "
-          f"({settings})")
+          f"{(faults1 - faults0) / n:.0f} minor faults; batches of {images / max(batches, 1):.1f} images, "
+          f"{1000 * batch_seconds / max(images, 1):.2f} ms of a model worker's time an image ({settings})")
     per_thread = {name: threads1[name] - threads0.get(name, 0.0) for name in threads1}
     print("processes in overload mode (metanet_overloaded every 0.5 s): "
           + " ".join(f"{v:g}" for v in overloaded))

@@ -32,8 +32,8 @@ unloaded latency, at the cost of the throughput that larger forwards would have 
 forward would hold only its own images (the cost line leaves no room for more: one-image requests
 on a CPU, or requests of a whole forward), it is admitted only if it starts at once: queued behind
 a running forward it would wait that out for nothing, as no one else's images share its own (on
-2 CPU cores that wait doubled the admitted requests' median latency and carried no more of them:
-README, "Query throughput").
+2 CPU cores that wait doubled the admitted requests' median latency and carried about 2% more
+of them: README, "Query throughput").
 """
 
 from __future__ import annotations

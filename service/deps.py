@@ -85,6 +85,9 @@ def owner_of(request: Request, runtime: Runtime) -> str:
     key. The request log shows a prefix of it; the key itself is never kept."""
     if not runtime.keys:
         return ""
+    known = getattr(request.state, "owner", None)  # checked already for this request (the scope's)
+    if known is not None:
+        return known
     owner = runtime.keys.owner(request.headers.get("authorization"))
     if owner is None:
         raise Unauthorized("send a valid API key as Authorization: Bearer <key>", headers=_CHALLENGE)

@@ -21,6 +21,7 @@ from service.routes import v1
 from service.schemas import AttentionWeight, LabelProbability, Prediction
 from service.settings import Settings
 from service.store import TaskInfo
+from service.tenants import KeyRing
 
 MOMENT = datetime(2026, 11, 27, 8, 0, 0, 123456, tzinfo=UTC)
 
@@ -139,3 +140,36 @@ async def _both(app: FastAPI, method: str, path: str, body: bytes) -> tuple[http
         lean = await client.request(method, path, content=body, headers=headers)
         plain = await client.request(method, "/fastapi" + path, content=body, headers=headers)
     return lean, plain
+
+
+class CountingKeys:
+    """A KeyRing that counts its lookups (each hashes the token and compares it with every key)."""
+
+    def __init__(self, ring: KeyRing) -> None:
+        self.ring, self.lookups = ring, 0
+
+    def __bool__(self) -> bool:
+        return bool(self.ring)
+
+    def owner(self, authorization: str | None) -> str | None:
+        self.lookups += 1
+        return self.ring.owner(authorization)
+
+
+def test_the_callers_key_is_looked_up_once_a_request(app: FastAPI) -> None:
+    keys, app.state.runtime.keys = app.state.runtime.keys, CountingKeys(KeyRing(["k-one"]))
+    try:
+        async def ask(path: str, key: str) -> httpx.Response:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.post(path, json={"images": [PNG]},
+                                         headers={"authorization": f"Bearer {key}"})
+
+        for path in ("/v1/tasks/t1/classify", "/fastapi/v1/tasks/t1/classify"):
+            app.state.runtime.keys.lookups = 0
+            assert asyncio.run(ask(path, "k-one")).status_code == 200
+            assert app.state.runtime.keys.lookups == 1
+            refused = asyncio.run(ask(path, "k-two"))
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "unauthorized"
+    finally:
+        app.state.runtime.keys = keys

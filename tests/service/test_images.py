@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFile
 
 from model.data import to_model_input
+from service import images
 from service.errors import ImageTooLarge, InvalidImage
 from service.images import ImageLimits, decode, ink_map, model_inputs, pixel_array, resize
 
@@ -154,3 +155,79 @@ def test_a_long_thin_image_is_not_padded_to_its_square(width: int, height: int) 
         tracemalloc.stop()
     assert x.shape == (1, 28, 28) and not x.any()  # blank paper, no ink
     assert peak < 40 * width * height + 10_000_000  # a few copies of the image, not of its square
+
+
+def png_bytes(img: Image.Image, **params: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **params)
+    return buf.getvalue()
+
+
+def pillow_decode(data: bytes, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+    """What `decode` gives without libspng (every PNG through Pillow)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(images, "pyspng", None)
+        return decode(data, LIMITS)
+
+
+GREY_PNGS = {
+    "8-bit": lambda noise: png_bytes(Image.fromarray(noise)),
+    "8-bit interlaced": lambda noise: png_bytes(Image.fromarray(noise), interlace=1),
+    "omniglot drawing": lambda noise: png_bytes(drawing()),
+}
+
+
+@pytest.mark.parametrize("kind", GREY_PNGS)
+def test_8_bit_greyscale_pngs_decode_with_libspng_exactly_as_with_pillow(
+    kind: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = GREY_PNGS[kind](np.random.default_rng(7).integers(0, 256, (37, 53), dtype=np.uint8))
+    expected = pillow_decode(data, monkeypatch)
+
+    def no_pillow(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Pillow opened a greyscale PNG")
+
+    monkeypatch.setattr(Image, "open", no_pillow)
+    grey = decode(data, LIMITS)
+    assert grey.dtype == np.uint8 and grey.shape == expected.shape
+    np.testing.assert_array_equal(grey, expected)
+
+
+OTHER_PNGS = {
+    "1-bit": lambda: png_bytes(drawing().convert("1")),  # Omniglot's own files
+    "2-bit": lambda: png_bytes(drawing(), bits=2),
+    "RGB": lambda: png_bytes(drawing().convert("RGB")),
+    "RGBA canvas": lambda: png_bytes(Image.merge("RGBA", [Image.new("L", (105, 105), 0)] * 3
+                                                 + [drawing().point(lambda v: 255 - v)])),
+    "grey with alpha": lambda: png_bytes(drawing().convert("LA")),
+    "grey with a transparent level": lambda: png_bytes(drawing(), transparency=255),
+    "palette": lambda: png_bytes(drawing().convert("P")),
+    "16-bit": lambda: png_bytes(Image.fromarray(np.asarray(drawing(), dtype=np.uint16) * 257)),
+}
+
+
+@pytest.mark.parametrize("kind", OTHER_PNGS)
+def test_other_pngs_go_to_pillow(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = OTHER_PNGS[kind]()
+
+    def no_spng(*args: object, **kwargs: object) -> None:
+        raise AssertionError("libspng decoded a PNG the fast path does not take")
+
+    expected, drawn = pillow_decode(data, monkeypatch), ink_of(b64_file(drawing()))
+    monkeypatch.setattr(images.pyspng, "load", no_spng)
+    grey = decode(data, LIMITS)
+    np.testing.assert_array_equal(grey, expected)
+    np.testing.assert_allclose(ink_map(grey), drawn, atol=1e-6)  # the drawing's ink, whatever its encoding
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no pixel data", "garbage pixel data", "zero width"])
+def test_broken_greyscale_pngs_are_invalid_and_name_the_fault(damage: str) -> None:
+    data = png_bytes(drawing())
+    broken = {
+        "truncated": data[: len(data) // 2],
+        "no pixel data": data[:33],
+        "garbage pixel data": data[:33] + bytes(range(256)) * 3,
+        "zero width": data[:16] + bytes(4) + data[20:],
+    }[damage]
+    with pytest.raises(InvalidImage, match=r"not a decodable PNG \(.+\)"):
+        decode(broken, LIMITS)

@@ -7,9 +7,9 @@ query image (base64 file -> grey levels -> ink -> model input, `service.images.m
 
 Image kinds: Omniglot evaluation drawings as 8-bit greyscale PNGs (what `bench/serving.py` sends),
 which libspng decodes, and two that go to Pillow with either decoder (`images._grey_png`), as
-controls: 1-bit PNGs (the dataset's own files) and RGBA PNGs (a browser canvas's export). Each round times every decoder and kind
-in turn, so a slow minute of this shared machine hits both decoders; the table gives each one's
-best round and the ratio of Pillow's time to libspng's. Writes
+controls: 1-bit PNGs (the dataset's own files) and RGBA PNGs (a browser canvas's export). Each
+round times every decoder and kind in turn, so a slow minute of this shared machine hits both
+decoders; the table gives each one's best round and the ratio of Pillow's time to libspng's. Writes
 bench/results/decode-<date>-cpu.json and prints a markdown table.
 """
 

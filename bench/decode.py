@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path,
                         default=REPO / "bench" / "results" / f"decode-{dt.date.today()}-cpu.json")
     args = parser.parse_args(argv)
+    if not args.seconds > 0 or args.rounds < 1:
+        parser.error(f"--seconds must be more than 0 (got {args.seconds}) and --rounds at least 1 "
+                     f"(got {args.rounds})")
     if images.pyspng is None:
         parser.error("pyspng is not installed (pip install -e '.[serve]')")
     ink, source = omniglot_ink(args.data_dir, WAY, 2017)

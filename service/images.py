@@ -230,7 +230,8 @@ def _decode_file(data: bytes, limits: ImageLimits) -> np.ndarray:
 
 def _grey_png(data: bytes, limits: ImageLimits) -> np.ndarray | None:
     """An 8-bit greyscale PNG without transparency (drawings, scans) decoded by libspng: the
-    same uint8 grey levels as Pillow's, in a third of Pillow's time (`python bench/decode.py`).
+    same uint8 grey levels as Pillow's, and a query image's whole path (ink and resizing too) in
+    0.43 of the time it takes with Pillow (`python bench/decode.py`).
     None for any other file, which Pillow decodes: colour, alpha, 16 bits, a `tRNS` chunk
     anywhere (perhaps only in compressed bytes: Pillow then decodes it all the same), no pyspng,
     and 1, 2 or 4 bits a pixel, whose expansion to 8 bits libspng does no faster than Pillow."""

@@ -20,7 +20,6 @@ import base64
 import datetime as dt
 import io
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.harness import write_result  # noqa: E402  (run as a script: the repository first on the path)
+from bench.harness import git_commit, write_result  # noqa: E402  (run as a script: the repository first on the path)
 from bench.serving import WAY, omniglot_ink  # noqa: E402
 from service import images  # noqa: E402
 
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                      "pillow_over_libspng": round(best["Pillow"] / best["libspng"], 2),
                      "rounds_us": {n: [round(1e6 * x, 1) for x in t] for n, t in times[kind].items()}})
     result = {"command": " ".join(["python", "bench/decode.py", *(argv or sys.argv[1:])]),
-              "date": str(dt.date.today()), "git_commit": _commit(), "data": source,
+              "date": str(dt.date.today()), "git_commit": git_commit(), "data": source,
               "images": f"{len(drawings)} drawings, 105x105, base64, 32 a request",
               "seconds": args.seconds, "rounds": args.rounds, "rows": rows}
     lines = ["| image | libspng µs/image | Pillow µs/image | Pillow / libspng |", "|---|---|---|---|"]
@@ -105,15 +104,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['pillow_over_libspng']} |" for r in rows]
     write_result(result, args.out, "\n".join(lines))
     return 0
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=40"],
-                             capture_output=True, text=True, timeout=10)
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

@@ -168,6 +168,19 @@ def parse_metrics(text: str) -> dict[str, float]:
             if line.startswith("metanet_") for name, value in [line.rsplit(" ", 1)]}
 
 
+def git_commit(repo: Path = REPO) -> str:
+    """The checkout's commit, "-dirty" added when it has changes: what a recorded result ran."""
+    def git(*words: str) -> str:
+        try:
+            return subprocess.run(["git", *words], cwd=repo, capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain") else "")
+
+
 def write_result(result: dict[str, Any], path: Path, markdown: str) -> Path:
     """The JSON result to `path` (folders made), and its Markdown summary to stdout."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,6 @@ import random
 import re
 import shlex
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading
@@ -55,7 +54,7 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `model` for the in-process half (torch is imported only there), `bench`
-from bench.harness import LeanClient, ServiceProcess, write_result  # noqa: E402
+from bench.harness import LeanClient, ServiceProcess, git_commit, write_result  # noqa: E402
 
 WAY = 20  # the served task: 20-way 1-shot, as the accuracy test over HTTP
 BODIES = 16  # distinct pre-encoded request bodies per request size, cycled by the workers
@@ -609,12 +608,8 @@ def versions() -> dict[str, Any]:
         ort = onnxruntime.__version__
     except ImportError:
         ort = None
-    def git(*words: str) -> str:
-        return subprocess.run(["git", *words], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain")
     return {"torch": torch.__version__, "onnxruntime": ort, "python": platform.python_version(),
-            "git_commit": commit + ("-dirty" if dirty else ""), "cpu_count": os.cpu_count(),
+            "git_commit": git_commit(), "cpu_count": os.cpu_count(),
             "cpu": platform.processor() or platform.machine()}
 
 

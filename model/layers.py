@@ -17,8 +17,30 @@ from torch import Tensor, nn
 
 
 def pool(h: Tensor) -> Tensor:
-    # ceil rounding keeps 28 -> 14 -> 7 -> 4 -> 2 -> 1; floor would collapse 7 -> 3 -> 1 -> 0.
-    return F.max_pool2d(h, 2, ceil_mode=True)
+    """2x2 max-pooling, stride 2, ceil rounding: 28 -> 14 -> 7 -> 4 -> 2 -> 1 (floor would collapse
+    7 -> 3 -> 1 -> 0).
+
+    Without autograd it is the elementwise max of the four strided quarters, an odd edge padded
+    with -inf (so a window at the edge holds only real pixels, as with ceil rounding): the same
+    values as `F.max_pool2d`, which on a CPU also writes an int64 argmax per output for a backward
+    that inference never runs; at 28x28 it took 6 times as long (`python bench/forward.py`). With
+    autograd it is `F.max_pool2d`, whose backward sends a window's gradient to one argmax, and so
+    it is in an ONNX export: onnxruntime's MaxPool has no such cost, and ran the graph 10% faster
+    than the four quarters did.
+    """
+    if h.requires_grad or torch.onnx.is_in_onnx_export():
+        return F.max_pool2d(h, 2, ceil_mode=True)
+    height, width = h.shape[-2], h.shape[-1]
+    if height % 2 or width % 2:
+        h = F.pad(h, (0, width % 2, 0, height % 2), value=float("-inf"))
+    top = torch.maximum(h[..., 0::2, 0::2], h[..., 0::2, 1::2])
+    return torch.maximum(top, torch.maximum(h[..., 1::2, 0::2], h[..., 1::2, 1::2]))
+
+
+def _relu(t: Tensor) -> Tensor:
+    """relu, in place where nothing needs t afterwards: t is a fresh op result and either no
+    gradient flows (inference) or its op's backward does not read it (conv, matmul)."""
+    return F.relu(t, inplace=True)
 
 
 def conv_trunk(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tensor] | None) -> Tensor:
@@ -37,9 +59,9 @@ def conv_trunk(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tensor] | None)
     h = x
     for i, w in enumerate(slow):
         if fast is None:
-            out = F.relu(F.conv2d(h, w, padding=1))
+            out = _relu(F.conv2d(h, w, padding=1))
         else:
-            both = F.relu(F.conv2d(h, torch.cat([w, fast[i]]), padding=1))
+            both = _relu(F.conv2d(h, torch.cat([w, fast[i]]), padding=1))
             out = both[:, : w.shape[0]] + both[:, w.shape[0] :]
         h = pool(out)
     return h.flatten(1)
@@ -61,8 +83,10 @@ def conv3x3_columns(h: Tensor) -> Tensor:
 def conv_trunk_per_sample(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tensor]) -> Tensor:
     """Like `conv_trunk`, but every image has fast kernels of its own.
 
-    Each layer is one batched matmul: image i's columns (im2col) times its kernel [S; F_i], so the
-    slow and fast branches of all images run in a single kernel launch whatever the batch size.
+    Per layer the slow branch is one convolution over the batch (its kernel is shared) and the
+    fast branch one batched matmul: image i's columns (im2col) times its own kernel F_i, read in
+    place from the (n, P) rows it came from. (Stacking [S; F_i] per image into one matmul copied
+    the kernels, S n times over, at every call: a third slower on a CPU, `python bench/forward.py`.)
 
     Args:
         x: images of shape (n, 1, 28, 28).
@@ -73,13 +97,10 @@ def conv_trunk_per_sample(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tens
     n = x.shape[0]
     h = x
     for w_slow, w_fast in zip(slow, fast, strict=True):
-        c_out, height, width = w_slow.shape[0], h.shape[2], h.shape[3]
-        kernels = torch.cat(
-            [w_slow.reshape(1, c_out, -1).expand(n, -1, -1), w_fast.reshape(n, c_out, -1)], dim=1
-        )  # (n, 2C_out, C_in * 9)
-        both = F.relu(torch.bmm(kernels, conv3x3_columns(h)))  # (n, 2C_out, H * W)
-        out = both[:, :c_out] + both[:, c_out:]
-        h = pool(out.reshape(n, c_out, height, width))
+        c_out = w_slow.shape[0]
+        slow_out = _relu(F.conv2d(h, w_slow, padding=1))  # (n, C_out, H, W)
+        fast_out = _relu(torch.bmm(w_fast.reshape(n, c_out, -1), conv3x3_columns(h)))  # (n, C_out, H * W)
+        h = pool(slow_out + fast_out.view_as(slow_out))
     return h.flatten(1)
 
 

@@ -360,7 +360,11 @@ class MetaNet(nn.Module):
                 memory = checked[js[0]][0]
                 attention = torch.softmax(_cosine(r_all[rows[t]], memory.R), dim=1)  # (n, n_support)
                 attentions[t] = attention
-                W_all[rows[t]] = attention @ memory.M.to(attention.dtype)  # (n, P): W* per query
+                M = memory.M.to(attention.dtype)
+                if isinstance(rows[t], slice):  # written in place: W_all is tens of MB a batch
+                    torch.mm(attention, M, out=W_all[rows[t]])  # (n, P): W* per query
+                else:
+                    W_all[rows[t]] = attention @ M
             logits = torch.cat([
                 self.b(x, self._unflatten(W, self.b_params()), self.config.max_way)
                 for x, W in zip(x_all.split(_QUERY_BLOCK), W_all.split(_QUERY_BLOCK), strict=True)

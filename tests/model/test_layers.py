@@ -35,6 +35,24 @@ def test_pool_rounds_up_so_seven_becomes_four():
     assert pool(torch.ones(1, 1, 7, 7)).shape == (1, 1, 4, 4)
 
 
+@pytest.mark.parametrize("side", [28, 14, 7, 4, 2, 1, 5])
+def test_pool_without_autograd_gives_max_pool2d_s_values_exactly(side):
+    # The four-quarters pooling (no argmax indices) against F.max_pool2d with ceil rounding, on
+    # signed values (an odd edge must not let padding win a window), ties and infinities.
+    g = torch.Generator().manual_seed(side)
+    h = torch.randn(3, 4, side, side + 1, generator=g).round(decimals=1)
+    h[0, 0, 0, 0], h[1, 1, -1, -1] = -math.inf, math.inf
+    with torch.inference_mode():
+        got = pool(h)
+    torch.testing.assert_close(got, torch.nn.functional.max_pool2d(h, 2, ceil_mode=True), rtol=0, atol=0)
+
+
+def test_pool_with_autograd_sends_each_window_s_gradient_to_one_argmax():
+    h = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]], requires_grad=True)  # a tie in the window
+    pool(h).sum().backward()
+    assert h.grad is not None and h.grad.sum().item() == 1.0 and h.grad.max().item() == 1.0
+
+
 def test_conv_trunk_shrinks_28x28_images_to_one_feature_vector_per_image():
     assert conv_trunk(images(3), kernels(0), kernels(1)).shape == (3, C)
 
@@ -59,6 +77,37 @@ def test_conv_trunk_per_sample_equals_conv_trunk_image_by_image_with_its_own_fas
     one_by_one = torch.cat([conv_trunk(x[i : i + 1], slow, [f[i] for f in fast]) for i in range(n)])
     assert batched.shape == (n, C)
     torch.testing.assert_close(batched, one_by_one, rtol=0, atol=1e-5)
+
+
+def test_conv_trunk_per_sample_reads_kernels_in_place_from_rows_of_flat_fast_weights():
+    # The service's W*: every image's kernels are slices of one (n, P) row, so the per-layer
+    # tensors are views with a row stride, not contiguous copies.
+    n = 3
+    x, slow, fast = images(n), kernels(0), kernels(1, n=n)
+    flat = torch.cat([f.reshape(n, -1) for f in fast] + [torch.zeros(n, 5)], dim=1)
+    views, start = [], 0
+    for f in fast:
+        size = f[0].numel()
+        views.append(flat[:, start : start + size].reshape(f.shape))
+        start += size
+    assert not views[1].is_contiguous()
+    with torch.inference_mode():
+        in_place, copied = conv_trunk_per_sample(x, slow, views), conv_trunk_per_sample(x, slow, fast)
+    torch.testing.assert_close(in_place, copied, rtol=0, atol=0)
+
+
+def test_conv_trunk_per_sample_trains_as_it_infers():
+    # With autograd (training) the same values, and gradients reach every image's fast kernels.
+    n = 2
+    x, slow = images(n), kernels(0)
+    fast = [k.requires_grad_() for k in kernels(1, n=n)]
+    out = conv_trunk_per_sample(x, slow, fast)
+    with torch.inference_mode():
+        torch.testing.assert_close(out.detach(), conv_trunk_per_sample(x, slow, [f.detach() for f in fast]),
+                                   rtol=0, atol=1e-6)
+    out.sum().backward()
+    for f in fast:  # every layer's kernels, for each image
+        assert f.grad is not None and bool(f.grad.abs().flatten(1).sum(1).gt(0).all())
 
 
 @pytest.mark.parametrize(

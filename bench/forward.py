@@ -10,7 +10,8 @@ computes:
 - `b`'s per-query kernels: `conv_trunk_per_sample` runs the shared slow kernel as one convolution
   and only the fast kernels as a batched matmul, where it stacked [S; F_i] for every query into one
   matmul (copying the kernels, S n times over, at every call).
-`previous()` puts the old pieces back (`F.max_pool2d`, `stacked_trunk` below), so both versions of
+`previous()` puts the old pieces back (`F.max_pool2d`, `stacked_trunk` below; the third change, W*
+written in place, stays in both), so both versions of
 the whole `MetaNet.classify` run in this process on the same task and queries: a 20-way one-shot
 Omniglot task, registered by the shipped weights. Each round times every version and batch size in
 turn (best of `--repeats` calls), so a slow minute of this shared machine hits both; the table

@@ -32,7 +32,9 @@ def test_a_small_forward_run_times_both_versions_on_both_backends(tmp_path: Path
         assert row["before_over_this"] == pytest.approx(ms["before"] / ms["this code"], abs=2e-3)
         # The same model either way: probabilities agree to float32 rounding.
         assert row["max_abs_prob_diff"] < 1e-5
-    assert "| torch | 3 |" in run.stdout and f"wrote {out}" in run.stdout
+    assert [row["input"][-1] for row in record["pooling"]] == [28, 14, 7, 4, 2]
+    assert all(row["us"]["this code"] > 0 and row["us"]["before"] > 0 for row in record["pooling"])
+    assert "| torch | 3 |" in run.stdout and "| 16x64x28x28 |" in run.stdout and f"wrote {out}" in run.stdout
 
 
 @pytest.mark.parametrize(("args", "named"), [

@@ -17,8 +17,9 @@ Omniglot task, registered by the shipped weights. Each round times every version
 turn (best of `--repeats` calls), so a slow minute of this shared machine hits both; the table
 gives each one's best round, the ratio of old to new time, and the largest difference between
 their probabilities. With onnx, the query path is exported by each version (`metanet
-export-onnx`'s graph) and run by onnxruntime on one thread the same way. Writes
-bench/results/forward-<date>-cpu.json and prints a markdown table.
+export-onnx`'s graph) and run by onnxruntime on one thread the same way. The pooling alone is
+timed too, at the sizes the trunk pools (16 images of 64 channels, 28x28 down to 2x2), on the
+output of a relu. Writes bench/results/forward-<date>-cpu.json and prints two markdown tables.
 """
 
 from __future__ import annotations
@@ -77,6 +78,28 @@ def previous() -> Iterator[None]:
         yield
     finally:
         layers.pool, metanet.conv_trunk_per_sample = saved
+
+
+def pooling(rounds: int, repeats: int) -> list[dict[str, Any]]:
+    """µs per call of `layers.pool` (no autograd) and of `F.max_pool2d`, best round, at each size
+    the trunk pools, with a check that their values agree exactly."""
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for side in (28, 14, 7, 4, 2):
+            h = torch.relu(torch.randn(16, 64, side, side, generator=generator))
+            if not torch.equal(layers.pool(h), reference_pool(h)):
+                raise AssertionError(f"layers.pool and F.max_pool2d differ at {side}x{side}")
+            times: dict[str, list[float]] = {"this code": [], "before": []}
+            for _ in range(rounds):
+                for version, fn in (("this code", layers.pool), ("before", reference_pool)):
+                    fn(h)
+                    times[version].append(1e3 * best_ms(lambda f=fn, h=h: f(h), repeats))
+            new, old = min(times["this code"]), min(times["before"])
+            rows.append({"input": [16, 64, side, side],
+                         "us": {"this code": round(new, 1), "before": round(old, 1)},
+                         "before_over_this": round(old / new, 2)})
+    return rows
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -159,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                     "before_over_this": round(old / new, 3),
                     "max_abs_prob_diff": float(diff.abs().max()),
                     "rounds_ms": {v: [round(t, 3) for t in times[backend, v, n]] for v in VERSIONS}})
+    pools = pooling(args.rounds, args.repeats)
     words = argv if argv is not None else sys.argv[1:]
     result = {"command": " ".join(["python", "bench/forward.py", *words]),
               "date": str(dt.date.today()), "git_commit": git_commit(), "torch": torch.__version__,
               "threads": 1, "data": source, "task": f"{WAY}-way one-shot, shipped weights",
-              "rounds": args.rounds, "repeats": args.repeats, "rows": rows}
+              "rounds": args.rounds, "repeats": args.repeats, "rows": rows, "pooling": pools}
     lines = ["| backend | batch | this code: ms (images/s) | before: ms (images/s) | before / this "
              "| max prob diff |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -171,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['backend']} | {r['batch']} | {ms['this code']} ({per_s['this code']}) | "
                      f"{ms['before']} ({per_s['before']}) | {r['before_over_this']} | "
                      f"{r['max_abs_prob_diff']:.1e} |")
+    lines += ["", "| pooling input | layers.pool µs | F.max_pool2d µs | before / this |", "|---|---|---|---|"]
+    lines += [f"| {'x'.join(map(str, r['input']))} | {r['us']['this code']} | {r['us']['before']} | "
+              f"{r['before_over_this']} |" for r in pools]
     write_result(result, args.out, "\n".join(lines))
     return 0
 

@@ -23,10 +23,9 @@ def pool(h: Tensor) -> Tensor:
     Without autograd it is the elementwise max of the four strided quarters, an odd edge padded
     with -inf (so a window at the edge holds only real pixels, as with ceil rounding): the same
     values as `F.max_pool2d`, which on a CPU also writes an int64 argmax per output for a backward
-    that inference never runs; at 28x28 it took 6 times as long (`python bench/forward.py`). With
+    that inference never runs (`python bench/forward.py` times both at the trunk's sizes). With
     autograd it is `F.max_pool2d`, whose backward sends a window's gradient to one argmax, and so
-    it is in an ONNX export: onnxruntime's MaxPool has no such cost, and ran the graph 10% faster
-    than the four quarters did.
+    it is in an ONNX export, where onnxruntime's MaxPool computes no indices.
     """
     if h.requires_grad or torch.onnx.is_in_onnx_export():
         return F.max_pool2d(h, 2, ceil_mode=True)
@@ -86,7 +85,7 @@ def conv_trunk_per_sample(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tens
     Per layer the slow branch is one convolution over the batch (its kernel is shared) and the
     fast branch one batched matmul: image i's columns (im2col) times its own kernel F_i, read in
     place from the (n, P) rows it came from. (Stacking [S; F_i] per image into one matmul copied
-    the kernels, S n times over, at every call: a third slower on a CPU, `python bench/forward.py`.)
+    the kernels, S n times over, at every call; `python bench/forward.py` times both.)
 
     Args:
         x: images of shape (n, 1, 28, 28).

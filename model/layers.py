@@ -20,10 +20,11 @@ def pool(h: Tensor) -> Tensor:
     """2x2 max-pooling, stride 2, ceil rounding: 28 -> 14 -> 7 -> 4 -> 2 -> 1 (floor would collapse
     7 -> 3 -> 1 -> 0).
 
-    Without autograd it is the elementwise max of the four strided quarters, an odd edge padded
-    with -inf (so a window at the edge holds only real pixels, as with ceil rounding): the same
-    values as `F.max_pool2d`, which on a CPU also writes an int64 argmax per output for a backward
-    that inference never runs (`python bench/forward.py` times both at the trunk's sizes). With
+    Without autograd it is two elementwise maxima, of the even and odd rows and then of the even
+    and odd columns, an odd edge padded with -inf (so a window at the edge holds only real pixels,
+    as with ceil rounding): the same values as `F.max_pool2d`, which on a CPU also writes an int64
+    argmax per output for a backward that inference never runs (`python bench/forward.py` times
+    both at the trunk's sizes). With
     autograd it is `F.max_pool2d`, whose backward sends a window's gradient to one argmax, and so
     it is in an ONNX export, where onnxruntime's MaxPool computes no indices.
     """
@@ -32,8 +33,8 @@ def pool(h: Tensor) -> Tensor:
     height, width = h.shape[-2], h.shape[-1]
     if height % 2 or width % 2:
         h = F.pad(h, (0, width % 2, 0, height % 2), value=float("-inf"))
-    top = torch.maximum(h[..., 0::2, 0::2], h[..., 0::2, 1::2])
-    return torch.maximum(top, torch.maximum(h[..., 1::2, 0::2], h[..., 1::2, 1::2]))
+    rows = torch.maximum(h[..., 0::2, :], h[..., 1::2, :])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
 def _relu(t: Tensor) -> Tensor:

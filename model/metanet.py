@@ -340,7 +340,7 @@ class MetaNet(nn.Module):
             bounds.append(bounds[-1] + len(x))
         with torch.inference_mode():
             x_all = torch.cat([x for _, x in checked])
-            if bool(_bad_pixels(x_all).any()):  # one check for the batch; the culprit named below
+            if not _pixels_in_range(x_all):  # one check for the batch; the culprit named below
                 for _, x in requests:
                     self._check_images(x, field="images", limit=None)
             task_of = torch.cat([torch.full((len(x),), tasks[id(m)], dtype=torch.long) for m, x in checked])
@@ -488,6 +488,15 @@ def _mask_classes(logits: Tensor, n_way: int) -> Tensor:
         return logits
     keep = torch.arange(logits.shape[-1], device=logits.device) < n_way
     return logits.masked_fill(~keep, float("-inf"))
+
+
+def _pixels_in_range(images: Tensor) -> bool:
+    """Is every pixel of the batch in [0, 1]? One reduction: a NaN makes the min and max NaN, and
+    an infinity is out of range, so both fail the test as `_bad_pixels` would."""
+    if images.numel() == 0:
+        return True
+    low, high = torch.aminmax(images)
+    return bool(low >= 0) and bool(high <= 1)
 
 
 def _bad_pixels(images: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ guards that refuse bad tasks. A tiny MetaNet (8 channels, max_way 6, max_example
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -349,3 +350,15 @@ def test_classify_many_names_the_bad_image_within_its_own_request(model, support
     with pytest.raises(InvalidTaskError, match=r"images\[2\] has pixels") as caught:
         model.classify_many([(memory, queries[:2]), (memory, bad)])
     assert caught.value.index == 2
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 0.5, math.nan, math.inf, -math.inf, -0.5, 1.5, 255.0])
+def test_the_batch_pixel_check_agrees_with_the_per_image_one(value):
+    # classify_many checks a whole batch with one min/max reduction and names the culprit with
+    # _bad_pixels only when it fails: both must refuse exactly the same batches.
+    from model.metanet import _bad_pixels, _pixels_in_range
+
+    images = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    images[2, 0, 3, 5] = value
+    assert _pixels_in_range(images) == (not bool(_bad_pixels(images).any()))
+    assert _pixels_in_range(images[:0])

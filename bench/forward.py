@@ -14,7 +14,8 @@ computes:
 written in place, stays in both), so both versions of
 the whole `MetaNet.classify` run in this process on the same task and queries: a 20-way one-shot
 Omniglot task, registered by the shipped weights. Each round times every version and batch size in
-turn (best of `--repeats` calls), so a slow minute of this shared machine hits both; the table
+turn (best of `--repeats` calls), so a slow minute of this shared machine hits both (glibc's heap
+kept as the service keeps it, `service.heap.retain`); the table
 gives each one's best round, the ratio of old to new time, and the largest difference between
 their probabilities. With onnx, the query path is exported by each version (`metanet
 export-onnx`'s graph) and run by onnxruntime on one thread the same way. The pooling alone is
@@ -46,6 +47,8 @@ from bench.serving import WAY, omniglot_ink  # noqa: E402
 from model import layers, metanet  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.data import to_model_input  # noqa: E402
+from service import heap  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 VERSIONS = ("this code", "before")
 
@@ -135,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rounds and --repeats must be at least 1 (got {args.rounds} and {args.repeats})")
 
     torch.set_num_threads(1)
+    # The heap as the service keeps it: without it glibc maps and unmaps a large forward's buffers
+    # at every call, and the old formulation's 32-image forward took 47 to 78 ms from run to run.
+    heap.retain(Settings.model_fields["heap_retain_mb"].default)
     model = load_model(None, "cpu")
     ink, source = omniglot_ink(args.data_dir, WAY, 2017)
     x = to_model_input(ink)

@@ -381,8 +381,8 @@ def start_server(backend: str, args: argparse.Namespace, tmp: Path) -> ServicePr
     as api_tests' server: only weights and thread count come from the caller's METANET_*."""
     settings = {"backend": backend, "device": args.device,
                 **{name: getattr(args, name) for name in
-                   ("batch_max_images", "batch_max_wait_ms", "max_pending", "max_queue_images",
-                    "max_queue_wait_ms", "max_queue_wait_factor",
+                   ("batch_max_images", "batch_max_wait_ms", "batch_linger_ms", "max_pending",
+                    "max_queue_images", "max_queue_wait_ms", "max_queue_wait_factor",
                     "overload_demand", "overload_forward_factor",
                     "model_workers", "processes", "one_thread_below_images", "query_decode",
                     "decode_processes")}}
@@ -638,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads in process and in the service (default $METANET_TORCH_THREADS)")
     parser.add_argument("--batch-max-images", type=int, help="METANET_BATCH_MAX_IMAGES of the service")
     parser.add_argument("--batch-max-wait-ms", type=float, help="METANET_BATCH_MAX_WAIT_MS of the service")
+    parser.add_argument("--batch-linger-ms", type=float, help="METANET_BATCH_LINGER_MS of the service")
     parser.add_argument("--max-pending", type=int, help="METANET_MAX_PENDING of the service")
     parser.add_argument("--max-queue-images", type=int, help="METANET_MAX_QUEUE_IMAGES of the service")
     parser.add_argument("--max-queue-wait-ms", type=float, help="METANET_MAX_QUEUE_WAIT_MS of the service")

@@ -7,6 +7,15 @@ a worker is free, the dispatcher gathers the queued classify jobs, up to `max_ba
 (waiting at most `max_wait_s` after the oldest arrived for more to come), and runs them as one
 forward. Registrations run alone, in their turn: with no other job beside them.
 
+Lingering. Clients that call in a loop come back in a burst right after their forward answers
+them, while the requests that queued during it would start the next forward at once without them:
+on its own the service then alternates between two half-size forwards. With `linger_s`, a free
+worker whose next forward is not full waits up to `linger_s` after the last forward ended for the
+clients it answered to send their next requests (each arrival counts one back), so they share one
+forward (forwards of about 14 images instead of 8 at 32 one-image clients on 2 CPU cores). It
+waits only for clients answered and not yet back, so a lone client never waits, nor does anything
+in overload mode.
+
 Admission is bounded: past `max_pending` requests (queued or running; a request in parts counts
 once), or `max_queue_images` queued images, a request gets
 `Overloaded` (429 with Retry-After) at once instead of a latency that grows without bound. With
@@ -143,6 +152,7 @@ class Batcher(Generic[P, R]):
         self, executor: Executor, run_batch: Callable[[Sequence[P]], list[R | Exception]], *,
         max_batch_images: int, max_wait_s: float, max_pending: int, max_queue_images: int,
         max_wait_ahead: tuple[float, float] = (0.0, 0.0), overload: tuple[int, float] = (0, 0.0),
+        linger_s: float = 0.0,
         on_batch: Callable[[int, float], None] | None = None,
         on_idle: Callable[[], object] | None = None, idle_s: float = 1.0, workers: int = 1,
     ) -> None:
@@ -151,6 +161,7 @@ class Batcher(Generic[P, R]):
         self._run_batch = run_batch
         self.max_batch_images = max_batch_images
         self.max_wait_s = max_wait_s
+        self.linger_s = linger_s
         self.max_pending = max_pending
         self.max_queue_images = max_queue_images
         self.max_wait_ahead = max_wait_ahead  # (0, 0): no bound on time, only on counts
@@ -174,6 +185,10 @@ class Batcher(Generic[P, R]):
         self._wake: asyncio.Event | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self.stats = BatchStats()
+        # Lingering: requests answered by the forward that ended last, at `_freed_at`, whose
+        # clients have not sent another since (each classify request that arrives counts one back).
+        self._returning = 0
+        self._freed_at = -math.inf
 
     # ------------------------------------------------------------------------------ public
 
@@ -373,6 +388,8 @@ class Batcher(Generic[P, R]):
 
     def _enqueue(self, job: _Job[P]) -> None:
         self._queue.append(job)
+        if job.payload is not None and job.counted and self._returning:
+            self._returning -= 1  # perhaps one of the clients the last forward answered
         self._queued += job.counted
         self._queued_images += job.n_images if job.payload is not None else 0
         assert self._wake is not None
@@ -446,6 +463,8 @@ class Batcher(Generic[P, R]):
             self._running -= counted
             if batch[0].solo is not None:
                 self._solo_running = False
+            else:
+                self._returning, self._freed_at = counted, time.monotonic()
             if self._wake is not None:
                 self._wake.set()
 
@@ -471,10 +490,11 @@ class Batcher(Generic[P, R]):
         return self._overload_forward(head.n_images) if self.overloaded else self.max_batch_images
 
     async def _fill(self, head: _Job[P]) -> None:
-        """Wait until a full batch is queued or the oldest job has waited max_wait_s."""
+        """Wait until a full batch is queued, or else until the oldest job has waited max_wait_s
+        and no client answered by the last forward is still to be lingered for."""
         assert self._wake is not None
-        until = head.enqueued + self.max_wait_s
         while self._queued_images < self._batch_images(head):
+            until = max(head.enqueued + self.max_wait_s, self._linger_until())
             remaining = until - time.monotonic()
             if remaining <= 0:
                 return
@@ -483,6 +503,12 @@ class Batcher(Generic[P, R]):
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except TimeoutError:
                 return
+
+    def _linger_until(self) -> float:
+        """When lingering for the clients of the last forward ends (-inf: not lingering)."""
+        if not self.linger_s or self._returning <= 0 or self.overloaded:
+            return -math.inf
+        return self._freed_at + self.linger_s
 
     def _take_batch(self) -> list[_Job[P]]:
         """Batchable jobs in arrival order up to `_batch_images` (at least one); solo jobs keep

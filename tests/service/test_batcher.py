@@ -134,6 +134,76 @@ def test_a_full_batch_does_not_wait() -> None:
     asyncio.run(scenario())
 
 
+async def answered_one_while_two_queued(
+    batcher: Batcher[int, int], worker: Worker
+) -> list[asyncio.Task[int]]:
+    """A one-image forward of 100 answered while requests 1 and 2 queued behind it; their tasks."""
+    running = await occupy(batcher, worker, payload=100)
+    queued = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in (1, 2)]
+    await asyncio.sleep(0.01)
+    worker.gate.set()
+    assert await running == 200
+    return queued
+
+
+@pytest.mark.parametrize(("linger_s", "batches"), [(0.5, [[100], [1, 2, 3]]), (0.0, [[100], [1, 2], [3]])])
+def test_a_free_worker_lingers_for_the_client_its_last_forward_answered(linger_s, batches) -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, linger_s=linger_s)
+        queued = await answered_one_while_two_queued(batcher, worker)
+        await asyncio.sleep(0.05)  # the answered client thinks, then sends its next request
+        start = time.monotonic()
+        again = asyncio.create_task(batcher.submit(3, 1, Call()))
+        assert await asyncio.gather(*queued, again) == [2, 4, 6]
+        assert worker.batches == batches
+        assert time.monotonic() - start < 0.3  # its return ended the lingering: no wait for the rest
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_lingering_ends_linger_s_after_the_forward_when_its_client_does_not_come_back() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, linger_s=0.2)
+        start = time.monotonic()
+        queued = await answered_one_while_two_queued(batcher, worker)
+        assert await asyncio.gather(*queued) == [2, 4]
+        assert 0.15 < time.monotonic() - start < 1.0
+        assert worker.batches == [[100], [1, 2]]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_client_never_waits_for_lingering() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, linger_s=5.0)
+        start = time.monotonic()
+        for i in range(5):  # each request is the answered client coming back: nothing else to wait for
+            assert await batcher.submit(i, 1, Call()) == 2 * i
+        assert time.monotonic() - start < 2.0
+        assert worker.batches == [[i] for i in range(5)]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_full_forward_does_not_linger() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, linger_s=5.0, max_batch_images=2)
+        start = time.monotonic()
+        queued = await answered_one_while_two_queued(batcher, worker)
+        assert await asyncio.gather(*queued) == [2, 4]
+        assert time.monotonic() - start < 2.0
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
 def test_past_max_pending_or_max_queue_images_requests_get_overloaded_with_retry_after() -> None:
     async def scenario() -> None:
         worker = Worker()
@@ -680,6 +750,22 @@ def test_under_overload_the_next_forward_is_sized_by_the_oldest_queued_request()
         await asyncio.sleep(0.01)
         worker.gate.set()
         assert await asyncio.gather(running, head, rider) == [200, 2, 4]
+        assert worker.batches == [[100], [1, 2]]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_under_overload_a_free_worker_does_not_linger() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = overloaded_batcher(worker, demand=1, factor=3.0, linger_s=5.0)  # forwards of 3
+        waiting(batcher, 5)
+        start = time.monotonic()
+        queued = await answered_one_while_two_queued(batcher, worker)
+        assert batcher.overloaded
+        assert await asyncio.gather(*queued) == [2, 4]
+        assert time.monotonic() - start < 2.0
         assert worker.batches == [[100], [1, 2]]
         await batcher.close()
 

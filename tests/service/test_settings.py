@@ -10,7 +10,8 @@ from service.settings import Settings
 
 BAD = [
     ("heap_trim_idle_s", "-1"), ("heap_trim_idle_s", "soon"), ("batch_max_images", "-1"),
-    ("batch_max_wait_ms", "-5"), ("max_pending", "0"), ("max_queue_images", "-1"),
+    ("batch_max_wait_ms", "-5"), ("batch_linger_ms", "-1"), ("batch_linger_ms", "5000"),
+    ("batch_linger_ms", "soon"), ("max_pending", "0"), ("max_queue_images", "-1"),
     ("max_queue_wait_ms", "-1"), ("max_queue_wait_factor", "nan"),
     ("request_timeout_s", "0"), ("gil_switch_interval_ms", "1000"), ("m_dtype", "float8"),
     ("backend", "tensorrt"), ("device", "tpu"), ("cache_bytes", "lots"),

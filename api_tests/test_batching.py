@@ -299,3 +299,41 @@ def test_a_request_larger_than_a_batch_runs_in_parts_answering_as_one_forward(se
     for index, refused in broken.items():
         assert refused.status_code == 422, refused.text
         assert refused.json()["error"]["details"]["field"] == f"images[{index}]"
+
+
+@pytest.fixture(scope="module")
+def lingering(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server whose free model lingers a long 300 ms for the clients of its last forward."""
+    yield from running(Server(tmp_path_factory.mktemp("lingering") / "data", batch_linger_ms=300,
+                              batch_max_images=64))
+
+
+def test_looping_clients_share_forwards_by_lingering_and_a_lone_client_never_waits(lingering) -> None:
+    task = registered(lingering, KINDS)
+    with lingering.client() as client:
+        alone = [as_matrix(classify(client, task["task_id"], [img]).json()["predictions"], task["labels"])
+                 for img in QUERY_IMAGES[:4]]
+        before = metrics(client)
+        start = time.monotonic()
+        for img in QUERY_IMAGES[:4] * 3:  # one client, one request after another: nothing to wait for
+            assert classify(client, task["task_id"], [img]).status_code == 200
+        lone_seconds = time.monotonic() - start
+        after_lone = metrics(client)
+
+        def loop(img: str) -> list[np.ndarray]:
+            with lingering.client() as own:  # each client on its own connection, as callers are
+                return [as_matrix(classify(own, task["task_id"], [img]).json()["predictions"], task["labels"])
+                        for _ in range(5)]
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(loop, QUERY_IMAGES[:4]))
+        after_loops = metrics(client)
+    assert after_lone["metanet_lingers_total"] == before["metanet_lingers_total"]
+    assert lone_seconds < 12 * 0.3  # had each request waited out the window, 3.6 s at least
+    for want, got in zip(alone, answers, strict=True):
+        for matrix in got:
+            np.testing.assert_allclose(matrix, want, atol=1e-5)
+    assert after_loops["metanet_lingers_total"] > after_lone["metanet_lingers_total"]
+    assert after_loops["metanet_linger_seconds_total"] > after_lone["metanet_linger_seconds_total"]
+    batches = after_loops["metanet_batches_total"] - after_lone["metanet_batches_total"]
+    assert batches < 20, f"{batches} forwards for 20 requests of 4 looping clients"

@@ -142,6 +142,8 @@ class BatchStats:
         default_factory=lambda: {"disconnected": 0, "deadline": 0, "cancelled": 0}
     )
     rejected: int = 0
+    lingers: int = 0  # forwards whose start waited for the clients of the last forward
+    linger_seconds: float = 0.0  # how long those waits took, together
 
 
 class Batcher(Generic[P, R]):
@@ -493,16 +495,24 @@ class Batcher(Generic[P, R]):
         """Wait until a full batch is queued, or else until the oldest job has waited max_wait_s
         and no client answered by the last forward is still to be lingered for."""
         assert self._wake is not None
-        while self._queued_images < self._batch_images(head):
-            until = max(head.enqueued + self.max_wait_s, self._linger_until())
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                return
+        start, lingered = time.monotonic(), False
+        try:
+            while self._queued_images < self._batch_images(head):
+                linger = self._linger_until()
+                until = max(head.enqueued + self.max_wait_s, linger)
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    return
+                lingered = lingered or linger == until
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                except TimeoutError:
+                    return
+        finally:
+            if lingered:
+                self.stats.lingers += 1
+                self.stats.linger_seconds += time.monotonic() - start
 
     def _linger_until(self) -> float:
         """When lingering for the clients of the last forward ends (-inf: not lingering)."""

@@ -94,6 +94,10 @@ _COUNTERS: tuple[tuple[str, str, Callable[[_Sources], float]], ...] = (
     ("metanet_batches", "Batched forwards run", lambda s: s[2].stats.batches),
     ("metanet_batched_images", "Query images run in batched forwards", lambda s: s[2].stats.batched_images),
     ("metanet_rejected", "Model jobs refused with 429: the queue was full", lambda s: s[2].stats.rejected),
+    ("metanet_lingers", "Forwards whose start waited for the clients of the last forward (lingering)",
+     lambda s: s[2].stats.lingers),
+    ("metanet_linger_seconds", "Seconds free model workers waited for the clients of their last forward",
+     lambda s: s[2].stats.linger_seconds),
 )
 _PROCESSES = ("metanet_server_processes", "Server processes running")
 _TASKS = ("metanet_tasks", "Tasks in the store")

@@ -158,6 +158,7 @@ def test_a_free_worker_lingers_for_the_client_its_last_forward_answered(linger_s
         assert await asyncio.gather(*queued, again) == [2, 4, 6]
         assert worker.batches == batches
         assert time.monotonic() - start < 0.3  # its return ended the lingering: no wait for the rest
+        assert batcher.stats.lingers == (1 if linger_s else 0)
         await batcher.close()
 
     asyncio.run(scenario())
@@ -172,6 +173,7 @@ def test_lingering_ends_linger_s_after_the_forward_when_its_client_does_not_come
         assert await asyncio.gather(*queued) == [2, 4]
         assert 0.15 < time.monotonic() - start < 1.0
         assert worker.batches == [[100], [1, 2]]
+        assert batcher.stats.lingers == 1 and 0.1 < batcher.stats.linger_seconds < 1.0
         await batcher.close()
 
     asyncio.run(scenario())
@@ -186,6 +188,7 @@ def test_a_lone_client_never_waits_for_lingering() -> None:
             assert await batcher.submit(i, 1, Call()) == 2 * i
         assert time.monotonic() - start < 2.0
         assert worker.batches == [[i] for i in range(5)]
+        assert batcher.stats.lingers == 0
         await batcher.close()
 
     asyncio.run(scenario())

@@ -284,7 +284,8 @@ class Batcher(Generic[P, R]):
                 self._reject(f"the service is overloaded and {queued} images are already queued for "
                              f"its next forwards of {self._next_forward(n_images)} images")
             return
-        if n_images and any(self.max_wait_ahead) and self.cost.known and not self._in_next_batch(n_images):
+        if n_images and any(self.max_wait_ahead) and self.cost.known \
+                and not self._in_next_batch(n_images, starting=True):
             fixed, factor = self.max_wait_ahead
             ahead, allowed = self.work_ahead(), fixed + factor * self.cost.seconds(n_images)
             if ahead > allowed:
@@ -333,13 +334,23 @@ class Batcher(Generic[P, R]):
         head = next((job.n_images for job in self._queue if job.payload is not None), n_images)
         return self._overload_forward(head)
 
-    def _in_next_batch(self, n_images: int) -> bool:
+    def _in_next_batch(self, n_images: int, starting: bool = False) -> bool:
         """Would a job of n_images queued now run in the next classify forward of a worker? Then
         refusing it would spare no one a wait, so a burst that fits a batch is never refused on
         time, nor is a request that comes while a registration runs. Under overload this is
-        what admission asks of every request (when something is queued)."""
+        what admission asks of every request (when something is queued).
+
+        `starting`: a free worker's forward from the queue counts as running, not as the next
+        one: it starts as soon as the dispatcher runs, or when its lingering ends. (Otherwise a
+        request that came in the same turn of the event loop as the one that filled that forward,
+        or while a free worker lingered for a full one, was refused for waiting out a forward
+        that, a moment later, would have been running: at 32 one-image clients such refusals
+        could tip a process into overload mode.)"""
         queued = self._queued_images + self._reserved_images
-        return queued + n_images <= self._next_forward(n_images) * self.workers
+        forwards = self.workers
+        if starting and not self._solo_running:
+            forwards += self.workers - len(self._batches)
+        return queued + n_images <= self._next_forward(n_images) * forwards
 
     def _starts_now(self, n_images: int) -> bool:
         """Would a classify job of n_images queued now start at once? A worker is free for it, and

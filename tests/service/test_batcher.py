@@ -585,6 +585,43 @@ def test_a_burst_that_fits_the_next_forward_is_never_refused_on_time() -> None:
     asyncio.run(scenario())
 
 
+def test_a_forward_a_free_worker_is_about_to_start_counts_as_running_for_the_time_bound() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, max_batch_images=2, max_wait_ahead=(0.001, 0.0))
+        batcher.cost.observe(1, 1.0)  # a second per image: any wait is "too long"
+        # One turn of the event loop: the first two fill the forward the free worker starts next,
+        # the next two fit the forward after it, the fifth would wait for a third.
+        jobs = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(5)]
+        done = await asyncio.gather(*jobs, return_exceptions=True)
+        assert done[:4] == [0, 2, 4, 6]
+        assert isinstance(done[4], Overloaded)
+        assert worker.batches == [[0, 1], [2, 3]]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_comes_while_a_free_worker_lingers_for_a_full_forward_is_admitted() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, max_batch_images=2, max_wait_ahead=(0.001, 0.0), linger_s=0.5)
+        batcher.cost.observe(1, 0.001)
+        running = await occupy(batcher, worker, payload=100)
+        queued = asyncio.create_task(batcher.submit(1, 1, Call()))
+        await asyncio.sleep(0.01)
+        batcher.cost.observe(1, 1.0)  # from here on any wait is "too long"
+        worker.gate.set()
+        assert await running == 200
+        await asyncio.sleep(0.01)  # lingering for the client of [100]
+        late = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in (2, 3)]  # one turn
+        assert await asyncio.gather(queued, *late) == [2, 4, 6]
+        assert worker.batches == [[100], [1, 2], [3]]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_requests_parts_queue_together_count_as_one_pending_request_and_fail_together() -> None:
     async def scenario() -> None:
         worker = Worker()

@@ -86,3 +86,15 @@ def test_the_bars_are_judged_on_unrounded_ratios() -> None:
     exact = judged["b", "1-image requests at concurrency 32"]  # no ceiling beside: the start's
     assert (exact["value"], exact["result"]) == (0.6, "PASS")
     assert judged["b", "32-image requests at concurrency 32"]["result"] == "PASS"
+
+
+def test_service_settings_the_service_refuses_are_refused_at_once_naming_the_option(tmp_path: Path) -> None:
+    out = tmp_path / "never.json"
+    for args, named in [(["--batch-linger-ms", "-1"], "--batch-linger-ms"),
+                        (["--max-queue-wait-ms", "-5", "--processes", "999"], "--processes"),
+                        (["--overload-forward-factor", "0.5"], "--overload-forward-factor")]:
+        done = subprocess.run([sys.executable, str(REPO / "bench" / "serving.py"), *args, "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert named in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()

@@ -56,6 +56,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `model` for the in-process half (torch is imported only there), `bench`
 from bench.harness import LeanClient, ServiceProcess, git_commit, write_result  # noqa: E402
 
+# The service's settings this bench can set (--batch-max-images ... METANET_BATCH_MAX_IMAGES).
+SERVICE_SETTINGS = ("batch_max_images", "batch_max_wait_ms", "batch_linger_ms", "max_pending",
+                    "max_queue_images", "max_queue_wait_ms", "max_queue_wait_factor", "overload_demand",
+                    "overload_forward_factor", "model_workers", "processes", "one_thread_below_images",
+                    "query_decode", "decode_processes")
 WAY = 20  # the served task: 20-way 1-shot, as the accuracy test over HTTP
 BODIES = 16  # distinct pre-encoded request bodies per request size, cycled by the workers
 ms = 1000.0
@@ -380,12 +385,7 @@ def start_server(backend: str, args: argparse.Namespace, tmp: Path) -> ServicePr
     """The service on a free port with a fresh data directory and the bench's settings; hermetic,
     as api_tests' server: only weights and thread count come from the caller's METANET_*."""
     settings = {"backend": backend, "device": args.device,
-                **{name: getattr(args, name) for name in
-                   ("batch_max_images", "batch_max_wait_ms", "batch_linger_ms", "max_pending",
-                    "max_queue_images", "max_queue_wait_ms", "max_queue_wait_factor",
-                    "overload_demand", "overload_forward_factor",
-                    "model_workers", "processes", "one_thread_below_images", "query_decode",
-                    "decode_processes")}}
+                **{name: getattr(args, name) for name in SERVICE_SETTINGS}}
     server = ServiceProcess(tmp / f"data-{backend}", tmp / f"server-{backend}.log", settings)
     return server.start(wait=False)
 
@@ -615,6 +615,21 @@ def versions() -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- main
 
+def refused_settings(given: dict[str, Any]) -> str:
+    """Why the service's Settings would refuse the given values ('' if it would not), each named by
+    its option here."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        Settings(**{name: value for name, value in given.items() if value is not None})
+    except ValidationError as exc:
+        return "; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']} (got {e.get('input')!r})"
+                         for e in exc.errors())
+    return ""
+
+
 def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -666,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path,
                         help="JSON file (default: bench/results/serving-<date>-<device>.json)")
     args = parser.parse_args(argv)
+    refused = refused_settings({name: getattr(args, name) for name in SERVICE_SETTINGS})
+    if refused:  # at once, not after minutes of the in-process half, when the service would refuse
+        parser.error(refused)
     if args.threads:
         os.environ["METANET_TORCH_THREADS"] = str(args.threads)  # reaches the service too
 

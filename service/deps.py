@@ -127,9 +127,9 @@ class AdmittedRoute(LimitedRoute):
         runtime = runtime_of(request)
         spend_token(request, runtime, owner_of(request, runtime))
         if self.path.endswith("/classify") and runtime.tasks is not None:
-            # The model's queue is full: 429 before the body is read or decoded, so a crowd of
-            # clients retrying at once costs the server little.
-            runtime.tasks.engine.batcher.check_admission(1)
+            # The model's queue is full for a request of any size: 429 before the body is read or
+            # decoded, so a crowd of clients retrying at once costs the server little.
+            runtime.tasks.engine.batcher.check_any_admission(runtime.tasks.max_images)
         await super().handle(scope, receive, send)
 
 

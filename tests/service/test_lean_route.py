@@ -30,10 +30,11 @@ class StubTasks:
     """Answers as TaskService does, without a model or a store: task "t1" exists, others do not."""
 
     max_examples = 100
+    max_images = 128
     engine = types.SimpleNamespace(
         info=types.SimpleNamespace(name="metanet", version="v-stub", max_way=50, image_size=28,
                                    backend="torch", device="cpu"),
-        batcher=types.SimpleNamespace(check_admission=lambda n: None))
+        batcher=types.SimpleNamespace(check_any_admission=lambda n: None))
 
     async def get(self, owner: str, task_id: str) -> TaskInfo:
         if task_id != "t1":

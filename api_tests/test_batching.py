@@ -227,6 +227,41 @@ def test_with_a_queue_wait_bound_a_request_behind_too_much_work_gets_429_naming_
         server.stop()
 
 
+def test_a_large_request_queues_behind_work_a_one_image_request_may_not_wait_for(tmp_path) -> None:
+    """The time bound's allowance grows with a request's own compute (5 ms + 2 x it by default):
+    while a 100-image request runs in forwards of 4, a one-image request gets 429 naming the
+    wait, and a second 100-image request, which may wait about twice its own compute, is admitted
+    and answered, rather than refused by the check made before a body is read, which knows no
+    size (it once judged every request as one image)."""
+    server = Server(tmp_path / "data", batch_max_images=4, max_images_per_request=100)
+    images = (QUERY_IMAGES * 9)[:100]
+    try:
+        server.start()
+        with server.client() as client:
+            created = client.post("/v1/tasks", json={"examples": examples(KINDS)}).json()
+            want = classify(client, created["task_id"], images).json()["predictions"]  # the cost line
+
+            def busy() -> tuple[httpx.Response, httpx.Response]:
+                with server.client() as own:
+                    return (classify(own, created["task_id"], QUERY_IMAGES[:1]),
+                            classify(own, created["task_id"], images))
+
+            with ThreadPoolExecutor(2) as pool:
+                first = pool.submit(classify, client, created["task_id"], images)
+                deadline = time.monotonic() + 30
+                while metrics(client)["metanet_batches_total"] < 26:  # the first forward of 4 ran
+                    assert time.monotonic() < deadline and not first.done(), "the request never ran"
+                    time.sleep(0.002)
+                small, large = pool.submit(busy).result()
+                assert first.result().status_code == 200
+    finally:
+        server.stop()
+    assert small.status_code == 429, small.text
+    assert "ms of work queued ahead" in small.json()["error"]["message"]
+    assert large.status_code == 200, large.text
+    assert [p["label"] for p in large.json()["predictions"]] == [p["label"] for p in want]
+
+
 def test_two_model_workers_and_worker_decoding_answer_as_one_model_thread(server, task, tmp_path) -> None:
     """METANET_MODEL_WORKERS=2 runs batches side by side on one torch thread each, and
     METANET_QUERY_DECODE=workers (what a GPU server picks by itself) decodes requests in parallel

@@ -57,10 +57,10 @@ sys.path.insert(0, str(REPO))  # `model` for the in-process half (torch is impor
 from bench.harness import LeanClient, ServiceProcess, git_commit, write_result  # noqa: E402
 
 # The service's settings this bench can set (--batch-max-images ... METANET_BATCH_MAX_IMAGES).
-SERVICE_SETTINGS = ("batch_max_images", "batch_max_wait_ms", "batch_linger_ms", "batch_pipeline",
-                    "max_pending", "max_queue_images", "max_queue_wait_ms", "max_queue_wait_factor",
-                    "overload_demand", "overload_forward_factor", "model_workers", "processes",
-                    "one_thread_below_images", "query_decode", "decode_processes")
+SERVICE_SETTINGS = ("batch_max_images", "batch_max_wait_ms", "batch_linger_ms", "max_pending",
+                    "max_queue_images", "max_queue_wait_ms", "max_queue_wait_factor", "overload_demand",
+                    "overload_forward_factor", "model_workers", "processes", "one_thread_below_images",
+                    "query_decode", "decode_processes")
 WAY = 20  # the served task: 20-way 1-shot, as the accuracy test over HTTP
 BODIES = 16  # distinct pre-encoded request bodies per request size, cycled by the workers
 ms = 1000.0
@@ -654,8 +654,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-max-images", type=int, help="METANET_BATCH_MAX_IMAGES of the service")
     parser.add_argument("--batch-max-wait-ms", type=float, help="METANET_BATCH_MAX_WAIT_MS of the service")
     parser.add_argument("--batch-linger-ms", type=float, help="METANET_BATCH_LINGER_MS of the service")
-    parser.add_argument("--batch-pipeline", action=argparse.BooleanOptionalAction,
-                        help="METANET_BATCH_PIPELINE of the service (--no-batch-pipeline: off)")
     parser.add_argument("--max-pending", type=int, help="METANET_MAX_PENDING of the service")
     parser.add_argument("--max-queue-images", type=int, help="METANET_MAX_QUEUE_IMAGES of the service")
     parser.add_argument("--max-queue-wait-ms", type=float, help="METANET_MAX_QUEUE_WAIT_MS of the service")

@@ -132,14 +132,6 @@ class BatchCost:
         return a * batches + b * n_images
 
 
-@dataclass(eq=False)
-class _Forward(Generic[P]):
-    """A batch handed to the workers: it runs now, or waits in the executor for a worker."""
-
-    jobs: list[_Job[P]]
-    began: float | None = None  # time.monotonic() when a worker began it; None while it waits
-
-
 @dataclass
 class BatchStats:
     """Counters the metrics read at scrape time."""
@@ -151,7 +143,6 @@ class BatchStats:
     )
     rejected: int = 0
     lingers: int = 0  # forwards whose start waited for the clients of the last forward
-    pipelined: int = 0  # forwards handed to a busy worker, to begin the moment it is done
     linger_seconds: float = 0.0  # how long those waits took, together
 
 
@@ -163,7 +154,7 @@ class Batcher(Generic[P, R]):
         self, executor: Executor, run_batch: Callable[[Sequence[P]], list[R | Exception]], *,
         max_batch_images: int, max_wait_s: float, max_pending: int, max_queue_images: int,
         max_wait_ahead: tuple[float, float] = (0.0, 0.0), overload: tuple[int, float] = (0, 0.0),
-        linger_s: float = 0.0, pipeline: bool = False,
+        linger_s: float = 0.0,
         on_batch: Callable[[int, float], None] | None = None,
         on_idle: Callable[[], object] | None = None, idle_s: float = 1.0, workers: int = 1,
     ) -> None:
@@ -173,7 +164,6 @@ class Batcher(Generic[P, R]):
         self.max_batch_images = max_batch_images
         self.max_wait_s = max_wait_s
         self.linger_s = linger_s
-        self.pipeline = pipeline
         self.max_pending = max_pending
         self.max_queue_images = max_queue_images
         self.max_wait_ahead = max_wait_ahead  # (0, 0): no bound on time, only on counts
@@ -191,8 +181,8 @@ class Batcher(Generic[P, R]):
         self._reserved_images = 0  # images of requests admitted by `reserve`, still being decoded
         self._queued = 0  # requests queued: counted jobs in the queue
         self._running = 0  # requests running: counted jobs handed to the workers
-        # What the workers run, or (pipelined) will run next.
-        self._batches: dict[asyncio.Task[None], _Forward[P]] = {}
+        self._batches: dict[asyncio.Task[None], list[_Job[P]]] = {}  # what each worker runs
+        self._started: dict[asyncio.Task[None], float] = {}  # when (time.monotonic()) it began
         self._solo_running = False
         self._wake: asyncio.Event | None = None
         self._dispatcher: asyncio.Task[None] | None = None
@@ -270,7 +260,7 @@ class Batcher(Generic[P, R]):
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
             self._dispatcher = None
-        running = [job for forward in self._batches.values() for job in forward.jobs]
+        running = [job for batch in self._batches.values() for job in batch]
         for task in list(self._batches):
             task.cancel()
         await asyncio.gather(*self._batches, return_exceptions=True)
@@ -314,8 +304,9 @@ class Batcher(Generic[P, R]):
             fixed, factor = self.max_wait_ahead
             ahead, allowed = self.work_ahead(), fixed + factor * self.cost.seconds(n_images)
             if ahead > allowed:
+                images = f"{n_images} image{'s' * (n_images != 1)}"
                 return (f"the model has about {1000 * ahead:.0f} ms of work queued ahead, over "
-                        f"the {1000 * allowed:.0f} ms a request of {n_images} images may wait")
+                        f"the {1000 * allowed:.0f} ms a request of {images} may wait")
         return None
 
     def _any_size_refusal(self, most_images: int) -> str | None:
@@ -386,10 +377,9 @@ class Batcher(Generic[P, R]):
         that, a moment later, would have been running: at 32 one-image clients such refusals
         could tip a process into overload mode.)"""
         queued = self._queued_images + self._reserved_images
-        committed = len(self._batches)  # forwards running, or pipelined to run next
-        forwards = self.workers - max(0, committed - self.workers)  # of the next round, still open
+        forwards = self.workers
         if starting and not self._solo_running:
-            forwards += max(0, self.workers - committed)
+            forwards += self.workers - len(self._batches)
         return queued + n_images <= self._next_forward(n_images) * forwards
 
     def _starts_now(self, n_images: int) -> bool:
@@ -408,9 +398,8 @@ class Batcher(Generic[P, R]):
         recent mean), shared by the workers."""
         now = time.monotonic()
         running = sum(
-            self._seconds(forward.jobs) - (0.0 if forward.began is None else min(
-                self._seconds(forward.jobs), now - forward.began))
-            for forward in self._batches.values()
+            max(0.0, self._seconds(batch) - (now - self._started[task]))
+            for task, batch in self._batches.items()
         )
         images = self._queued_images + self._reserved_images
         solos = sum(1 for job in self._queue if job.solo is not None)
@@ -495,40 +484,25 @@ class Batcher(Generic[P, R]):
 
     def _can_start(self) -> bool:
         """Is there a job at the head of the queue, and a worker it may have? A registration
-        waits for every worker to be free, and nothing starts beside it. With `pipeline`, a
-        full forward at the head of the queue may also go to a busy worker, one per worker."""
+        waits for every worker to be free, and nothing starts beside it."""
         if not self._queue or self._solo_running:
             return False
-        head = self._queue[0]
-        if head.solo is not None:
+        if self._queue[0].solo is not None:
             return not self._batches
-        committed = len(self._batches)
-        return committed < self.workers or self._pipelines(head, committed)
-
-    def _pipelines(self, head: _Job[P], committed: int) -> bool:
-        """Pipelining: hand a worker its next forward while it still runs one, so it begins that
-        forward the moment it is done, not after the event loop has seen the end and handed it
-        the next (on 2 CPU cores the loop, busy with other requests, took about 1.3 ms per
-        16-image forward of 28 ms to do so: README, "Query throughput"). Only a full forward:
-        nothing that comes later could join it anyway (jobs join in order, and one already
-        left over). Not in overload mode, whose admission counts on the next forward being
-        open to the requests it admits."""
-        return (self.pipeline and committed < 2 * self.workers and not self.overloaded
-                and self._queued_images >= self._batch_images(head))
+        return len(self._batches) < self.workers
 
     def _start(self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P]]) -> None:
         counted = sum(job.counted for job in batch)
         self._running += counted
         self._solo_running = batch[0].solo is not None
         self._busy_since_idle = True
-        if len(self._batches) >= self.workers:
-            self.stats.pipelined += 1
-        forward = _Forward(batch, began=time.monotonic() if self._solo_running else None)
-        task = loop.create_task(self._run(loop, forward))
-        self._batches[task] = forward
+        task = loop.create_task(self._run(loop, batch))
+        self._batches[task] = batch
+        self._started[task] = time.monotonic()
 
         def finished(task: asyncio.Task[None]) -> None:
             self._batches.pop(task, None)
+            self._started.pop(task, None)
             self._running -= counted
             if batch[0].solo is not None:
                 self._solo_running = False
@@ -627,8 +601,7 @@ class Batcher(Generic[P, R]):
             log.info("dropped %d of %d queued model jobs before compute", len(batch) - len(live), len(batch))
         return live
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, forward: _Forward[P]) -> None:
-        batch = forward.jobs
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P]]) -> None:
         start = time.perf_counter()
         if batch[0].solo is not None:
             job = batch[0]
@@ -641,27 +614,17 @@ class Batcher(Generic[P, R]):
             self._solo_seconds = seconds if not mean else 0.8 * mean + 0.2 * seconds
         else:
             payloads = [job.payload for job in batch]
-
-            def compute() -> tuple[list[Any], float]:  # in the worker: timed from when it begins
-                forward.began = time.monotonic()
-                began = time.perf_counter()
-                try:
-                    results: list[Any] = list(self._run_batch(payloads))
-                except Exception as exc:
-                    results = [exc] * len(batch)
-                return results, time.perf_counter() - began
-
-            images = sum(job.n_images for job in batch)
             try:
-                outcome, seconds = await loop.run_in_executor(self._executor, compute)
-            except RuntimeError as exc:  # the executor is shut down: nothing ran
+                outcome = await loop.run_in_executor(self._executor, self._run_batch, payloads)
+            except Exception as exc:
                 outcome = [exc] * len(batch)
-            else:
-                self.stats.batches += 1
-                self.stats.batched_images += images
-                self.cost.observe(images, seconds)
-                if self._on_batch is not None:
-                    self._on_batch(images, seconds)
+            images = sum(job.n_images for job in batch)
+            seconds = time.perf_counter() - start
+            self.stats.batches += 1
+            self.stats.batched_images += images
+            self.cost.observe(images, seconds)
+            if self._on_batch is not None:
+                self._on_batch(images, seconds)
         for job, result in zip(batch, outcome, strict=True):
             if job.future.done():
                 continue

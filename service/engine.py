@@ -82,7 +82,7 @@ class Engine:
         self.batcher: Batcher[_Query, Scores] = Batcher(
             self._executor, self._classify_batch,
             max_batch_images=batch_max_images, max_wait_s=settings.batch_max_wait_ms / 1000,
-            linger_s=settings.batch_linger_ms / 1000, pipeline=settings.batch_pipeline,
+            linger_s=settings.batch_linger_ms / 1000,
             max_pending=settings.max_pending, max_queue_images=settings.max_queue_images,
             max_wait_ahead=(settings.max_queue_wait_ms / 1000, settings.max_queue_wait_factor),
             overload=(settings.overload_demand or 3 * batch_max_images * self._workers // 2,

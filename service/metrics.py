@@ -98,8 +98,6 @@ _COUNTERS: tuple[tuple[str, str, Callable[[_Sources], float]], ...] = (
      lambda s: s[2].stats.lingers),
     ("metanet_linger_seconds", "Seconds free model workers waited for the clients of their last forward",
      lambda s: s[2].stats.linger_seconds),
-    ("metanet_pipelined_forwards", "Forwards handed to a busy model worker, to begin the moment it is done",
-     lambda s: s[2].stats.pipelined),
 )
 _PROCESSES = ("metanet_server_processes", "Server processes running")
 _TASKS = ("metanet_tasks", "Tasks in the store")

@@ -73,11 +73,6 @@ class Settings(BaseSettings):
     # (32 one-image clients on 2 CPU cores: forwards of about 14 images instead of 8, README
     # "Query throughput"). 0 = never.
     batch_linger_ms: float = Field(4.0, ge=0, le=1000)
-    # Pipelining: a full forward at the head of the queue goes to a model worker while it still
-    # runs the one before, so the worker begins it the moment it is done instead of waiting for
-    # the event loop to hand it over (about 1.3 ms per 28 ms forward of 16 images on 2 CPU cores
-    # at 32 clients of 32 images: README, "Query throughput"). Never in overload mode.
-    batch_pipeline: bool = True
     max_pending: int = Field(
         64, ge=1, description="model requests (registrations, classify) queued or running before more get 429"
     )

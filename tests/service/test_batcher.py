@@ -896,3 +896,80 @@ def test_retry_after_stays_under_the_keep_alive_however_much_work_is_ahead() -> 
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ admission before the body
+
+def test_before_its_body_is_read_a_request_is_refused_only_if_it_would_be_at_every_size() -> None:
+    """The check made before a body is read knows no size: it must not refuse what the size would
+    let in. The time bound's allowance grows with a request's compute, so a large request may
+    queue behind work a one-image request may not wait for."""
+    async def scenario() -> None:
+        worker = Worker()
+        # 100 ms an image; a job may wait 250 ms + 1 x its own compute (or be in the next forward).
+        batcher = make(worker, max_batch_images=2, max_wait_ahead=(0.250, 1.0))
+        for n in (1, 2, 4):
+            batcher.cost.observe(n, 0.100 * n)
+        running = await occupy(batcher, worker, payload=100)
+        queued = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert 0.3 < batcher.work_ahead() <= 0.4
+        with pytest.raises(Overloaded, match="a request of 1 image may wait"):
+            batcher.check_admission(1)  # 350 ms allowed
+        batcher.check_any_admission(32)  # a 32-image request may wait 3,450 ms: not refused
+        batcher.check_any_admission(2)  # nor one of 2 images (450 ms)
+        with pytest.raises(Overloaded, match="a request of 1 image may wait") as refused:
+            batcher.check_any_admission(1)  # a caller whose requests hold one image at most
+        assert int(refused.value.headers["Retry-After"]) in (1, 2)
+        more = asyncio.create_task(batcher.submit(3, 2, Call()))  # may wait 450 ms: admitted
+        await asyncio.sleep(0.01)
+        assert 0.5 < batcher.work_ahead() <= 0.6
+        with pytest.raises(Overloaded, match="a request of 2 images may wait"):
+            batcher.check_any_admission(2)  # 450 ms, for the largest request there may be
+        assert batcher.stats.rejected == 3
+        worker.gate.set()
+        assert await asyncio.gather(running, *queued, more) == [200, 0, 2, 4, 6]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_before_its_body_is_read_a_request_is_refused_when_the_counts_are_full() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = make(worker, max_pending=2)
+        running = await occupy(batcher, worker, payload=1)
+        queued = asyncio.create_task(batcher.submit(2, 1, Call()))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="2 model jobs are already queued or running"):
+            batcher.check_any_admission(128)
+        worker.gate.set()
+        assert await asyncio.gather(running, queued) == [2, 4]
+        batcher.check_any_admission(128)
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_under_overload_before_its_body_is_read_a_request_under_a_forward_may_still_get_in() -> None:
+    """Overload mode, nothing queued, the worker busy: a one-image request's forward would hold its
+    own image alone, so it must start at once and is refused; a 7-image one's forward (1.25 x its
+    compute) has room for 8, so it queues. The check before the body refuses neither."""
+    async def scenario() -> None:
+        worker = Worker()
+        batcher, running = await overloaded_and_busy(worker)  # forwards of up to 8, 10 ms an image
+        batcher.overload = (1, 1.25)
+        with pytest.raises(Overloaded, match="model is busy"):
+            batcher.check_admission(1)
+        batcher.check_any_admission(128)
+        batcher.check_any_admission(4)  # 1.25 x 4 images: room for a fifth
+        with pytest.raises(Overloaded, match="model is busy"):
+            batcher.check_any_admission(3)  # 1.25 x 3 images: no room for a fourth
+        large = asyncio.create_task(batcher.submit(3, 7, Call()))
+        await asyncio.sleep(0.01)
+        assert not large.done()  # admitted, queued
+        worker.gate.set()
+        assert await asyncio.gather(running, large) == [200, 6]
+        await batcher.close()
+
+    asyncio.run(scenario())

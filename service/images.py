@@ -87,14 +87,7 @@ def ink_maps(greys: np.ndarray) -> np.ndarray:
     """`ink_map` of each image of a stack (n, H, W), in a few numpy calls for the whole stack (a
     request's images cost far less than one by one); each image's ink is the same, bit for bit."""
     x = np.asarray(greys, dtype=np.float32)
-    flat = x.reshape(len(x), -1)
-    # The per-image levels in float64, as Python floats would be: the polarity test is exact.
-    lo, hi = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
-    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
-    paper = np.median(border, axis=1).astype(np.float64)
-    dark = paper - lo >= hi - paper  # light paper, dark ink
-    blank = hi == lo  # no ink anywhere
-    scale = np.where(blank, 1.0, np.where(dark, paper - lo, hi - paper)).astype(np.float32)
+    _, _, paper, dark, blank, scale = _levels(np.asarray(greys))
     ink = x - paper.astype(np.float32)[:, None, None]
     np.negative(ink, out=ink, where=dark[:, None, None])  # paper - grey, exactly
     ink /= scale[:, None, None]
@@ -102,13 +95,36 @@ def ink_maps(greys: np.ndarray) -> np.ndarray:
     return np.clip(ink, 0.0, 1.0, out=ink)
 
 
+def _levels(greys: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per image of a stack (n, H, W): its lowest and highest level, the paper's level, whether
+    the ink is darker than the paper, whether the image is blank, and the ink's full scale
+    (float32). The paper is the median of the border; the levels are in float64, as Python floats
+    would be: the polarity test is exact. uint8 greys (decoded files) are read as they are, the
+    rest as float32: the same levels either way."""
+    x = greys if greys.dtype == np.uint8 else np.asarray(greys, dtype=np.float32)
+    flat = x.reshape(len(x), -1)
+    lo, hi = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
+    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1).astype(np.float32)
+    paper = np.median(border, axis=1).astype(np.float64)
+    dark = paper - lo >= hi - paper  # light paper, dark ink
+    blank = hi == lo  # no ink anywhere
+    scale = np.where(blank, 1.0, np.where(dark, paper - lo, hi - paper)).astype(np.float32)
+    return lo, hi, paper, dark, blank, scale
+
+
 def ink_stacks(greys: Sequence[np.ndarray]) -> Iterator[tuple[list[int], np.ndarray]]:
     """Images of any shapes -> (indices, their ink maps stacked) for each shape among them."""
-    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for indices, stack in _shape_stacks(greys):
+        yield indices, ink_maps(stack)
+
+
+def _shape_stacks(greys: Sequence[np.ndarray]) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Images of any shapes -> (indices, the images stacked) for each shape (and dtype) among them."""
+    by_shape: dict[tuple[object, ...], list[int]] = {}
     for i, grey in enumerate(greys):
-        by_shape.setdefault(grey.shape, []).append(i)
+        by_shape.setdefault((grey.shape, grey.dtype), []).append(i)
     for indices in by_shape.values():
-        yield indices, ink_maps(np.stack([greys[i] for i in indices]))
+        yield indices, np.stack([greys[i] for i in indices])
 
 
 def model_inputs(images: Sequence[str | bytes | np.ndarray], limits: ImageLimits, size: int) -> np.ndarray:
@@ -124,8 +140,37 @@ def model_inputs(images: Sequence[str | bytes | np.ndarray], limits: ImageLimits
             exc.index = i
             raise
     out = np.empty((len(images), size, size), dtype=np.float32)
-    for indices, ink in ink_stacks(greys):  # a request's images are mostly of one size
-        out[indices] = resize(ink, size)
+    for indices, stack in _shape_stacks(greys):  # a request's images are mostly of one size
+        out[indices] = _inputs_of_stack(stack, size)
+    return out
+
+
+def _inputs_of_stack(greys: np.ndarray, size: int) -> np.ndarray:
+    """Model inputs of a stack of greys of one shape: `resize(ink_maps(greys))`, with a shortcut
+    for square 8-bit images whose paper is their lightest (or darkest) level, as drawings'
+    is: their ink is then an affine map of the grey levels that never leaves [0, 1], so it
+    commutes with the (linear, weights summing to 1) area averaging, and each such image is
+    resized from its grey levels and only its size x size result mapped to ink. Rounding aside,
+    the same values (within 1e-6 of the long way); and each image's the same, bit for bit, alone
+    or in a stack (which way an image goes depends on it alone). Decoding, ink and resizing of a
+    105x105 drawing take about 0.6 of the time they took the long way (`python bench/decode.py`)."""
+    n, height, width = greys.shape
+    if greys.dtype != np.uint8 or height != width or width == size:
+        return resize(ink_maps(greys), size)
+    lo, hi, paper, dark, blank, scale = _levels(greys)
+    short = ~blank & (paper == np.where(dark, hi, lo))
+    out = np.empty((n, size, size), dtype=np.float32)
+    out[blank] = 0.0
+    long_way = ~blank & ~short
+    if long_way.any():
+        out[long_way] = resize(ink_maps(greys[long_way]), size)
+    if short.any():
+        rows = _area_weights(width, size)
+        means = rows @ greys[short].astype(np.float32) @ rows.T  # the grey levels' area means
+        ink = means - paper[short].astype(np.float32)[:, None, None]
+        np.negative(ink, out=ink, where=dark[short][:, None, None])
+        ink /= scale[short][:, None, None]
+        out[short] = np.clip(ink, 0.0, 1.0, out=ink)
     return out
 
 

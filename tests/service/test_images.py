@@ -231,3 +231,41 @@ def test_broken_greyscale_pngs_are_invalid_and_name_the_fault(damage: str) -> No
     }[damage]
     with pytest.raises(InvalidImage, match=r"not a decodable PNG \(.+\)"):
         decode(broken, LIMITS)
+
+
+def long_way(greys: np.ndarray) -> np.ndarray:
+    return resize(images.ink_maps(greys), 28)
+
+
+def test_drawings_take_the_shortcut_to_the_same_model_inputs_as_the_long_way() -> None:
+    """Ink of a drawing whose paper is its lightest (or darkest) level is an affine map of its grey
+    levels inside [0, 1]: resizing the greys first gives the ink's area means, within rounding."""
+    dark_on_light = np.asarray(drawing(), dtype=np.uint8)
+    faint = (160 + dark_on_light // 3).astype(np.uint8)  # a grey stroke on light grey paper
+    stack = np.stack([dark_on_light, 255 - dark_on_light, faint, 255 - faint])
+    got = images._inputs_of_stack(stack, 28)
+    np.testing.assert_allclose(got, long_way(stack), rtol=0, atol=1e-6)
+    assert got.min() == 0.0 and got.max() > 0.9  # ink stretched to its full scale
+    # Omniglot's own preprocessing, through the service's decoding and the shortcut
+    rng = np.random.default_rng(3)
+    ink = (rng.random((4, 105, 105)) < 0.1).astype(np.uint8)
+    files = [b64_file(Image.fromarray((255 * (1 - i)).astype(np.uint8), mode="L")) for i in ink]
+    trained = to_model_input(ink.astype(np.float32)).numpy()
+    np.testing.assert_allclose(model_inputs(files, LIMITS, 28), trained, rtol=0, atol=1e-6)
+
+
+def test_images_the_shortcut_does_not_fit_go_the_long_way_each_the_same_alone_or_in_a_stack() -> None:
+    rng = np.random.default_rng(5)
+    marks = rng.integers(0, 256, (105, 105)).astype(np.uint8)
+    marks[0], marks[-1], marks[:, 0], marks[:, -1] = 128, 128, 128, 128  # mid-grey paper: ink both ways
+    blank = np.full((105, 105), 200, dtype=np.uint8)
+    drawn = np.asarray(drawing(), dtype=np.uint8)
+    stack = np.stack([marks, blank, drawn, 255 - drawn])
+    got = images._inputs_of_stack(stack, 28)
+    np.testing.assert_array_equal(got[0], long_way(marks[None])[0])  # clipped ink: the long way
+    assert not got[1].any()  # blank paper: no ink
+    for i, image in enumerate(stack):
+        np.testing.assert_array_equal(images._inputs_of_stack(image[None], 28)[0], got[i])
+    # Not 8-bit (a pixel array, a 16-bit file), not square, or already the model's size: the long way.
+    for other in (drawn.astype(np.float32)[None] / 255, drawn[None, :, :90], drawn[None, :28, :28]):
+        np.testing.assert_array_equal(images._inputs_of_stack(other, 28), long_way(other))

@@ -79,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _StubTasks:
-    """Stands in for TaskService: admits everything and answers a classify at once, with nothing."""
+    """Stands in for TaskService: admits everything and answers a classify at once, with nothing.
+    (Both admission checks: a --repo checkout before session 16 calls the one for a size.)"""
 
-    engine = types.SimpleNamespace(info=types.SimpleNamespace(version="stub"),
-                                   batcher=types.SimpleNamespace(check_admission=lambda n: None))
+    max_images = 128
+    engine = types.SimpleNamespace(info=types.SimpleNamespace(version="stub"), batcher=types.SimpleNamespace(
+        check_admission=lambda n: None, check_any_admission=lambda most: None))
 
     async def classify(self, *args: Any, **kwargs: Any) -> list[Any]:
         return []

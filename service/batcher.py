@@ -316,11 +316,12 @@ class Batcher(Generic[P, R]):
         starting at once; the most images by the time bound, whose allowance grows with the
         job's compute; and, under overload with nothing queued, the largest job under a forward,
         whose forward has the most room beside it."""
-        sizes = {1, most_images, min(most_images, self.max_batch_images - 1)} - {0}
-        reasons = [self._refusal(n) for n in sorted(sizes)]
-        if any(why is None for why in reasons):
-            return None
-        return reasons[-1]
+        why = None
+        for n in sorted({1, most_images, min(most_images, self.max_batch_images - 1)} - {0}):
+            why = self._refusal(n)
+            if why is None:  # most requests: one image gets in, and nothing more is asked
+                return None
+        return why
 
     def demand(self) -> int:
         """Requests queued or running, plus the refused clients still waiting out their 429."""

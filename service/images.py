@@ -112,12 +112,6 @@ def _levels(greys: np.ndarray) -> tuple[np.ndarray, ...]:
     return lo, hi, paper, dark, blank, scale
 
 
-def ink_stacks(greys: Sequence[np.ndarray]) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Images of any shapes -> (indices, their ink maps stacked) for each shape among them."""
-    for indices, stack in _shape_stacks(greys):
-        yield indices, ink_maps(stack)
-
-
 def _shape_stacks(greys: Sequence[np.ndarray]) -> Iterator[tuple[list[int], np.ndarray]]:
     """Images of any shapes -> (indices, the images stacked) for each shape (and dtype) among them."""
     by_shape: dict[tuple[object, ...], list[int]] = {}

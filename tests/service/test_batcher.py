@@ -502,17 +502,26 @@ def test_batch_cost_follows_the_recent_batches() -> None:
     assert cost.seconds(4) == pytest.approx(0.040, rel=1e-3)
 
 
+async def three_queued_behind_one(
+    worker: Worker,
+) -> tuple[Batcher[int, int], asyncio.Task[int], list[asyncio.Task[int]]]:
+    """A batcher whose images cost 100 ms each and whose jobs may wait 250 ms + 1 x their own
+    compute (or be in the next forward of 2), its worker held on a one-image batch of 100, three
+    one-image jobs queued behind it: about 0.3 to 0.4 s of work ahead."""
+    batcher = make(worker, max_batch_images=2, max_wait_ahead=(0.250, 1.0))
+    for n in (1, 2, 4):
+        batcher.cost.observe(n, 0.100 * n)
+    running = await occupy(batcher, worker, payload=100)
+    queued = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(3)]
+    await asyncio.sleep(0.01)
+    return batcher, running, queued
+
+
 def test_a_classify_job_is_refused_when_the_work_ahead_of_it_passes_its_allowance() -> None:
     async def scenario() -> None:
         worker = Worker()
-        # Each image costs 100 ms; a job may wait 250 ms + 1 x its own compute (or be in the next
-        # forward: the first two queued images are, whatever the wait).
-        batcher = make(worker, max_batch_images=2, max_wait_ahead=(0.250, 1.0))
-        for n in (1, 2, 4):
-            batcher.cost.observe(n, 0.100 * n)
-        running = await occupy(batcher, worker, payload=100)
-        queued = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(3)]
-        await asyncio.sleep(0.01)
+        # the first two queued images are in the next forward, whatever the wait
+        batcher, running, queued = await three_queued_behind_one(worker)
         # the running image's 100 ms (less what has run) and the three queued
         assert 0.3 < batcher.work_ahead() <= 0.4
         with pytest.raises(Overloaded, match="ms of work queued ahead") as refused:
@@ -906,13 +915,7 @@ def test_before_its_body_is_read_a_request_is_refused_only_if_it_would_be_at_eve
     queue behind work a one-image request may not wait for."""
     async def scenario() -> None:
         worker = Worker()
-        # 100 ms an image; a job may wait 250 ms + 1 x its own compute (or be in the next forward).
-        batcher = make(worker, max_batch_images=2, max_wait_ahead=(0.250, 1.0))
-        for n in (1, 2, 4):
-            batcher.cost.observe(n, 0.100 * n)
-        running = await occupy(batcher, worker, payload=100)
-        queued = [asyncio.create_task(batcher.submit(i, 1, Call())) for i in range(3)]
-        await asyncio.sleep(0.01)
+        batcher, running, queued = await three_queued_behind_one(worker)
         assert 0.3 < batcher.work_ahead() <= 0.4
         with pytest.raises(Overloaded, match="a request of 1 image may wait"):
             batcher.check_admission(1)  # 350 ms allowed

@@ -80,13 +80,38 @@ def conv3x3_columns(h: Tensor) -> Tensor:
     return torch.stack(shifts, dim=2).reshape(n, c * 9, height * width)
 
 
+def per_sample_conv3x3(h: Tensor, w: Tensor) -> Tensor:
+    """Each image convolved with a 3x3 kernel of its own, padding 1: h (n, C_in, H, W) and w
+    (n, C_out, C_in, 3, 3) -> (n, C_out, H * W).
+
+    Two ways to the same values. A grouped convolution folds the batch into the channels, one group
+    per image; a batched matmul multiplies each image's kernel by its im2col columns. On a CPU
+    without autograd the first is the faster (timed on one thread, session 17) where the maps have
+    several channels and are 7x7 or larger (oneDNN's grouped kernel), and for a single image (a
+    plain convolution); the matmul is the faster on the first layer's one channel and on the 4x4
+    and 2x2 maps. Autograd, an ONNX export (whose Conv fixes `group` in the graph) and other
+    devices take the matmul. The grouped way reshapes w into (n * C_out, C_in, 3, 3): a view when
+    each image's kernel is contiguous and the images' kernels follow one another
+    (`MetaNet.classify_many` writes W* so), else a copy.
+    """
+    n, c_in, height, width = h.shape
+    c_out = w.shape[1]
+    grouped = (h.device.type == "cpu" and not (h.requires_grad or w.requires_grad)
+               and not torch.onnx.is_in_onnx_export() and (n == 1 or (c_in > 1 and height * width >= 49)))
+    if grouped:
+        out = F.conv2d(h.reshape(1, n * c_in, height, width), w.reshape(n * c_out, c_in, 3, 3),
+                       padding=1, groups=n)
+        return out.view(n, c_out, height * width)
+    return torch.bmm(w.reshape(n, c_out, -1), conv3x3_columns(h))
+
+
 def conv_trunk_per_sample(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tensor]) -> Tensor:
     """Like `conv_trunk`, but every image has fast kernels of its own.
 
     Per layer the slow branch is one convolution over the batch (its kernel is shared) and the
-    fast branch one batched matmul: image i's columns (im2col) times its own kernel F_i, read in
-    place from the (n, P) rows it came from. (Stacking [S; F_i] per image into one matmul copied
-    the kernels, S n times over, at every call; `python bench/forward.py` times both.)
+    fast branch one per-image convolution (`per_sample_conv3x3`), its kernels read in place where
+    their layout allows. (Stacking [S; F_i] per image into one matmul copied the kernels, S n times
+    over, at every call; `python bench/forward.py` times both.)
 
     Args:
         x: images of shape (n, 1, 28, 28).
@@ -94,12 +119,10 @@ def conv_trunk_per_sample(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tens
     Returns:
         features of shape (n, C).
     """
-    n = x.shape[0]
     h = x
     for w_slow, w_fast in zip(slow, fast, strict=True):
-        c_out = w_slow.shape[0]
         slow_out = _relu(F.conv2d(h, w_slow, padding=1))  # (n, C_out, H, W)
-        fast_out = _relu(torch.bmm(w_fast.reshape(n, c_out, -1), conv3x3_columns(h)))  # (n, C_out, H * W)
+        fast_out = _relu(per_sample_conv3x3(h, w_fast))  # (n, C_out, H * W)
         h = pool(slow_out + fast_out.view_as(slow_out))
     return h.flatten(1)
 

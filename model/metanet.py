@@ -8,6 +8,7 @@ step 4, used by meta-training.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -355,19 +356,29 @@ class MetaNet(nn.Module):
             ])
             rows = {t: _rows(js, bounds, x_all.device) for t, js in of_task.items()}  # in x_all
             attentions: dict[int, Tensor] = {}
-            W_all = r_all.new_empty((len(x_all), memories[0].M.shape[1]))
+            # W* per query, a (n, numel) block per layer of b: each query's kernels of a layer in one
+            # piece and the queries' pieces in a row, so `per_sample_conv3x3` reads a block as one
+            # grouped kernel in place (columns of one (n, P) block would be a copy away from that).
+            shapes = [p.shape for p in self.b_params()]
+            bounds_b = list(itertools.accumulate((math.prod(shape) for shape in shapes), initial=0))
+            W_layers = [r_all.new_empty((len(x_all), stop - start))
+                        for start, stop in itertools.pairwise(bounds_b)]
             for t, js in of_task.items():
                 memory = checked[js[0]][0]
                 attention = torch.softmax(_cosine(r_all[rows[t]], memory.R), dim=1)  # (n, n_support)
                 attentions[t] = attention
                 M = memory.M.to(attention.dtype)
-                if isinstance(rows[t], slice):  # written in place: W_all is tens of MB a batch
-                    torch.mm(attention, M, out=W_all[rows[t]])  # (n, P): W* per query
-                else:
-                    W_all[rows[t]] = attention @ M
+                for W, start, stop in zip(W_layers, bounds_b, bounds_b[1:], strict=False):
+                    if isinstance(rows[t], slice):  # written in place: W* is tens of MB a batch
+                        torch.mm(attention, M[:, start:stop], out=W[rows[t]])  # a mix of the rows of M
+                    else:
+                        W[rows[t]] = attention @ M[:, start:stop]
             logits = torch.cat([
-                self.b(x, self._unflatten(W, self.b_params()), self.config.max_way)
-                for x, W in zip(x_all.split(_QUERY_BLOCK), W_all.split(_QUERY_BLOCK), strict=True)
+                self.b(x_all[i : i + _QUERY_BLOCK],
+                       [W[i : i + _QUERY_BLOCK].view(-1, *shape)
+                        for W, shape in zip(W_layers, shapes, strict=True)],
+                       self.config.max_way)
+                for i in range(0, len(x_all), _QUERY_BLOCK)
             ])
         outputs: list[ClassifyOutput | None] = [None] * len(checked)
         for t, js in of_task.items():

@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.layers import (
     CoordinateLSTM,
     CoordinateMLP,
     conv_trunk,
     conv_trunk_per_sample,
+    per_sample_conv3x3,
     pool,
     preprocess_grad,
 )
@@ -97,14 +99,16 @@ def test_conv_trunk_per_sample_reads_kernels_in_place_from_rows_of_flat_fast_wei
 
 
 def test_conv_trunk_per_sample_trains_as_it_infers():
-    # With autograd (training) the same values, and gradients reach every image's fast kernels.
+    # With autograd (training) the same values, to float rounding (training multiplies im2col
+    # columns, inference runs most layers as grouped convolutions), and gradients reach every
+    # image's fast kernels.
     n = 2
     x, slow = images(n), kernels(0)
     fast = [k.requires_grad_() for k in kernels(1, n=n)]
     out = conv_trunk_per_sample(x, slow, fast)
     with torch.inference_mode():
         torch.testing.assert_close(out.detach(), conv_trunk_per_sample(x, slow, [f.detach() for f in fast]),
-                                   rtol=0, atol=1e-6)
+                                   rtol=1e-5, atol=1e-5)
     out.sum().backward()
     for f in fast:  # every layer's kernels, for each image
         assert f.grad is not None and bool(f.grad.abs().flatten(1).sum(1).gt(0).all())
@@ -147,3 +151,17 @@ def test_coordinate_lstm_maps_a_gradient_sequence_to_one_value_per_coordinate():
     assert out.shape == (7,)
     torch.testing.assert_close(d(seq[:, 2:4]), out[2:4], rtol=1e-5, atol=1e-6)  # coordinates independent
     assert not torch.allclose(d(seq[:1]), out)  # the whole sequence counts, not the last gradient only
+
+
+@pytest.mark.parametrize("n, c_in, size",
+                         [(1, 1, 28), (1, 64, 4), (4, 1, 28), (4, 64, 14), (4, 64, 7), (4, 64, 2)])
+def test_per_sample_conv3x3_grouped_and_matmul_ways_agree_with_conv2d_image_by_image(n, c_in, size):
+    gen = torch.Generator().manual_seed(n * 1000 + c_in + size)
+    h = torch.randn(n, c_in, size, size, generator=gen)
+    w = torch.randn(n, C, c_in, 3, 3, generator=gen) * 0.1
+    expected = torch.cat([F.conv2d(h[i : i + 1], w[i], padding=1) for i in range(n)]).flatten(2)
+    with torch.inference_mode():
+        fast = per_sample_conv3x3(h, w)  # grouped where that is faster
+    matmul = per_sample_conv3x3(h, w.requires_grad_()).detach()  # autograd: always the matmul
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(matmul, expected, rtol=1e-5, atol=1e-5)

@@ -84,24 +84,38 @@ def per_sample_conv3x3(h: Tensor, w: Tensor) -> Tensor:
     """Each image convolved with a 3x3 kernel of its own, padding 1: h (n, C_in, H, W) and w
     (n, C_out, C_in, 3, 3) -> (n, C_out, H * W).
 
-    Two ways to the same values. A grouped convolution folds the batch into the channels, one group
-    per image; a batched matmul multiplies each image's kernel by its im2col columns. On a CPU
-    without autograd the first is the faster (timed on one thread, session 17) where the maps have
-    several channels and are 7x7 or larger (oneDNN's grouped kernel), and for a single image (a
-    plain convolution); the matmul is the faster on the first layer's one channel and on the 4x4
-    and 2x2 maps. Autograd, an ONNX export (whose Conv fixes `group` in the graph) and other
-    devices take the matmul. The grouped way reshapes w into (n * C_out, C_in, 3, 3): a view when
-    each image's kernel is contiguous and the images' kernels follow one another
-    (`MetaNet.classify_many` writes W* so), else a copy.
+    Two ways to the same values: `grouped_conv3x3` and `columns_conv3x3`. On a CPU without
+    autograd the grouped one is the faster where the maps have several channels and are 7x7 or
+    larger (oneDNN's grouped kernel), and for a single image (a plain convolution); the columns are
+    the faster on the first layer's one channel and on the 4x4 and 2x2 maps (one thread, `python
+    bench/per_sample_conv.py`). Autograd, an ONNX export (whose Conv fixes `group` in the graph)
+    and other devices take the columns.
     """
+    return grouped_conv3x3(h, w) if takes_grouped(h, w) else columns_conv3x3(h, w)
+
+
+def takes_grouped(h: Tensor, w: Tensor) -> bool:
+    """Whether `per_sample_conv3x3` runs h and w as a grouped convolution."""
+    n, c_in, height, width = h.shape
+    return (h.device.type == "cpu" and not (h.requires_grad or w.requires_grad)
+            and not torch.onnx.is_in_onnx_export() and (n == 1 or (c_in > 1 and height * width >= 49)))
+
+
+def grouped_conv3x3(h: Tensor, w: Tensor) -> Tensor:
+    """`per_sample_conv3x3` as one grouped convolution: the batch folded into the channels, one
+    group per image. w becomes (n * C_out, C_in, 3, 3): a view when each image's kernel is
+    contiguous and the images' kernels follow one another (`MetaNet.classify_many` writes W* so),
+    else a copy."""
     n, c_in, height, width = h.shape
     c_out = w.shape[1]
-    grouped = (h.device.type == "cpu" and not (h.requires_grad or w.requires_grad)
-               and not torch.onnx.is_in_onnx_export() and (n == 1 or (c_in > 1 and height * width >= 49)))
-    if grouped:
-        out = F.conv2d(h.reshape(1, n * c_in, height, width), w.reshape(n * c_out, c_in, 3, 3),
-                       padding=1, groups=n)
-        return out.view(n, c_out, height * width)
+    out = F.conv2d(h.reshape(1, n * c_in, height, width), w.reshape(n * c_out, c_in, 3, 3),
+                   padding=1, groups=n)
+    return out.view(n, c_out, height * width)
+
+
+def columns_conv3x3(h: Tensor, w: Tensor) -> Tensor:
+    """`per_sample_conv3x3` as one batched matmul: each image's kernel times its im2col columns."""
+    n, c_out = w.shape[:2]
     return torch.bmm(w.reshape(n, c_out, -1), conv3x3_columns(h))
 
 

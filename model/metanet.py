@@ -368,7 +368,7 @@ class MetaNet(nn.Module):
                 attention = torch.softmax(_cosine(r_all[rows[t]], memory.R), dim=1)  # (n, n_support)
                 attentions[t] = attention
                 M = memory.M.to(attention.dtype)
-                for W, start, stop in zip(W_layers, bounds_b, bounds_b[1:], strict=False):
+                for W, (start, stop) in zip(W_layers, itertools.pairwise(bounds_b), strict=True):
                     if isinstance(rows[t], slice):  # written in place: W* is tens of MB a batch
                         torch.mm(attention, M[:, start:stop], out=W[rows[t]])  # a mix of the rows of M
                     else:

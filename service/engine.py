@@ -29,6 +29,10 @@ from service.settings import Settings
 log = logging.getLogger("service.engine")
 T = TypeVar("T")
 _NO_LIMIT = Call()
+# The largest forward a thread runs on a CPU by default, per backend (serving_shape), and the
+# one-image requests a thread's forward counts for in the overload bound (overload_demand).
+CPU_FORWARD_PER_THREAD = {"torch": 32, "onnx": 16}
+ONE_IMAGE_ROUND_PER_THREAD = 16
 _M_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -85,7 +89,7 @@ class Engine:
             linger_s=settings.batch_linger_ms / 1000,
             max_pending=settings.max_pending, max_queue_images=settings.max_queue_images,
             max_wait_ahead=(settings.max_queue_wait_ms / 1000, settings.max_queue_wait_factor),
-            overload=(settings.overload_demand or 3 * batch_max_images * self._workers // 2,
+            overload=(overload_demand(settings, device, self._workers, self._batch_threads),
                       settings.overload_forward_factor),
             on_batch=None if observe is None else lambda n, seconds: observe("batch", seconds),
             on_idle=heap.trim if settings.heap_trim_idle_s > 0 and heap.available() else None,
@@ -273,16 +277,32 @@ def serving_shape(settings: Settings, device: torch.device, team: int) -> tuple[
     Classify forwards run on this process's share of the `team` CPU threads (Settings.processes
     share them; a registration still runs on the whole team, the other processes' forwards beside
     it for that while). On a CPU,
-    two workers with one-thread forwards of 16 images side by side beat one two-thread forward of
-    32 on 2 cores (in process 907 against 803 images/s; over HTTP 32-image requests gained about
-    30%: README, "Query throughput"); two processes of one worker each beat both. On a GPU, one
-    worker and forwards of up to 256."""
+    two workers with one-thread forwards side by side beat one two-thread forward on 2 cores (in
+    process 907 against 803 images/s; over HTTP 32-image requests gained about 30%: README, "Query
+    throughput"); two processes of one worker each beat both. A one-thread torch forward of 32
+    images costs less an image than one of 16 since `b`'s convolutions are grouped (README,
+    "Forwards of 32 on torch"); onnxruntime's do not (its best were 8 and 16). On a GPU, one worker
+    and forwards of up to 256."""
     cpu = device.type == "cpu"
     share = max(1, team // max(1, settings.processes)) if cpu else team
     workers = settings.model_workers or (min(2, share) if cpu else 1)
     threads = max(1, share // workers)
-    most = settings.batch_max_images or (16 * threads if cpu else 256)
+    per_thread = CPU_FORWARD_PER_THREAD["onnx" if settings.backend == "onnx" else "torch"]
+    most = settings.batch_max_images or (per_thread * threads if cpu else 256)
     return workers, threads, most
+
+
+def overload_demand(settings: Settings, device: torch.device, workers: int, threads: int) -> int:
+    """Settings.overload_demand, or by device: one and a half times as many one-image requests as
+    a round of forwards holds: Settings.batch_max_images a worker where set, else 16 images a
+    thread on a CPU whatever the largest forward (one-image clients fill forwards by arriving, not
+    up to the bound: 24 a process on 2 cores), 256 on a GPU."""
+    if settings.overload_demand:
+        return settings.overload_demand
+    per_worker = settings.batch_max_images or (
+        ONE_IMAGE_ROUND_PER_THREAD * threads if device.type == "cpu" else 256)
+    one_round = per_worker * workers
+    return 3 * one_round // 2
 
 
 def _parts(n: int, most: int) -> list[tuple[int, int]]:

@@ -61,9 +61,10 @@ class Settings(BaseSettings):
     # The queue is bounded: past `max_pending` model requests (queued or running) or `max_queue_images`
     # queued images, requests get 429 with Retry-After rather than an ever longer wait.
     # Every forward holds at most `batch_max_images`: a larger request runs in near-equal parts
-    # (side by side on several model workers). 0 = by device: on a CPU 16 images per thread of a
-    # worker (one-thread forwards of 16 side by side were the best shape measured on 2 cores), on
-    # a GPU 256 (a forward there is launch-bound: many requests should share one).
+    # (side by side on several model workers). 0 = by device: on a CPU, per thread of a worker, 32
+    # images on torch and 16 on onnx (the best one-thread forwards side by side measured on 2
+    # cores: README, "Query throughput"), on a GPU 256 (a forward there is launch-bound: many
+    # requests should share one).
     batch_max_images: int = Field(0, ge=0)
     batch_max_wait_ms: float = Field(0.0, ge=0)
     # Clients that call in a loop come back in a burst just after their forward answers them: a
@@ -94,7 +95,8 @@ class Settings(BaseSettings):
     # of the bound. Admitted requests then keep near their unloaded latency, and the service
     # carries fewer images than with full forwards. overload_demand 0 = by device: one and a half
     # times as many one-image requests as one round of forwards holds (1.5 x batch_max_images x
-    # model workers: 24 a process on a CPU, 384 on a GPU). The kernel's hash splits clients between
+    # model workers, with batch_max_images at 0 counted as 16 a thread on a CPU and 256 on a GPU:
+    # 24 a process on 2 CPU cores, 384 on a GPU). The kernel's hash splits clients between
     # processes: at 32 clients one of two holds more than 24 about once in 500 tries, at 80 one
     # holds 24 or fewer about once in 2,200 (and 32 or fewer, the bound of twice a round, about
     # once in 11: README, Query throughput). overload_forward_factor 0 = no overload mode.

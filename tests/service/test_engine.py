@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import Deferred, _parts, _threads_for, serving_shape
+from service.engine import Deferred, _parts, _threads_for, overload_demand, serving_shape
 from service.settings import Settings
 
 
@@ -84,12 +84,27 @@ def test_a_deferred_part_prepares_its_own_images_by_their_place_in_the_request()
 
 
 @pytest.mark.parametrize(("settings", "device", "team", "shape"), [
-    ({"processes": 1}, "cpu", 2, (2, 1, 16)),  # one process: two workers of one thread each
-    ({"processes": 2}, "cpu", 2, (1, 1, 16)),  # two processes share the 2 cores: one worker each
-    ({"processes": 2}, "cpu", 16, (2, 4, 64)),
-    ({"processes": 4}, "cpu", 2, (1, 1, 16)),  # more processes than cores: still one thread
+    ({"processes": 1}, "cpu", 2, (2, 1, 32)),  # one process: two workers of one thread each
+    ({"processes": 2}, "cpu", 2, (1, 1, 32)),  # two processes share the 2 cores: one worker each
+    ({"processes": 2}, "cpu", 16, (2, 4, 128)),
+    ({"processes": 4}, "cpu", 2, (1, 1, 32)),  # more processes than cores: still one thread
+    ({"processes": 2, "backend": "onnx"}, "cpu", 2, (1, 1, 16)),  # onnxruntime's best are smaller
+    ({"processes": 2, "backend": "onnx"}, "cpu", 16, (2, 4, 64)),
     ({"processes": 2, "model_workers": 3, "batch_max_images": 8}, "cpu", 8, (3, 1, 8)),
     ({"processes": 1}, "cuda", 8, (1, 8, 256)),
 ])
 def test_the_serving_shape_splits_the_cores_between_processes_then_workers(settings, device, team, shape):
     assert serving_shape(Settings(**settings), torch.device(device), team) == shape
+
+
+@pytest.mark.parametrize(("settings", "device", "workers", "threads", "demand"), [
+    ({}, "cpu", 1, 1, 24),  # a process of the two on 2 cores: 1.5 x 16, whatever the largest forward
+    ({"backend": "onnx"}, "cpu", 1, 1, 24),
+    ({}, "cpu", 2, 4, 192),
+    ({"batch_max_images": 8}, "cpu", 2, 1, 24),  # a set forward bound is the round: 1.5 x 8 x 2
+    ({"overload_demand": 5, "batch_max_images": 8}, "cpu", 2, 1, 5),
+    ({}, "cuda", 1, 8, 384),
+])
+def test_the_overload_bound_by_device_counts_a_round_of_one_image_requests(settings, device, workers,
+                                                                           threads, demand):
+    assert overload_demand(Settings(**settings), torch.device(device), workers, threads) == demand

@@ -42,7 +42,8 @@ forward would hold only its own images (the cost line leaves no room for more: o
 on a CPU, or requests of a whole forward), it is admitted only if it starts at once: queued behind
 a running forward it would wait that out for nothing, as no one else's images share its own (on
 2 CPU cores that wait doubled the admitted requests' median latency and carried about 2% more
-of them: README, "Query throughput").
+of them: README, "Query throughput"). A refused client is told to wait out the work ahead and,
+in overload mode, the crowd refused before it (`_retry_after`).
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class Batcher(Generic[P, R]):
         self._waiting: list[float] = []  # heap: when each refused client's Retry-After ends
         self.cost = BatchCost()
         self._solo_seconds = 0.0  # moving mean of a registration's seconds, for `work_ahead`
+        self._request_images = 1.0  # moving mean of a classify request's images, for `_retry_after`
         self._on_batch = on_batch  # (images in the batch, seconds of compute)
         self._on_idle = on_idle  # run on the worker once the queue has been empty for idle_s
         self.idle_s = idle_s
@@ -241,10 +243,12 @@ class Batcher(Generic[P, R]):
         """Queue the parts of one request (payload, images) as jobs of their own, admitted or
         refused together, and wait for all their results; the first failure raises, and the parts
         still queued are dropped."""
+        images = sum(n for _, n in parts)
         if reserved:
             self.release(reserved)
         else:
-            self._admit(sum(n for _, n in parts))
+            self._admit(images)
+        self._request_images = 0.9 * self._request_images + 0.1 * images
         jobs = [_Job(call, self._future(), n_images=n, payload=payload, counted=i == len(parts) - 1)
                 for i, (payload, n) in enumerate(parts)]
         return await self._wait(jobs)
@@ -408,6 +412,27 @@ class Batcher(Generic[P, R]):
             + solos * self._solo_seconds
         return (running + queued) / self.workers
 
+    def _retry_after(self) -> int:
+        """Seconds a refused client is asked to wait: the time until the model could take it, in
+        whole seconds (at least 1), plus up to as much again at random, so a crowd refused together
+        does not come back together; RETRY_AFTER_MAX_S at most.
+
+        That time is the work ahead, and in overload mode also the crowd's: the clients refused
+        before this one and still waiting out their Retry-After come back first, and serving each
+        of them once takes about one request's compute (`_request_images`, the mean request). Told
+        to come back after the work ahead alone, a crowd many forwards deep came back in bursts to
+        be refused again, and each burst's refusals held up the event loop that answers the
+        admitted requests (README, Query throughput: "Retry-After under overload")."""
+        if not self.cost.known:
+            ahead = 1.0
+        else:
+            ahead = self.work_ahead()
+            if self._overloaded:
+                crowd = self.demand() - self.pending
+                ahead += crowd * self.cost.seconds(self._request_images) / self.workers
+        wait = min(RETRY_AFTER_MAX_S // 2, max(1, math.ceil(ahead)))
+        return wait + random.randint(0, wait)
+
     def _seconds(self, batch: list[_Job[P]]) -> float:
         if batch[0].solo is not None:
             return self._solo_seconds
@@ -415,10 +440,7 @@ class Batcher(Generic[P, R]):
 
     def _reject(self, why: str) -> None:
         self.stats.rejected += 1
-        # Retry-After: the work ahead in whole seconds (at least 1), plus up to as much again at
-        # random, so a crowd refused together does not come back together; RETRY_AFTER_MAX_S at most.
-        wait = min(RETRY_AFTER_MAX_S // 2, max(1, math.ceil(self.work_ahead() if self.cost.known else 1.0)))
-        wait += random.randint(0, wait)
+        wait = self._retry_after()
         if all(self.overload):
             heapq.heappush(self._waiting, time.monotonic() + wait)
         raise Overloaded(f"{why}; retry shortly", headers={"Retry-After": str(wait)})

@@ -907,6 +907,57 @@ def test_retry_after_stays_under_the_keep_alive_however_much_work_is_ahead() -> 
     asyncio.run(scenario())
 
 
+def test_under_overload_retry_after_counts_the_crowd_still_waiting_to_come_back() -> None:
+    """In overload mode a refused client is told to wait for the work ahead and for the clients
+    refused before it, who come back first: each of them a mean request's compute. Without
+    overload mode only the work ahead counts."""
+    async def scenario() -> None:
+        worker = Worker()
+        batcher, running = await overloaded_and_busy(worker)  # one client waiting, 10 ms an image
+        for _ in range(249):
+            waiting(batcher, 5)
+        (wait,) = await refuse(batcher, 1)  # 250 one-image requests of 10 ms ahead: 2.5 s
+        assert 3 <= wait <= 6
+        worker.gate.set()
+        await running
+        await batcher.close()
+
+        other = Worker()
+        calm = overloaded_batcher(other, demand=10_000, max_pending=1)
+        for _ in range(250):
+            waiting(calm, 5)
+        running = await occupy(calm, other, payload=100)
+        assert not calm.overloaded
+        assert set(await refuse(calm, 10)) <= {1, 2}  # the work ahead alone: 10 ms
+        other.gate.set()
+        await running
+        await calm.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_crowd_in_retry_after_is_counted_in_mean_requests() -> None:
+    async def scenario() -> None:
+        worker = Worker()
+        batcher = overloaded_batcher(worker, demand=1)
+        for i in range(20):  # requests of 8 images: the mean request moves from 1 towards 8
+            assert await batcher.submit(i, 8, Call()) == 2 * i
+        for _ in range(100):  # the stand-in's batches took no time: 10 ms an image again
+            for n in (1, 8):
+                batcher.cost.observe(n, 0.010 * n)
+        running = await occupy(batcher, worker, payload=100)
+        for _ in range(50):
+            waiting(batcher, 5)
+        assert batcher.overloaded
+        (wait,) = await refuse(batcher, 1)  # 50 x (over 7 images x 10 ms): 3.6 s and more
+        assert 4 <= wait <= 8
+        worker.gate.set()
+        await running
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------------ admission before the body
 
 def test_before_its_body_is_read_a_request_is_refused_only_if_it_would_be_at_every_size() -> None:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.layers import (
+    COORDINATE_ROWS,
     CoordinateLSTM,
     CoordinateMLP,
     conv_trunk,
@@ -151,6 +152,55 @@ def test_coordinate_lstm_maps_a_gradient_sequence_to_one_value_per_coordinate():
     assert out.shape == (7,)
     torch.testing.assert_close(d(seq[:, 2:4]), out[2:4], rtol=1e-5, atol=1e-6)  # coordinates independent
     assert not torch.allclose(d(seq[:1]), out)  # the whole sequence counts, not the last gradient only
+
+
+def gradient_features(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Preprocessed gradients as registration hands them over: scales from 1e-9 to 1, both signs."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(*shape, generator=g) * 10 ** (-9 * torch.rand(*shape, generator=g))
+    return preprocess_grad(raw, 7.0)
+
+
+def _not_called(*args: object) -> None:
+    raise AssertionError("the inference path should not call this")
+
+
+# Over two blocks and a part of a third; (n, P, 2) as `m` gets it, and a column slice of it.
+MLP_INPUTS = [(3, 2 * COORDINATE_ROWS + 123), (1, 5)]
+
+
+@pytest.mark.parametrize("shape", MLP_INPUTS)
+def test_coordinate_mlp_without_autograd_gives_the_values_of_its_layers(shape, monkeypatch):
+    torch.manual_seed(0)
+    m = CoordinateMLP(hidden=20)
+    feats = gradient_features(*shape)
+    expected = m.net(feats).squeeze(-1)  # the layers as training runs them
+    with torch.no_grad(), monkeypatch.context() as patch:
+        patch.setattr(m.net, "forward", _not_called)  # the blocks' own addmms, not the Sequential
+        fast = m(feats)
+        sliced = m(feats[:, 1:])  # not contiguous
+    assert fast.shape == shape
+    torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sliced, expected[:, 1:], rtol=1e-6, atol=1e-6)
+    assert m(feats).requires_grad  # with autograd: the layers themselves, differentiable in Z
+
+
+@pytest.mark.parametrize("steps, n_coords", [(5, 2 * COORDINATE_ROWS + 77), (1, 3)])
+def test_coordinate_lstm_without_autograd_gives_nn_lstm_s_values(steps, n_coords, monkeypatch):
+    torch.manual_seed(0)
+    d = CoordinateLSTM(hidden=20)
+    seq = gradient_features(steps, n_coords + 1)[:, 1:]  # a column slice, as `d` gets its parts
+    _, (h_last, _) = d.lstm(seq)
+    expected = d.out(h_last[-1]).squeeze(-1)  # nn.LSTM, as training runs it
+    with torch.inference_mode(), monkeypatch.context() as patch:
+        patch.setattr(d.lstm, "forward", _not_called)  # the equations written out, not nn.LSTM
+        fast = d(seq)
+    assert fast.shape == (n_coords,)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-6)
+    out = d(seq)
+    assert out.requires_grad
+    out.sum().backward()
+    assert d.lstm.weight_hh_l0.grad is not None  # training still reaches G through nn.LSTM
 
 
 @pytest.mark.parametrize("n, c_in, size",

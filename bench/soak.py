@@ -186,11 +186,16 @@ def summary(seconds: list[float]) -> dict[str, float]:
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="metanet-soak-") as tmp:
         # The caller's METANET_* variables reach it (METANET_TORCH_THREADS, METANET_DEVICE, ...).
-        # The queue's time bound is off: the soak asks for zero errors from a queue that admits
-        # all of its traffic, and with the bound, requests beyond one batch that come while one
-        # of its registrations runs (up to seconds here) would get 429s.
+        # The queue's time bound and overload mode are off: the soak asks for zero errors from a
+        # queue that admits all of its traffic. With the bound, requests beyond one batch that
+        # come while one of its registrations runs (up to seconds here) would get 429s; overload
+        # mode refuses classify requests while a registration runs once a process's demand passes
+        # its bound, and the soak's clients, which send again at once instead of waiting out the
+        # Retry-After, stay counted as demand for that long (since session 18 a crowd's
+        # Retry-After is longer: README, "Retry-After under overload").
         server = ServiceProcess(Path(tmp) / "data", Path(args.server_log or Path(tmp) / "server.log"),
-                                {"max_queue_wait_ms": 0, "max_queue_wait_factor": 0},
+                                {"max_queue_wait_ms": 0, "max_queue_wait_factor": 0,
+                                 "overload_forward_factor": 0},
                                 hermetic=False).start(wait=False)
         try:
             await asyncio.to_thread(server.wait_ready)

@@ -46,7 +46,7 @@ from bench.harness import git_commit, write_result  # noqa: E402  (run as a scri
 from bench.serving import WAY, omniglot_ink  # noqa: E402
 from model import layers, metanet  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
-from model.data import to_model_input  # noqa: E402
+from model.data import frame_drawings  # noqa: E402
 from service import heap  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     heap.retain(Settings.model_fields["heap_retain_mb"].default)
     model = load_model(None, "cpu")
     ink, source = omniglot_ink(args.data_dir, WAY, 2017)
-    x = to_model_input(ink)
+    x = torch.from_numpy(frame_drawings(ink))
     memory = model.register(x[:WAY, 0].unsqueeze(1), [f"char-{c}" for c in range(WAY)])
     queries = x[:WAY, 1:].reshape(-1, 1, *x.shape[-2:])
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from bench.harness import git_commit, write_result  # noqa: E402  (run as a script: the repository first)
 from bench.serving import omniglot_ink  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
-from model.data import to_model_input  # noqa: E402
+from model.data import frame_drawings  # noqa: E402
 from model.layers import preprocess_grad  # noqa: E402
 from model.metanet import MetaNet, content_chunks  # noqa: E402
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_model(None, "cpu")
     ink, _ = omniglot_ink(args.data_dir if str(args.data_dir) else None, 20, 0)
-    x = to_model_input(ink)  # (20 characters, 20 drawings, 28, 28)
+    x = torch.from_numpy(frame_drawings(ink))  # (20 characters, 20 drawings, 28, 28)
     rows = []
     for way, shot in episodes:
         support = x[:way, :shot].reshape(-1, 1, 28, 28)

@@ -188,12 +188,12 @@ def in_process(args: argparse.Namespace, ink: np.ndarray,
     import torch
 
     from model.checkpoint import load_model
-    from model.data import to_model_input
+    from model.data import frame_drawings
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(os.environ.get("METANET_CHECKPOINT"), args.device)
-    x = to_model_input(ink).to(args.device)  # (n_chars, 20, 28, 28)
+    x = torch.from_numpy(frame_drawings(ink)).to(args.device)  # (n_chars, 20, 28, 28)
     support = x[:WAY, 0].unsqueeze(1)  # the served task's support set: (20, 1, 28, 28)
     queries = x[:WAY, 1:].reshape(-1, 1, 28, 28)  # (20 * 19, 1, 28, 28)
     pool = queries.repeat(-(-max(args.batch_sizes) // len(queries)), 1, 1, 1)

@@ -61,6 +61,8 @@ def load_model(
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
     model = MetaNet(config)
+    # Weights saved before calibration existed answer with their raw softmax.
+    state.setdefault("temperature", torch.ones(()))
     _check_state_matches(model, state, weights_path)
     model.load_state_dict(state)
     model.version = weights_version(weights_path)

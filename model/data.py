@@ -1,21 +1,23 @@
-"""Omniglot: loading (packed npz, PNG folders, the official zip files), preprocessing to the
-model's 28x28 ink=1 input, the background/validation/evaluation split and the episode sampler.
+"""Omniglot: loading (packed npz, PNG folders, the official zip files), the canonical framing to the
+model's 28x28 ink=1 input (model.transform), the background/validation/evaluation split and the
+episode sampler (uneven shots and augmentation included).
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from model.augment import Augment
+from model.transform import frame
 
 DATA_DIR_ENV = "METANET_OMNIGLOT_DIR"
 SPLITS = ("background", "evaluation")
@@ -23,16 +25,20 @@ SPLITS = ("background", "evaluation")
 
 @dataclass(frozen=True)
 class OmniglotSplit:
-    """One Omniglot split: images of shape (n_chars, n_drawings, 28, 28), float32, ink = 1."""
+    """One Omniglot split: framed images of shape (n_chars, n_drawings, 28, 28), float32, ink = 1,
+    and, where loaded from the data set, the drawings as drawn (`raw`, (n_chars, n_drawings, H, W)
+    uint8, ink = 1), which augmentation and the robustness benchmark start from."""
 
     images: np.ndarray
     alphabet: np.ndarray  # (n_chars,) str
     character: np.ndarray  # (n_chars,) str
+    raw: np.ndarray | None = None
 
     def select_alphabets(self, names: set[str], keep: bool = True) -> OmniglotSplit:
         mask = np.isin(self.alphabet, sorted(names))
         mask = mask if keep else ~mask
-        return OmniglotSplit(self.images[mask], self.alphabet[mask], self.character[mask])
+        raw = None if self.raw is None else self.raw[mask]
+        return OmniglotSplit(self.images[mask], self.alphabet[mask], self.character[mask], raw)
 
     @property
     def alphabets(self) -> list[str]:
@@ -51,22 +57,15 @@ def default_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return path
 
 
-def to_model_input(ink: np.ndarray | Tensor, size: int = 28) -> Tensor:
-    """Images of shape (..., H, W) with ink = 1 in [0, 1] -> float32 (..., size, size).
-
-    Non-square images are padded with background to a centred square, then shrunk by area
-    averaging (every source pixel counts, so thin strokes survive 105 -> 28).
-    """
-    x = torch.as_tensor(ink, dtype=torch.float32)
-    lead, (h, w) = x.shape[:-2], x.shape[-2:]
-    x = x.reshape(-1, 1, h, w)
-    if h != w:
-        side = max(h, w)
-        top, left = (side - h) // 2, (side - w) // 2
-        x = F.pad(x, (left, side - w - left, top, side - h - top))
-    if x.shape[-1] != size:
-        x = F.adaptive_avg_pool2d(x, size)
-    return x.reshape(*lead, size, size).clamp_(0.0, 1.0)
+def frame_drawings(ink: np.ndarray, size: int = 28) -> np.ndarray:
+    """Drawings (..., H, W) with ink = 1 -> framed model inputs (..., size, size) float32
+    (`model.transform.frame`), 256 at a time to bound the memory it takes."""
+    lead, (height, width) = ink.shape[:-2], ink.shape[-2:]
+    flat = ink.reshape(-1, height, width)
+    out = np.empty((len(flat), size, size), dtype=np.float32)
+    for start in range(0, len(flat), 256):
+        out[start : start + 256] = frame(flat[start : start + 256].astype(np.float32), size)
+    return out.reshape(*lead, size, size)
 
 
 def load_split(data_dir: str | os.PathLike[str] | None, split: str, size: int = 28) -> OmniglotSplit:
@@ -96,12 +95,9 @@ def load_split(data_dir: str | os.PathLike[str] | None, split: str, size: int = 
 
 def _load_npz(path: Path, size: int) -> OmniglotSplit:
     with np.load(path, allow_pickle=False) as d:
-        bits = np.unpackbits(d["images"], axis=-1)[..., : int(d["width"])]
+        raw = np.unpackbits(d["images"], axis=-1)[..., : int(d["width"])]
         alphabet, character = d["alphabet"], d["character"]
-    images = np.empty(bits.shape[:2] + (size, size), dtype=np.float32)
-    for start in range(0, len(bits), 64):  # bounded float memory for the full split
-        images[start : start + 64] = to_model_input(bits[start : start + 64], size).numpy()
-    return OmniglotSplit(images, alphabet.astype(str), character.astype(str))
+    return OmniglotSplit(frame_drawings(raw, size), alphabet.astype(str), character.astype(str), raw)
 
 
 def _folder_entries(folder: Path) -> Iterator[tuple[str, str, list[bytes]]]:
@@ -130,16 +126,16 @@ def _load_pngs(entries: Iterator[tuple[str, str, list[bytes]]], size: int) -> Om
             continue
         drawings = []
         for blob in blobs:
-            grey = np.asarray(Image.open(io.BytesIO(blob)).convert("L"), dtype=np.float32) / 255.0
-            drawings.append(to_model_input(1.0 - grey, size).numpy())  # black strokes -> ink = 1
+            grey = np.asarray(Image.open(io.BytesIO(blob)).convert("L"))
+            drawings.append((grey < 128).astype(np.uint8))  # black strokes -> ink = 1
         chars.append(np.stack(drawings))
         alphabets.append(alphabet)
         characters.append(character)
     if not chars:
         raise FileNotFoundError("no PNG drawings found")
     n_draw = min(len(c) for c in chars)
-    images = np.stack([c[:n_draw] for c in chars])
-    return OmniglotSplit(images, np.array(alphabets), np.array(characters))
+    raw = np.stack([c[:n_draw] for c in chars])
+    return OmniglotSplit(frame_drawings(raw, size), np.array(alphabets), np.array(characters), raw)
 
 
 def train_val_split(
@@ -160,96 +156,68 @@ def train_val_split(
 
 @dataclass(frozen=True)
 class Episode:
-    support_x: Tensor  # (n_way * n_shot, 1, 28, 28)
-    support_y: Tensor  # (n_way * n_shot,) class ids 0..n_way-1
+    support_x: Tensor  # (n_support, 1, 28, 28), class by class
+    support_y: Tensor  # (n_support,) class ids 0..n_way-1
     query_x: Tensor  # (n_way * n_query, 1, 28, 28)
     query_y: Tensor  # (n_way * n_query,)
     n_way: int
 
 
-@dataclass(frozen=True)
-class Jitter:
-    """Training-only distortion of each drawing by its own small random affine map: a turn of up to
-    `rotate` degrees, a zoom by a factor within 1 +- `scale` and a shift of up to `shift` pixels on
-    each axis, each drawing with probability `prob` (the rest pass unchanged: resampling blurs a
-    28x28 drawing a little, and queries in service are never resampled). Unlike the 90-degree
-    turns, it keeps a drawing's class: it teaches the networks that a character drawn a little
-    askew is the same character (the background set has only 964)."""
-
-    shift: float = 0.0
-    rotate: float = 0.0
-    scale: float = 0.0
-    prob: float = 0.5
-
-    def __post_init__(self) -> None:
-        for name in ("shift", "rotate", "scale", "prob"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"jitter {name} must be a finite number, 0 or more, got {value!r}")
-        if self.scale >= 1:
-            raise ValueError(f"jitter scale must be below 1, got {self.scale!r}")
-        if self.prob > 1:
-            raise ValueError(f"jitter prob is a probability, got {self.prob!r}")
-
-    @property
-    def active(self) -> bool:
-        return self.prob > 0 and (self.shift > 0 or self.rotate > 0 or self.scale > 0)
-
-    def __call__(self, images: Tensor, rng: np.random.Generator) -> Tensor:
-        """images (n, 1, h, w), ink = 1 on 0: each resampled bilinearly, empty margins at 0."""
-        n, _, height, width = images.shape
-        angle = np.deg2rad(rng.uniform(-self.rotate, self.rotate, n))
-        zoom = rng.uniform(1 - self.scale, 1 + self.scale, n)
-        # affine_grid maps output to input coordinates in [-1, 1]: one pixel is 2 / size of them.
-        shift = rng.uniform(-self.shift, self.shift, (n, 2)) * (2 / width, 2 / height)
-        keep = rng.random(n) >= self.prob
-        angle[keep], zoom[keep], shift[keep] = 0.0, 1.0, 0.0
-        cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
-        theta = np.stack([np.stack([cos, -sin, shift[:, 0]], 1), np.stack([sin, cos, shift[:, 1]], 1)], 1)
-        theta = torch.as_tensor(theta, dtype=images.dtype, device=images.device)
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        moved = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return torch.where(torch.as_tensor(keep, device=images.device)[:, None, None, None], images, moved)
-
-
 class EpisodeSampler:
-    """N-way K-shot episodes from a split; with `rotate`, each class is a character turned by a
-    random multiple of 90 degrees (support and queries alike), which makes new classes; with an
-    active `jitter`, every drawing is also distorted on its own (see Jitter)."""
+    """N-way episodes from a split; with `rotate`, each class is a character turned by a random
+    multiple of 90 degrees (support and queries alike), which makes new classes; with an active
+    `augment` and a split that holds its drawings as drawn, a share of the drawings is varied
+    (model.augment) before framing, each on its own."""
 
     def __init__(self, split: OmniglotSplit, *, rotate: bool, device: torch.device | str = "cpu",
-                 jitter: Jitter | None = None):
+                 augment: Augment | None = None):
         self.images = torch.from_numpy(split.images)
+        self.size = self.images.shape[-1]
+        self.raw = split.raw
         self.rotate = rotate
-        self.jitter = jitter if jitter is not None and jitter.active else None
+        self.augment = augment if augment is not None and augment.active and split.raw is not None else None
         self.device = torch.device(device)
         self.n_chars, self.n_drawings = self.images.shape[:2]
 
-    def sample(self, rng: np.random.Generator, n_way: int, n_shot: int, n_query: int) -> Episode:
-        self._check_episode_fits(n_way, n_shot, n_query)
+    def sample(
+        self, rng: np.random.Generator, n_way: int, n_shot: int | Sequence[int], n_query: int
+    ) -> Episode:
+        """An episode of n_way classes, n_shot support examples each (or shots[k] for class k: an
+        uneven support set) and n_query queries each."""
+        shots = [n_shot] * n_way if isinstance(n_shot, int) else [int(k) for k in n_shot]
+        if len(shots) != n_way:
+            raise ValueError(f"{len(shots)} shot counts for {n_way} classes")
+        self._check_episode_fits(n_way, max(shots), n_query)
         n_classes = self.n_chars * (4 if self.rotate else 1)
         classes = rng.choice(n_classes, size=n_way, replace=False)
-        support, query = [], []
-        for cls in classes:
-            char, turns = divmod(int(cls), 4) if self.rotate else (int(cls), 0)
-            drawings = rng.choice(self.n_drawings, size=n_shot + n_query, replace=False)
-            x = self.images[char, torch.as_tensor(drawings)]
-            if turns:
-                x = torch.rot90(x, turns, dims=(-2, -1))
-            support.append(x[:n_shot])
-            query.append(x[n_shot:])
-        labels = torch.arange(n_way)
-        support_x = torch.cat(support).unsqueeze(1).to(self.device)
-        query_x = torch.cat(query).unsqueeze(1).to(self.device)
-        if self.jitter is not None:
-            support_x, query_x = self.jitter(torch.cat([support_x, query_x]), rng).split(
-                [len(support_x), len(query_x)]
-            )
+        chars, drawings, turns = [], [], []
+        for cls, shot in zip(classes, shots, strict=True):
+            char, turn = divmod(int(cls), 4) if self.rotate else (int(cls), 0)
+            chars.append(char)
+            drawings.append(rng.choice(self.n_drawings, size=shot + n_query, replace=False))
+            turns.append(turn)
+        # Support images first, class by class, then the queries.
+        order = [(k, d) for k, shot in enumerate(shots) for d in drawings[k][:shot]]
+        order += [(k, d) for k in range(n_way) for d in drawings[k][shots[k]:]]
+        char_of = np.array([chars[k] for k, _ in order])
+        drawing_of = np.array([d for _, d in order])
+        if self.augment is not None:
+            assert self.raw is not None
+            raw = torch.from_numpy(self.raw[char_of, drawing_of]).to(self.device)
+            x = self.augment(raw, rng, self.size)
+        else:
+            x = self.images[torch.as_tensor(char_of), torch.as_tensor(drawing_of)].to(self.device)
+        turn_of = np.array([turns[k] for k, _ in order])
+        for turn in np.unique(turn_of[turn_of > 0]):
+            rows = torch.as_tensor(np.flatnonzero(turn_of == turn), device=self.device)
+            x[rows] = torch.rot90(x[rows], int(turn), dims=(-2, -1))
+        n_support = sum(shots)
+        labels = torch.arange(n_way, device=self.device)
         return Episode(
-            support_x=support_x,
-            support_y=labels.repeat_interleave(n_shot).to(self.device),
-            query_x=query_x,
-            query_y=labels.repeat_interleave(n_query).to(self.device),
+            support_x=x[:n_support].unsqueeze(1),
+            support_y=labels.repeat_interleave(torch.as_tensor(shots, device=self.device)),
+            query_x=x[n_support:].unsqueeze(1),
+            query_y=labels.repeat_interleave(n_query),
             n_way=n_way,
         )
 

@@ -28,6 +28,9 @@ from model.layers import CoordinateLSTM, CoordinateMLP, conv_trunk, conv_trunk_p
 _M_BLOCK_COORDS = 4_000_000
 # Queries through `b` in one go at classification: bounds the (n_query, P) mixed fast weights.
 _QUERY_BLOCK = 64
+# Two support examples of different classes whose representations are at least this similar
+# (cosine of their rows of R) are ones the model cannot tell apart (`MetaNet.check_support`).
+CONFUSABLE_COSINE = 0.99
 # Initial scale of the meta learners' output layers (see `reset_parameters`).
 _FAST_INIT_SCALE = 0.02
 
@@ -64,6 +67,16 @@ class TaskMemory:
         return self.R.device
 
     @property
+    def attention_bias(self) -> Tensor:
+        """-log(examples of its class) per support example, of shape (n_support,): added to the
+        attention's scores, it weighs each example by 1 / its class's size, so every class offers
+        the same total weight to the read of M whatever its number of examples (a class of two
+        would otherwise pull twice the fast weights of a class of one). Zero where classes are even
+        sized: softmax is unchanged by a constant shift."""
+        counts = torch.bincount(self.support_labels, minlength=self.n_way)
+        return -torch.log(counts[self.support_labels].to(self.R.dtype))
+
+    @property
     def nbytes(self) -> int:
         tensors = [self.support_labels, self.R, self.M, *self.Q_fast]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -83,8 +96,17 @@ class TaskMemory:
 
 
 class ClassifyOutput(NamedTuple):
-    probs: Tensor  # (n_query, n_way)
-    attention: Tensor | None  # (n_query, n_support): softmax(cosine(R, r)), the read of M
+    probs: Tensor  # (n_query, n_way), calibrated: softmax(logits / temperature)
+    attention: Tensor | None  # (n_query, n_support): the read of M (see TaskMemory.attention_bias)
+    similarity: Tensor  # (n_query,): the best cosine of the query's r to the rows of R
+
+
+class SupportCheck(NamedTuple):
+    """What the model makes of a task's own support set (`MetaNet.check_support`)."""
+
+    predicted: Tensor  # (n_support,): the class id each support image is classified as
+    confidence: Tensor  # (n_support,): the probability of that class
+    confusable: list[tuple[int, int, float]]  # (i, j, cosine) of examples of different classes
 
 
 class MetaNet(nn.Module):
@@ -121,6 +143,9 @@ class MetaNet(nn.Module):
         # their layer keeps a fast branch's activations on the scale of the slow branch's. (Our
         # choice: the paper and code leave the scale to the meta learner alone, which made the
         # untrained 5-layer fast branch overflow in our runs.)
+        # Calibration: query probabilities are softmax(logits / temperature); 1 until fitted on
+        # held-out alphabets (model.calibrate), then saved with the weights.
+        self.register_buffer("temperature", torch.ones(()))
         self.register_buffer("u_gain", self._gain_vector(self.u_path_params()), persistent=False)
         self.register_buffer("b_gain", self._gain_vector(self.b_params()), persistent=False)
         self.reset_parameters()
@@ -277,11 +302,11 @@ class MetaNet(nn.Module):
         return Q_fast, R, M
 
     def _read(
-        self, x: Tensor, Q_fast: Sequence[Tensor], R: Tensor, M: Tensor, n_way: int
+        self, x: Tensor, Q_fast: Sequence[Tensor], R: Tensor, M: Tensor, attention_bias: Tensor, n_way: int
     ) -> tuple[Tensor, Tensor]:
         """Algorithm 1 step 3: logits (n, max_way) and attention (n, n_support) for queries x."""
         r = self.u(x, Q_fast)
-        attention = torch.softmax(_cosine(r, R), dim=1)
+        attention = torch.softmax(_cosine(r, R) + attention_bias, dim=1)
         W_fast_flat = attention @ M.to(attention.dtype)  # (n, P): a per-query mix of the rows of M
         W_fast = self._unflatten(W_fast_flat, self.b_params())
         return self.b(x, W_fast, n_way), attention
@@ -320,6 +345,25 @@ class MetaNet(nn.Module):
         """
         return self.classify_many([(memory, images)], return_attention=return_attention)[0]
 
+    def check_support(self, memory: TaskMemory, images: Tensor) -> SupportCheck:
+        """Classify a task's own support images against it and find pairs of examples of
+        different classes whose representations (rows of R) are nearly the same, at cosine
+        `CONFUSABLE_COSINE` or more: a support set the model cannot answer from.
+
+        Args:
+            memory: the task `register` built from `images`.
+            images: its support images, in the order they were registered.
+        """
+        out = self.classify(memory, images)
+        confidence, predicted = out.probs.max(dim=1)
+        y = memory.support_labels
+        with torch.inference_mode():
+            cosine = _cosine(memory.R, memory.R)
+            pairs = (cosine >= CONFUSABLE_COSINE) & (y[:, None] != y[None, :])
+            i, j = torch.triu(pairs, diagonal=1).nonzero(as_tuple=True)
+        confusable = [(int(a), int(b), float(cosine[a, b])) for a, b in zip(i, j, strict=True)]
+        return SupportCheck(predicted, confidence, confusable)
+
     def classify_many(
         self, requests: Sequence[tuple[TaskMemory, Tensor]], *, return_attention: bool = False
     ) -> list[ClassifyOutput]:
@@ -356,6 +400,7 @@ class MetaNet(nn.Module):
             ])
             rows = {t: _rows(js, bounds, x_all.device) for t, js in of_task.items()}  # in x_all
             attentions: dict[int, Tensor] = {}
+            similarities: dict[int, Tensor] = {}
             # W* per query, a (n, numel) block per layer of b: each query's kernels of a layer in one
             # piece and the queries' pieces in a row, so `per_sample_conv3x3` reads a block as one
             # grouped kernel in place (columns of one (n, P) block would be a copy away from that).
@@ -365,7 +410,9 @@ class MetaNet(nn.Module):
                         for start, stop in itertools.pairwise(bounds_b)]
             for t, js in of_task.items():
                 memory = checked[js[0]][0]
-                attention = torch.softmax(_cosine(r_all[rows[t]], memory.R), dim=1)  # (n, n_support)
+                cosine = _cosine(r_all[rows[t]], memory.R)  # (n, n_support)
+                similarities[t] = cosine.amax(dim=1)
+                attention = torch.softmax(cosine + memory.attention_bias, dim=1)
                 attentions[t] = attention
                 M = memory.M.to(attention.dtype)
                 for W, (start, stop) in zip(W_layers, itertools.pairwise(bounds_b), strict=True):
@@ -384,10 +431,12 @@ class MetaNet(nn.Module):
         for t, js in of_task.items():
             memory = checked[js[0]][0]
             sizes = [bounds[j + 1] - bounds[j] for j in js]
-            probs = torch.softmax(logits[rows[t], : memory.n_way], dim=1).split(sizes)  # unused heads dropped
+            # unused heads dropped
+            probs = torch.softmax(logits[rows[t], : memory.n_way] / self.temperature, dim=1).split(sizes)
             attention = attentions[t].split(sizes) if return_attention else (None,) * len(js)
-            for j, p, a in zip(js, probs, attention, strict=True):
-                outputs[j] = ClassifyOutput(p, a)
+            similarity = similarities[t].split(sizes)
+            for j, p, a, s in zip(js, probs, attention, similarity, strict=True):
+                outputs[j] = ClassifyOutput(p, a, s)
         return outputs  # type: ignore[return-value]
 
     def _represent(
@@ -414,7 +463,9 @@ class MetaNet(nn.Module):
         perm = torch.as_tensor(generator.permutation(len(support_x)), device=support_x.device)
         chunks = list(perm.tensor_split(min(self.config.n_chunks, len(support_x))))
         Q_fast, R, M = self._build_memory(support_x, support_y, n_way, chunks)
-        logits, _ = self._read(query_x, Q_fast, R, M, n_way)
+        counts = torch.bincount(support_y, minlength=n_way)
+        bias = -torch.log(counts[support_y].to(R.dtype))  # as TaskMemory.attention_bias
+        logits, _ = self._read(query_x, Q_fast, R, M, bias, n_way)
         loss = F.cross_entropy(logits, query_y, reduction="sum")
         correct = (logits.argmax(1) == query_y).sum()
         return loss, correct

@@ -1,8 +1,9 @@
 """The query path (Algorithm 1 step 3) as an ONNX graph, and a runner for it on onnxruntime.
 
 The graph is a pure function of one task's memories: inputs `images` (n, 1, S, S), the six tensors
-of Q* (`q_fast_0` .. `q_fast_5`), `R` (N, d), `M` (N, P) and `n_way` (int64 scalar); outputs
-`probs` (n, max_way), zero for class ids >= n_way, and `attention` (n, N). The number of queries n
+of Q* (`q_fast_0` .. `q_fast_5`), `R` (N, d), `M` (N, P), `attention_bias` (N,) (see
+`TaskMemory.attention_bias`) and `n_way` (int64 scalar); outputs `probs` (n, max_way), calibrated
+and zero for class ids >= n_way, `attention` (n, N) and `similarity` (n,). The number of queries n
 and of support examples N are dynamic. `b`'s per-query kernels are batched matmuls over im2col
 columns (`model.layers.conv_trunk_per_sample`): ONNX's Conv fixes `group` in the graph, so it could
 not hold one kernel per query. Registration stays in torch (`MetaNet.register`).
@@ -26,7 +27,8 @@ from torch import Tensor, nn
 from model.errors import CheckpointError
 from model.metanet import ClassifyOutput, MetaNet, TaskMemory, _cosine
 
-INPUTS_AFTER_IMAGES = ("R", "M", "n_way")
+INPUTS_AFTER_IMAGES = ("R", "M", "attention_bias", "n_way")
+OUTPUTS = ("probs", "attention", "similarity")
 OPSET = 18
 
 
@@ -37,16 +39,17 @@ class QueryPath(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: Tensor, *args: Tensor) -> tuple[Tensor, Tensor]:
-        *q_fast, R, M, n_way = args
+    def forward(self, images: Tensor, *args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        *q_fast, R, M, attention_bias, n_way = args
         model = self.model
         r = model.u(images, q_fast)
-        attention = torch.softmax(_cosine(r, R), dim=1)
+        cosine = _cosine(r, R)
+        attention = torch.softmax(cosine + attention_bias, dim=1)
         W_fast = model._unflatten(attention @ M, model.b_params())
-        logits = model.b(images, W_fast, None)
+        logits = model.b(images, W_fast, None) / model.temperature
         keep = torch.arange(logits.shape[1], device=logits.device) < n_way
         probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=1)
-        return probs, attention
+        return probs, attention, cosine.amax(dim=1)
 
 
 def input_names(model: MetaNet) -> list[str]:
@@ -69,7 +72,7 @@ def export_onnx(model: MetaNet, path: Path | str) -> Path:
     n_query = torch.export.Dim("n_query", min=1, max=65536)
     n_support = torch.export.Dim("n_support", min=2, max=cpu.config.max_examples)
     n_q = len(cpu.u_path_params())
-    dynamic = ({0: n_query}, (*[None] * n_q, {0: n_support}, {0: n_support}, None))
+    dynamic = ({0: n_query}, (*[None] * n_q, {0: n_support}, {0: n_support}, {0: n_support}, None))
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes exporting at once do not mix
     # The exporter logs a warning for each torchvision operator it cannot register: not ours.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -78,11 +81,12 @@ def export_onnx(model: MetaNet, path: Path | str) -> Path:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             QueryPath(cpu).eval(), example, str(tmp), input_names=input_names(cpu),
-            output_names=["probs", "attention"], dynamic_shapes=dynamic, opset_version=OPSET,
+            output_names=list(OUTPUTS), dynamic_shapes=dynamic, opset_version=OPSET,
             dynamo=True, optimize=True, verbose=False, external_data=False,
         )
     tmp.replace(path)
     sidecar = {"model_version": model.version, "max_way": model.config.max_way, "opset": OPSET,
+               "inputs": input_names(cpu), "outputs": list(OUTPUTS),
                "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     side_tmp = Path(f"{path}.{os.getpid()}.json.tmp")
     side_tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -107,6 +111,11 @@ class OnnxQueryPath:
             raise CheckpointError(
                 f"{path} was exported from model {meta.get('model_version', 'unknown')}, not "
                 f"{model.version}; export it again with `metanet export-onnx`"
+            )
+        if meta.get("inputs") != input_names(model) or meta.get("outputs") != list(OUTPUTS):
+            raise CheckpointError(
+                f"{path} was exported by an older version of this software (its graph's inputs or "
+                f"outputs differ); export it again with `metanet export-onnx`"
             )
         options = ort.SessionOptions()
         if threads:
@@ -136,14 +145,15 @@ class OnnxQueryPath:
         """Class probabilities of shape (n_query, n_way), as `MetaNet.classify`."""
         images = self._model._check_images(images, field="images", limit=None)
         feeds = dict(zip(self._names, [
-            images, *memory.Q_fast, memory.R, memory.M.float(),
+            images, *memory.Q_fast, memory.R, memory.M.float(), memory.attention_bias,
         ], strict=False))
         arrays = {k: np.ascontiguousarray(v.detach().cpu().float().numpy()) for k, v in feeds.items()}
         arrays["n_way"] = np.array(memory.n_way, dtype=np.int64)
         session = self._solo if len(images) < self._one_thread_below else self.session
-        probs, attention = session.run(None, arrays)
+        probs, attention, similarity = session.run(None, arrays)
         probs_t = torch.from_numpy(probs[:, : memory.n_way])
-        return ClassifyOutput(probs_t, torch.from_numpy(attention) if return_attention else None)
+        return ClassifyOutput(probs_t, torch.from_numpy(attention) if return_attention else None,
+                              torch.from_numpy(similarity))
 
 
 def _cpu_copy(model: MetaNet) -> MetaNet:
@@ -163,7 +173,8 @@ def _example_inputs(model: MetaNet) -> tuple[Tensor, ...]:
     q_fast = [torch.randn(p.shape, generator=gen) * 0.01 for p in model.u_path_params()]
     R = torch.randn(n_support, model.config.rep_dim, generator=gen)
     M = torch.randn(n_support, model.n_fast_b, generator=gen) * 0.01
-    return (images, *q_fast, R, M, torch.tensor(2, dtype=torch.int64))
+    bias = -torch.log(torch.tensor([1.0, 3.0, 3.0, 3.0]))
+    return (images, *q_fast, R, M, bias, torch.tensor(2, dtype=torch.int64))
 
 
 __all__ = ["OnnxQueryPath", "QueryPath", "export_onnx"]

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.augment import Augment
 from model.checkpoint import WEIGHTS_FILE, _atomic, load_model, save_weights
 from model.config import TrainConfig
-from model.data import EpisodeSampler, Jitter, OmniglotSplit, load_split, train_val_split
+from model.data import EpisodeSampler, OmniglotSplit, load_split, train_val_split
 from model.evaluate import evaluate
 from model.metanet import MetaNet
 
@@ -34,25 +35,41 @@ class TrainState:
     best_val: float = -1.0
     rng_state: dict[str, Any] | None = None
     seconds: float = 0.0
+    lr: float | None = None  # the current rate (None: the config's)
+    improved_step: int = 0  # the last step at which validation improved, or the rate changed
 
 
-def sample_episode_size(cfg: TrainConfig, rng: np.random.Generator, n_drawings: int) -> tuple[int, int, int]:
-    """(n_way, n_shot, n_query) for one training episode: a range of sizes serves every task."""
+def sample_episode_size(
+    cfg: TrainConfig, rng: np.random.Generator, n_drawings: int
+) -> tuple[int, int | list[int], int]:
+    """(n_way, shots, n_query) for one training episode: a range of sizes serves every task.
+    shots is one number for every class, or (uneven episodes) a list of one per class."""
     n_way = int(rng.integers(cfg.min_way, cfg.max_train_way + 1))
-    n_shot = 1
+    # At most 60 support examples, as a 20-way 3-shot task: the cost of an episode grows with them.
+    most = max(1, min(cfg.max_shot, cfg.model.max_examples // n_way, 60 // n_way))
+    shots: int | list[int] = 1
     if rng.random() < cfg.multi_shot_prob:
-        n_shot = int(rng.integers(2, cfg.max_shot + 1))
-        n_shot = max(1, min(n_shot, cfg.model.max_examples // n_way, 60 // n_way))
-    n_query = max(1, min(cfg.query_per_class, cfg.max_queries // n_way, n_drawings - n_shot))
-    return n_way, n_shot, n_query
+        shots = max(1, min(int(rng.integers(2, cfg.max_shot + 1)), most))
+    if cfg.uneven_prob > 0 and rng.random() < cfg.uneven_prob and most > 1:
+        shots = [int(k) for k in rng.integers(1, most + 1, n_way)]
+    biggest = shots if isinstance(shots, int) else max(shots)
+    n_query = max(1, min(cfg.query_per_class, cfg.max_queries // n_way, n_drawings - biggest))
+    return n_way, shots, n_query
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """The rate for the episode after `step` episodes: cfg.lr halved every cfg.lr_halve_every,
-    counted from cfg.lr_schedule_start (before it, cfg.lr)."""
-    if cfg.lr_halve_every <= 0:
-        return cfg.lr
-    return cfg.lr * 0.5 ** (max(0, step - cfg.lr_schedule_start) // cfg.lr_halve_every)
+def next_learning_rate(cfg: TrainConfig, state: TrainState) -> float:
+    """The rate after a validation at state.step: halved (to no less than cfg.min_lr) when
+    validation has not improved for cfg.lr_patience episodes; else as it was."""
+    lr = state.lr if state.lr is not None else cfg.lr
+    if cfg.lr_patience > 0 and state.step - state.improved_step >= cfg.lr_patience and lr > cfg.min_lr:
+        state.improved_step = state.step  # patience counts again from here
+        return max(cfg.min_lr, lr / 2)
+    return lr
+
+
+def augment_of(cfg: TrainConfig) -> Augment:
+    return Augment(prob=cfg.augment_prob, rotate=cfg.augment_rotate, shift=cfg.augment_shift,
+                   pen_max=cfg.augment_pen_max, low_res=cfg.augment_low_res)
 
 
 def train(
@@ -70,16 +87,20 @@ def train(
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    # Built before the data is read, so an impossible jitter is refused at once.
-    jitter = Jitter(cfg.jitter_shift, cfg.jitter_rotate, cfg.jitter_scale, cfg.jitter_prob)
+    augment = augment_of(cfg)  # built before the data is read: bad settings are refused at once
     train_split, val_split = splits or train_val_split(load_split(data_dir, "background"))
-    sampler = EpisodeSampler(train_split, rotate=cfg.rotate, device=device, jitter=jitter)
+    sampler = EpisodeSampler(train_split, rotate=cfg.rotate, device=device, augment=augment)
 
     model = MetaNet(cfg.model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
-    state = TrainState()
+    state = TrainState(lr=cfg.lr)
     if resume and (run / "last" / STATE_FILE).is_file():
         state = _load_last(run / "last", model, optimizer, cfg, device)
+        before = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
+        if before.lr != cfg.lr:  # a new rate asked for: it starts now
+            state.lr, state.improved_step = cfg.lr, state.step
+        if (before.val_ways, before.val_episodes) != (cfg.val_ways, cfg.val_episodes):
+            state.best_val, state.improved_step = -1.0, state.step  # scores no longer compare
     else:
         (run / "history.jsonl").write_text("")
     (run / "train_config.json").write_text(cfg.to_json())
@@ -99,13 +120,13 @@ def train(
     while state.step < cfg.episodes:
         if max_seconds is not None and time.monotonic() - started > max_seconds:
             break
-        n_way, n_shot, n_query = sample_episode_size(cfg, rng, sampler.n_drawings)
-        ep = sampler.sample(rng, n_way, n_shot, n_query)
+        n_way, shots, n_query = sample_episode_size(cfg, rng, sampler.n_drawings)
+        ep = sampler.sample(rng, n_way, shots, n_query)
         loss, correct = model.episode_loss(
             ep.support_x, ep.support_y, ep.query_x, ep.query_y, n_way, rng
         )
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, state.step)
+            group["lr"] = state.lr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -126,7 +147,7 @@ def train(
                 "step": state.step,
                 "train_loss": float(np.mean(window_loss)),
                 "train_acc": float(np.mean(window_acc)),
-                "lr": learning_rate(cfg, state.step),
+                "lr": state.lr,
                 "val_acc": val["mean"],
                 "val": val,
                 "seconds": state.seconds + time.monotonic() - started,
@@ -136,9 +157,10 @@ def train(
             with open(run / "history.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             if val["mean"] > state.best_val:
-                state.best_val = val["mean"]
+                state.best_val, state.improved_step = val["mean"], state.step
                 save_weights(model, run / "best",
                              extra={"trained_max_way": cfg.max_train_way, "step": state.step, "val": val})
+            state.lr = next_learning_rate(cfg, state)
             plot_curve(run)
         if state.step % cfg.checkpoint_every == 0:
             _save_last(run / "last", model, optimizer, state, rng, started)
@@ -182,6 +204,8 @@ def _save_last(directory: Path, model: MetaNet, optimizer: torch.optim.Optimizer
         "best_val": state.best_val,
         "rng_state": rng.bit_generator.state,
         "seconds": state.seconds + time.monotonic() - started,
+        "lr": state.lr,
+        "improved_step": state.improved_step,
         "param_groups": opt_state["param_groups"],
     }
     _atomic(directory / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(record)))
@@ -198,7 +222,9 @@ def _load_last(directory: Path, model: MetaNet, optimizer: torch.optim.Optimizer
         idx, key = name.split(".", 1)
         per_param.setdefault(int(idx), {})[key] = value.reshape(()) if key == "step" else value.to(device)
     optimizer.load_state_dict({"state": per_param, "param_groups": record["param_groups"]})
-    return TrainState(record["step"], record["best_val"], record["rng_state"], record["seconds"])
+    return TrainState(record["step"], record["best_val"], record["rng_state"], record["seconds"],
+                      record.get("lr", record["param_groups"][0]["lr"]),
+                      record.get("improved_step", record["step"]))
 
 
 def plot_curve(run: Path) -> None:

@@ -28,13 +28,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--val-every", type=int)
     p.add_argument("--val-episodes", type=int)
+    p.add_argument("--val-ways", type=_ints, help="1-shot validation ways, comma-separated (default 20)")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--min-way", type=int, help="smallest n_way of a training episode")
     p.add_argument("--max-train-way", type=int, help="largest n_way of a training episode")
-    p.add_argument("--jitter-shift", type=float, help="training jitter: shift of up to this many pixels")
-    p.add_argument("--jitter-rotate", type=float, help="training jitter: turn of up to this many degrees")
-    p.add_argument("--jitter-scale", type=float, help="training jitter: zoom within 1 +- this")
-    p.add_argument("--jitter-prob", type=float, help="training jitter: the share of drawings jittered (0.5)")
+    p.add_argument("--lr", type=float, help="Adam's learning rate (on --resume: the rate from now on)")
+    p.add_argument("--lr-patience", type=int,
+                   help="halve the rate when validation has not improved for this many episodes (0: never)")
+    p.add_argument("--multi-shot-prob", type=float,
+                   help="the share of episodes with 2..max_shot shots a class")
+    p.add_argument("--uneven-prob", type=float,
+                   help="the share of episodes whose classes each draw their own number of shots")
+    p.add_argument("--augment-prob", type=float,
+                   help="the share of drawings augmented (pen, small turns and shifts, low resolution)")
     p.add_argument("--channels", type=int, help="conv width (64 in the paper; smaller for smoke tests)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
@@ -54,9 +60,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(json.loads(saved.read_text())) if resuming else TrainConfig()
     overrides = {
         k: getattr(args, k)
-        for k in ("episodes", "seed", "val_every", "val_episodes", "checkpoint_every", "min_way",
-                  "max_train_way", "jitter_shift", "jitter_rotate", "jitter_scale",
-                  "jitter_prob")
+        for k in ("episodes", "seed", "val_every", "val_episodes", "val_ways", "checkpoint_every", "min_way",
+                  "max_train_way", "lr", "lr_patience", "multi_shot_prob", "uneven_prob",
+                  "augment_prob")
         if getattr(args, k) is not None
     }
     cfg = dataclasses.replace(cfg, **overrides)

@@ -265,7 +265,8 @@ class Engine:
             for i in indices:
                 n = len(requests[i][1])
                 attention = None if out.attention is None else out.attention[start : start + n]
-                outputs[i] = type(out)(out.probs[start : start + n], attention)
+                outputs[i] = type(out)(out.probs[start : start + n], attention,
+                                       out.similarity[start : start + n])
                 start += n
         return outputs
 

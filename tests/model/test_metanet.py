@@ -171,7 +171,7 @@ def test_every_n_way_from_two_up_to_max_way_works(model, queries, n_way):
 def test_classes_at_or_beyond_n_way_get_no_probability(model, support, queries):
     memory = model.register(*support)
     with torch.inference_mode():  # memories are inference tensors, as in classify
-        logits, _ = model._read(queries, memory.Q_fast, memory.R, memory.M, memory.n_way)
+        logits, _ = model._read(queries, memory.Q_fast, memory.R, memory.M, memory.attention_bias, memory.n_way)
         slow_only = model.b(queries, None, 2)
     assert logits.shape == (4, model.config.max_way)
     assert torch.isneginf(logits[:, 3:]).all() and torch.isfinite(logits[:, :3]).all()
@@ -362,3 +362,61 @@ def test_the_batch_pixel_check_agrees_with_the_per_image_one(value):
     images[2, 0, 3, 5] = value
     assert _pixels_in_range(images) == (not bool(_bad_pixels(images).any()))
     assert _pixels_in_range(images[:0])
+
+
+# ----------------------------------------------------------------- uneven support sets, calibration
+
+
+def _repeated(memory: TaskMemory, row: int, times: int) -> TaskMemory:
+    """The memory with support example `row` stored `times` more times (same R and M rows)."""
+    keep = torch.cat([torch.arange(memory.n_support), torch.full((times,), row)])
+    return TaskMemory(memory.labels, memory.support_labels[keep], memory.Q_fast, memory.R[keep], memory.M[keep])
+
+
+def test_a_class_with_more_examples_does_not_gain_weight_from_their_number(model, queries):
+    """Repeating a class's example k times reads M exactly as storing it once: each example is
+    weighed by 1 / its class's size, so a class's share of the read is its similarity, not its count."""
+    memory = model.register(glyphs(3, seed=5), ["a", "b", "c"])
+    heavy = _repeated(memory, row=0, times=4)
+    assert heavy.attention_bias.tolist() == pytest.approx([-math.log(5), 0, 0] + [-math.log(5)] * 4)
+    torch.testing.assert_close(model.classify(heavy, queries).probs, model.classify(memory, queries).probs)
+    attention = model.classify(heavy, queries, return_attention=True).attention
+    torch.testing.assert_close(attention[:, [0, 3, 4, 5, 6]].sum(1),
+                               model.classify(memory, queries, return_attention=True).attention[:, 0])
+
+
+def test_even_classes_read_m_by_the_plain_softmax_of_the_cosines(model, support, queries):
+    memory = model.register(*support)
+    assert torch.all(memory.attention_bias == memory.attention_bias[0])
+    out = model.classify(memory, queries, return_attention=True)
+    with torch.inference_mode():
+        r = model.u(queries, memory.Q_fast)
+        cosine = torch.nn.functional.normalize(r, dim=1) @ torch.nn.functional.normalize(memory.R, dim=1).T
+    torch.testing.assert_close(out.attention, torch.softmax(cosine, dim=1))
+    torch.testing.assert_close(out.similarity, cosine.amax(dim=1))
+
+
+def test_probabilities_are_the_softmax_of_the_logits_over_the_temperature(model, support, queries):
+    memory = model.register(*support)
+    with torch.inference_mode():
+        logits, _ = model._read(queries, memory.Q_fast, memory.R, memory.M, memory.attention_bias, memory.n_way)
+    model.temperature.fill_(2.5)
+    probs = model.classify(memory, queries).probs
+    torch.testing.assert_close(probs, torch.softmax(logits[:, :3] / 2.5, dim=1))
+
+
+def test_a_support_image_as_its_own_query_has_similarity_one(model, support):
+    images, labels = support
+    memory = model.register(images, labels)
+    similarity = model.classify(memory, images).similarity
+    torch.testing.assert_close(similarity, torch.ones(len(images)), atol=1e-5, rtol=0)
+
+
+def test_check_support_names_examples_of_different_labels_the_model_cannot_tell_apart(model):
+    images = glyphs(3, seed=6)
+    twins = torch.cat([images, images[:1]])  # example 3 is example 0 under another label
+    memory = model.register(twins, ["a", "b", "c", "d"])
+    check = model.check_support(memory, twins)
+    assert [(i, j) for i, j, _ in check.confusable] == [(0, 3)]
+    assert check.confusable[0][2] == pytest.approx(1.0, abs=1e-5)
+    assert check.predicted.shape == check.confidence.shape == (4,)

@@ -32,7 +32,7 @@ def test_export_writes_the_graph_and_a_sidecar_naming_the_weights(shipped: MetaN
 
     graph = onnx.load(str(exported)).graph
     assert [i.name for i in graph.input] == input_names(shipped)
-    assert [o.name for o in graph.output] == ["probs", "attention"]
+    assert [o.name for o in graph.output] == ["probs", "attention", "similarity"]
     sidecar = json.loads(Path(f"{exported}.json").read_text())
     assert sidecar["model_version"] == shipped.version and sidecar["max_way"] == shipped.config.max_way
 
@@ -45,8 +45,8 @@ def test_the_runner_refuses_a_graph_exported_from_other_weights(exported: Path, 
 
 @pytest.mark.slow
 def test_onnx_matches_torch_within_1e_4_on_50_random_tasks(shipped: MetaNet, exported: Path) -> None:
-    """Issue 4's parity bar: max |p_onnx - p_torch| <= 1e-4 over 50 random tasks of 2..20 classes,
-    one to three examples a class (unbalanced), 1..8 queries each; attention too."""
+    """max |p_onnx - p_torch| <= 1e-4 over 50 random tasks of 2..20 classes, one to three examples
+    a class (uneven), 1..8 queries each; attention and similarity too."""
     runner = OnnxQueryPath(exported, shipped, threads=1)
     rng = np.random.default_rng(0)
     worst_probs = worst_attention = 0.0
@@ -63,9 +63,20 @@ def test_onnx_matches_torch_within_1e_4_on_50_random_tasks(shipped: MetaNet, exp
         assert got.probs.shape == want.probs.shape == (n_query, memory.n_way)
         worst_probs = max(worst_probs, float((got.probs - want.probs).abs().max()))
         worst_attention = max(worst_attention, float((got.attention - want.attention).abs().max()))
+        worst_attention = max(worst_attention, float((got.similarity - want.similarity).abs().max()))
     print(f"\nONNX vs torch, 50 tasks: max |dp| {worst_probs:.2e}, |d attention| {worst_attention:.2e}")
     assert worst_probs <= 1e-4
     assert worst_attention <= 1e-4
+
+
+def test_the_runner_refuses_a_graph_of_other_inputs(exported: Path, shipped: MetaNet, tmp_path: Path) -> None:
+    old = tmp_path / "old.onnx"
+    old.write_bytes(exported.read_bytes())
+    sidecar = json.loads(Path(f"{exported}.json").read_text())
+    sidecar["inputs"] = [name for name in sidecar["inputs"] if name != "attention_bias"]
+    Path(f"{old}.json").write_text(json.dumps(sidecar))
+    with pytest.raises(CheckpointError, match="older version"):
+        OnnxQueryPath(old, shipped)
 
 
 def test_onnx_takes_a_half_precision_memory(shipped: MetaNet, exported: Path) -> None:

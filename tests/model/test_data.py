@@ -1,5 +1,6 @@
-"""White-box tests of model/data.py: the three on-disk layouts, preprocessing to 28x28 ink = 1, the
-background/validation split and the episode sampler. Fixtures are tiny synthetic drawings built here.
+"""White-box tests of model/data.py: the three on-disk layouts, the framing to 28x28 ink = 1, the
+background/validation split and the episode sampler (uneven shots, augmentation). Fixtures are tiny
+synthetic drawings built here.
 """
 
 from __future__ import annotations
@@ -8,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from model.augment import Augment
 from model.data import (
     DATA_DIR_ENV,
     EpisodeSampler,
-    Jitter,
     OmniglotSplit,
+    frame_drawings,
     load_split,
-    to_model_input,
     train_val_split,
 )
+from model.transform import frame
 from tests.model.omniglot_fixtures import (
     draw_characters,
     layout_names,
@@ -64,19 +66,22 @@ def test_load_split_reads_each_layout_as_28x28_float_images(layouts, layout):
 
 
 @pytest.mark.parametrize("layout", ["npz", "folder", "zip"])
-def test_load_split_gives_ink_one_and_background_zero(layouts, layout):
-    band = layouts[layout].images[0, 0]  # ink over the top 30 of 105 rows -> top 8 of 28 rows
-    assert (band[:7] == 1.0).all()
-    assert (band[9:] == 0.0).all()
+def test_load_split_frames_each_drawing_with_ink_one_and_background_zero(layouts, layout):
+    # A band 30 rows high across the 105 columns: framed, its 105 columns span the box's 20 pixels,
+    # so its 30 rows span 30 * 20 / 105 = 5.7, centred on row 14 (rows 11.1 to 16.9).
+    band = layouts[layout].images[0, 0]
+    assert (band[12:16, 4:24] == 1.0).all()
+    assert (band[:11] == 0.0).all() and (band[18:] == 0.0).all()
+    assert (band[:, :4] == 0.0).all() and (band[:, 24:] == 0.0).all()
 
 
 @pytest.mark.parametrize("layout", ["npz", "folder", "zip"])
-def test_load_split_keeps_the_mean_ink_of_each_drawing(layouts, layout, drawings):
-    # Area averaging: a drawing's ink fraction survives the 105 -> 28 shrink (roughly: the windows
-    # of adaptive pooling overlap by a pixel).
-    np.testing.assert_allclose(
-        layouts[layout].images.mean(axis=(-2, -1)), drawings.mean(axis=(-2, -1)), rtol=0.1, atol=2e-3
-    )
+def test_load_split_keeps_the_drawings_as_drawn_beside_the_framed_ones(layouts, layout, drawings):
+    split = layouts[layout]
+    np.testing.assert_array_equal(split.raw, drawings)
+    np.testing.assert_allclose(split.images, frame_drawings(drawings), rtol=0, atol=1e-6)
+    kept = split.select_alphabets({"Alphabet_01"})
+    np.testing.assert_array_equal(kept.raw, drawings[2:])
 
 
 def test_the_three_layouts_give_the_same_arrays_for_the_same_drawings(layouts):
@@ -113,21 +118,6 @@ def test_load_split_explains_a_missing_directory_or_layout(tmp_path, monkeypatch
         load_split(tmp_path / "nowhere", "background")
     with pytest.raises(FileNotFoundError, match="omniglot_background.npz"):
         load_split(tmp_path, "background")
-
-
-def test_to_model_input_pads_non_square_images_to_a_centred_square():
-    wide = np.zeros((28, 56), dtype=np.float32)
-    wide[:, 24:32] = 1.0  # a vertical bar in the middle
-    x = to_model_input(wide)
-    assert x.shape == (28, 28)
-    assert x[:7].sum() == 0 and x[-7:].sum() == 0  # the padding went above and below
-    assert (x[7:21, 12:16] == 1.0).all()
-
-
-def test_to_model_input_keeps_leading_axes_and_clamps_to_0_1():
-    x = to_model_input(np.full((2, 3, 105, 105), 1.5, dtype=np.float32))
-    assert x.shape == (2, 3, 28, 28) and x.dtype == torch.float32
-    assert (x == 1.0).all()
 
 
 # ------------------------------------------------------------------------- train/val split
@@ -215,66 +205,59 @@ def test_episode_sampler_is_reproducible_from_its_generator(tiny_split):
     assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
 
 
-# --------------------------------------------------------------------------- training jitter
+# ------------------------------------------------------------------ uneven shots, augmentation
 
 
-def test_jitter_moves_each_drawing_on_its_own_and_keeps_its_shape_and_ink(tiny_split):
-    images = torch.from_numpy(tiny_split.images[:, 0]).unsqueeze(1)  # 8 drawings
-    moved = Jitter(shift=2, rotate=10, scale=0.1, prob=1.0)(images, np.random.default_rng(0))
-    assert moved.shape == images.shape and moved.dtype == images.dtype
-    assert all(not torch.allclose(m, x) for m, x in zip(moved, images, strict=True))
-    assert moved.min() >= 0 and moved.max() <= 1 + 1e-6  # bilinear: ink stays in [0, 1]
-    ink = images.sum((1, 2, 3))
-    assert torch.allclose(moved.sum((1, 2, 3)), ink, rtol=0.35)  # moved and zoomed, not wiped out
+def test_an_uneven_episode_gives_each_class_its_own_number_of_shots(tiny_split):
+    ep = EpisodeSampler(tiny_split, rotate=False).sample(np.random.default_rng(0), 3, [1, 3, 2], 2)
+    assert ep.support_y.tolist() == [0, 1, 1, 1, 2, 2]
+    assert ep.query_y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert ep.support_x.shape == (6, 1, 28, 28) and ep.query_x.shape == (6, 1, 28, 28)
+    with pytest.raises(ValueError, match="2 shot counts for 3 classes"):
+        EpisodeSampler(tiny_split, rotate=False).sample(np.random.default_rng(0), 3, [1, 2], 2)
 
 
-def test_a_pure_shift_of_whole_pixels_moves_a_drawing_exactly():
-    x = torch.zeros(1, 1, 28, 28)
-    x[0, 0, 10:14, 8:12] = 1.0
-
-    class Fixed:  # a generator whose draws give a shift of exactly +2 px on both axes
-        def uniform(self, low, high, size):
-            return np.full(size, high)
-
-        def random(self, n):
-            return np.zeros(n)
-
-    moved = Jitter(shift=2, prob=1.0)(x, Fixed())
-    # affine_grid maps output to input points: the drawing moves by -2 px on both axes.
-    assert torch.allclose(moved, torch.roll(x, (-2, -2), dims=(2, 3)), atol=1e-5)
-
-
-def test_jitter_prob_is_the_share_of_drawings_moved_the_rest_pass_bit_for_bit(tiny_split):
-    images = torch.from_numpy(tiny_split.images.reshape(-1, 28, 28)).unsqueeze(1)  # 48 drawings
-    moved = Jitter(shift=2, rotate=10, prob=0.5)(images, np.random.default_rng(1))
-    same = [torch.equal(m, x) for m, x in zip(moved, images, strict=True)]
-    assert 10 <= sum(same) <= 38  # about half, and the others exactly as they were
-    assert not Jitter(shift=2, prob=0.0).active and not Jitter(prob=1.0).active
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    ({"shift": -1}, "jitter shift must be a finite number, 0 or more, got -1"),
-    ({"rotate": float("nan")}, "jitter rotate must be a finite number, 0 or more, got nan"),
-    ({"shift": float("inf")}, "jitter shift must be a finite number, 0 or more, got inf"),
-    ({"scale": 1.0}, "jitter scale must be below 1, got 1.0"),
-    ({"prob": 1.5}, "jitter prob is a probability, got 1.5"),
-])
-def test_jitter_refuses_impossible_settings_by_name(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        Jitter(**kwargs)
-
-
-def test_a_jittered_sampler_is_reproducible_and_keeps_classes_and_labels(tiny_split):
-    plain = EpisodeSampler(tiny_split, rotate=True)
-    jittered = EpisodeSampler(tiny_split, rotate=True, jitter=Jitter(shift=2, rotate=10, prob=1.0))
-    a = jittered.sample(np.random.default_rng(3), n_way=3, n_shot=2, n_query=2)
-    b = jittered.sample(np.random.default_rng(3), n_way=3, n_shot=2, n_query=2)
-    c = plain.sample(np.random.default_rng(3), n_way=3, n_shot=2, n_query=2)
+def test_a_balanced_episode_given_as_a_list_of_shots_is_the_same_episode(tiny_split):
+    sampler = EpisodeSampler(tiny_split, rotate=True)
+    a = sampler.sample(np.random.default_rng(4), 3, 2, 2)
+    b = sampler.sample(np.random.default_rng(4), 3, [2, 2, 2], 2)
     assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
-    assert a.support_x.shape == c.support_x.shape and a.query_x.shape == c.query_x.shape
+    assert torch.equal(a.support_y, b.support_y)
+
+
+@pytest.fixture
+def drawn_split() -> OmniglotSplit:
+    """6 characters x 5 drawings as drawn at 105x105, framed as load_split frames them."""
+    raw = draw_characters(np.random.default_rng(7), n_chars=6, n_drawings=5, size=105)
+    names = np.array([f"character{i:02d}" for i in range(6)])
+    return OmniglotSplit(frame_drawings(raw), np.array(["Alpha"] * 6), names, raw)
+
+
+def test_an_augmenting_sampler_varies_drawings_and_keeps_classes_and_labels(drawn_split):
+    plain = EpisodeSampler(drawn_split, rotate=True)
+    varied = EpisodeSampler(drawn_split, rotate=True, augment=Augment(prob=1.0))
+    a = varied.sample(np.random.default_rng(3), 3, [1, 2, 1], 2)
+    b = varied.sample(np.random.default_rng(3), 3, [1, 2, 1], 2)
+    c = plain.sample(np.random.default_rng(3), 3, [1, 2, 1], 2)
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)  # reproducible
     assert torch.equal(a.support_y, c.support_y) and torch.equal(a.query_y, c.query_y)
-    assert not torch.equal(a.query_x, c.query_x)  # the same drawings, moved
-    # An inactive jitter leaves the sampler what it was: same draws, same images.
-    idle = EpisodeSampler(tiny_split, rotate=True, jitter=Jitter()).sample(
-        np.random.default_rng(3), n_way=3, n_shot=2, n_query=2)
-    assert torch.equal(idle.query_x, c.query_x)
+    assert a.query_x.shape == c.query_x.shape
+    assert not torch.equal(a.query_x, c.query_x)
+    assert a.query_x.min() >= 0 and a.query_x.max() <= 1
+
+
+def test_an_inactive_augment_or_a_split_without_drawings_leaves_the_sampler_plain(drawn_split, tiny_split):
+    c = EpisodeSampler(drawn_split, rotate=True).sample(np.random.default_rng(3), 3, 2, 2)
+    idle = EpisodeSampler(drawn_split, rotate=True, augment=Augment(prob=0.0))
+    assert torch.equal(idle.sample(np.random.default_rng(3), 3, 2, 2).query_x, c.query_x)
+    assert EpisodeSampler(tiny_split, rotate=True, augment=Augment(prob=1.0)).augment is None
+
+
+def test_the_plain_drawings_of_an_augmenting_sampler_are_the_framed_ones(drawn_split):
+    """Drawings not chosen for augmenting are framed from the drawing exactly as load_split does."""
+    sampler = EpisodeSampler(drawn_split, rotate=False, augment=Augment(prob=1e-9))
+    ep = sampler.sample(np.random.default_rng(5), 2, 1, 1)
+    plain = EpisodeSampler(drawn_split, rotate=False).sample(np.random.default_rng(5), 2, 1, 1)
+    torch.testing.assert_close(ep.support_x, plain.support_x, atol=1e-5, rtol=0)  # torch vs numpy
+    torch.testing.assert_close(frame(torch.from_numpy(drawn_split.raw[0, :2]).float()),
+                               torch.from_numpy(drawn_split.images[0, :2]), atol=1e-5, rtol=0)

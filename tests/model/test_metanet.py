@@ -171,7 +171,8 @@ def test_every_n_way_from_two_up_to_max_way_works(model, queries, n_way):
 def test_classes_at_or_beyond_n_way_get_no_probability(model, support, queries):
     memory = model.register(*support)
     with torch.inference_mode():  # memories are inference tensors, as in classify
-        logits, _ = model._read(queries, memory.Q_fast, memory.R, memory.M, memory.attention_bias, memory.n_way)
+        logits, _ = model._read(queries, memory.Q_fast, memory.R, memory.M, memory.attention_bias,
+                                memory.n_way)
         slow_only = model.b(queries, None, 2)
     assert logits.shape == (4, model.config.max_way)
     assert torch.isneginf(logits[:, 3:]).all() and torch.isfinite(logits[:, :3]).all()
@@ -370,7 +371,8 @@ def test_the_batch_pixel_check_agrees_with_the_per_image_one(value):
 def _repeated(memory: TaskMemory, row: int, times: int) -> TaskMemory:
     """The memory with support example `row` stored `times` more times (same R and M rows)."""
     keep = torch.cat([torch.arange(memory.n_support), torch.full((times,), row)])
-    return TaskMemory(memory.labels, memory.support_labels[keep], memory.Q_fast, memory.R[keep], memory.M[keep])
+    return TaskMemory(memory.labels, memory.support_labels[keep], memory.Q_fast, memory.R[keep],
+                      memory.M[keep])
 
 
 def test_a_class_with_more_examples_does_not_gain_weight_from_their_number(model, queries):
@@ -399,7 +401,8 @@ def test_even_classes_read_m_by_the_plain_softmax_of_the_cosines(model, support,
 def test_probabilities_are_the_softmax_of_the_logits_over_the_temperature(model, support, queries):
     memory = model.register(*support)
     with torch.inference_mode():
-        logits, _ = model._read(queries, memory.Q_fast, memory.R, memory.M, memory.attention_bias, memory.n_way)
+        logits, _ = model._read(queries, memory.Q_fast, memory.R, memory.M, memory.attention_bias,
+                                memory.n_way)
     model.temperature.fill_(2.5)
     probs = model.classify(memory, queries).probs
     torch.testing.assert_close(probs, torch.softmax(logits[:, :3] / 2.5, dim=1))

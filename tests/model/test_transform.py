@@ -1,0 +1,107 @@
+"""The canonical input transform (model/transform.py): the same glyph framed the same way whatever
+its image's size, its place and size in the image, and its polarity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.transform import BOX, SIZE, canonical, frame, ink_maps
+from tests.model.omniglot_fixtures import draw_strokes
+
+
+def glyph(seed: int = 0, size: int = 105) -> np.ndarray:
+    return draw_strokes(np.random.default_rng(seed), size, n_strokes=3, width=2).astype(np.float32)
+
+
+def placed(ink: np.ndarray, frame_side: int, top: int, left: int) -> np.ndarray:
+    """`ink` pasted at (top, left) into an empty frame_side x frame_side image."""
+    out = np.zeros((frame_side, frame_side), dtype=np.float32)
+    out[top : top + ink.shape[0], left : left + ink.shape[1]] = ink
+    return out
+
+
+def box_of(x: np.ndarray, level: float = 0.5) -> tuple[int, int, int, int]:
+    rows, cols = np.flatnonzero((x >= level).any(1)), np.flatnonzero((x >= level).any(0))
+    return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+
+
+def test_the_glyphs_longer_side_spans_the_box_centred_in_the_frame():
+    ink = np.zeros((105, 105), dtype=np.float32)
+    ink[30:50, 10:90] = 1.0  # 20 rows x 80 columns, off-centre
+    out = frame(ink[None])[0]
+    assert out.shape == (SIZE, SIZE) and out.dtype == np.float32
+    top, bottom, left, right = box_of(out, 0.6)
+    assert (left, right) == ((SIZE - BOX) // 2, (SIZE + BOX) // 2)  # 80 columns -> the box's 20
+    assert (top, bottom) == (12, 16)  # 20 rows -> 5 of them about the centre: 11.5 to 16.5
+    assert out[12:16, 4:24].min() == pytest.approx(1.0)
+
+
+def test_a_glyph_framed_anywhere_in_any_image_gives_the_same_input():
+    ink = glyph(1)
+    plain = frame(ink[None])[0]
+    elsewhere = frame(placed(ink, 300, 180, 7)[None])[0]  # a larger image, the glyph in a corner
+    np.testing.assert_allclose(elsewhere, plain, atol=1e-5)
+
+
+def test_a_glyph_drawn_small_frames_close_to_the_same_glyph_drawn_large():
+    ink = glyph(2)
+    small = ink.reshape(35, 3, 35, 3).mean((1, 3))  # the same drawing at a third of the size
+    a = frame(ink[None])[0]
+    b = frame(placed(small, 105, 60, 60)[None])[0]
+    assert np.abs(a - b).mean() < 0.03  # only the resolution differs
+    assert box_of(a, 0.3) == pytest.approx(box_of(b, 0.3), abs=1)
+
+
+def test_either_polarity_and_any_grey_scale_give_the_same_input():
+    ink = glyph(3)
+    dark_on_light = (255 * (1 - ink)).astype(np.uint8)
+    light_on_dark = (255 * ink).astype(np.uint8)
+    faint = (200 + 30 * (1 - ink)).astype(np.float32)  # a faint scan: paper 230, ink 200
+    want = frame(ink[None])[0]
+    for grey in (dark_on_light, light_on_dark, faint):
+        np.testing.assert_allclose(canonical(grey[None])[0], want, atol=1e-5)
+
+
+def test_a_non_square_image_keeps_the_glyphs_aspect_ratio():
+    tall = np.zeros((200, 50), dtype=np.float32)
+    tall[20:180, 20:30] = 1.0  # a vertical bar 160 x 10
+    out = frame(tall[None])[0]
+    top, bottom, left, right = box_of(out)
+    assert (top, bottom) == (4, 24)
+    assert right - left <= 2  # 10 / 160 of the box's 20 pixels: about 1.25
+
+
+def test_a_faint_thin_glyph_shrunk_to_a_few_pixels_is_still_found():
+    tiny = np.zeros((10, 10), dtype=np.float32)
+    tiny[2:8, 4] = 0.3  # a stroke that never reaches full ink
+    out = frame(tiny[None])[0]
+    assert out.max() == pytest.approx(0.3) and box_of(out, 0.15)[:2] == (4, 24)
+
+
+def test_a_blank_image_frames_to_background():
+    assert (frame(np.zeros((2, 40, 40), dtype=np.float32)) == 0).all()
+    assert (canonical(np.full((1, 30, 30), 255, dtype=np.uint8)) == 0).all()
+
+
+def test_numpy_and_torch_give_the_same_input_and_each_image_is_framed_alone():
+    stack = np.stack([glyph(s) for s in range(4)])
+    by_numpy = frame(stack)
+    by_torch = frame(torch.from_numpy(stack))
+    assert isinstance(by_torch, torch.Tensor) and by_torch.dtype == torch.float32
+    np.testing.assert_allclose(by_torch.numpy(), by_numpy, atol=1e-5)
+    np.testing.assert_array_equal(frame(stack[2:3])[0], by_numpy[2])
+
+
+def test_ink_maps_stretch_each_image_from_its_paper_to_its_strongest_stroke():
+    grey = np.full((1, 20, 20), 240.0, dtype=np.float32)
+    grey[0, 5:15, 10] = 120.0  # dark ink on light paper
+    ink = ink_maps(grey)[0]
+    assert ink.max() == 1.0 and ink[0, 0] == 0.0
+    assert ink_maps(np.full((1, 5, 5), 7, dtype=np.uint8)).max() == 0.0  # blank
+
+
+def test_frame_refuses_what_is_not_an_array():
+    with pytest.raises(TypeError, match="numpy array or a torch tensor"):
+        frame([[0.0]])

@@ -1,5 +1,5 @@
-"""N-way K-shot evaluation on held-out alphabets: mean accuracy and a 95% confidence interval, at
-one (way, shot) point or over a grid of them.
+"""N-way K-shot evaluation on held-out alphabets: mean accuracy and a 95% confidence interval, and
+the expected calibration error of the answers' confidence, at one (way, shot) point or over a grid.
 
 Episodes go through the public `register` / `classify` API with string labels, the way the service
 uses the model; `m_dtype` holds each task's M in float16 or bfloat16 between the two, as the service
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.calibrate import TaskKind, expected_calibration_error, sample_task
 from model.data import EpisodeSampler, OmniglotSplit
 from model.metanet import MetaNet
 
@@ -32,6 +33,8 @@ class EvalResult:
     ci95: float | None  # None for a single episode: no spread to measure
     seed: int
     m_dtype: str = "float32"  # the dtype M was held in between register and classify
+    ece: float | None = None  # expected calibration error of the answers (10 bins)
+    within_alphabet: bool = False  # each task's classes drawn from one alphabet
 
     def to_dict(self) -> dict[str, float | int | str]:
         return dict(self.__dict__)
@@ -48,34 +51,48 @@ def evaluate(
     queries_per_class: int = 5,
     m_dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    within_alphabet: bool = False,
 ) -> EvalResult:
     """Mean per-episode accuracy over seeded episodes (no rotations at test time), each task's M
-    converted to `m_dtype` after registration."""
+    converted to `m_dtype` after registration; `within_alphabet` draws each task's classes from one
+    alphabet (harder: its characters look alike)."""
     if episodes < 1:
         raise ValueError("episodes must be at least 1")
     dtype_name = _m_dtype_name(m_dtype)
     device = next(model.parameters()).device
     sampler = EpisodeSampler(split, rotate=False, device=device)
+    kind = TaskKind(f"{way}-way {shot}-shot", way, shot, within_alphabet=True)
     rng = np.random.default_rng(seed)
     names = [f"class-{k}" for k in range(way)]
     accuracies = np.empty(episodes)
+    confidences, corrects = [], []
     steps = range(episodes)
     if progress:
         from tqdm import tqdm
 
         steps = tqdm(steps, desc=f"{way}-way {shot}-shot", unit="episode")
     for e in steps:
-        ep = sampler.sample(rng, way, shot, queries_per_class)
-        memory = model.register(ep.support_x, [names[int(k)] for k in ep.support_y])
+        if within_alphabet:
+            support_x, support_y, query_x, query_y = sample_task(split, kind, rng, queries_per_class, device)
+        else:
+            ep = sampler.sample(rng, way, shot, queries_per_class)
+            support_x, support_y, query_x, query_y = ep.support_x, ep.support_y, ep.query_x, ep.query_y
+        memory = model.register(support_x, [names[int(k)] for k in support_y])
         if m_dtype != torch.float32:  # register builds M in float32, the model's own dtype
             memory = memory.with_m_dtype(m_dtype)
-        probs = model.classify(memory, ep.query_x).probs
+        probs = model.classify(memory, query_x).probs.cpu()
+        confidence, best = probs.max(dim=1)
         # memory.labels lists names in first-appearance order, which is class-0, class-1, ...
-        predicted = torch.tensor([int(memory.labels[k].split("-")[1]) for k in probs.argmax(1)])
-        accuracies[e] = (predicted == ep.query_y.cpu()).float().mean().item()
+        predicted = torch.tensor([int(memory.labels[k].split("-")[1]) for k in best])
+        correct = predicted == query_y.cpu()
+        accuracies[e] = correct.float().mean().item()
+        confidences.append(confidence.numpy())
+        corrects.append(correct.numpy())
     mean = float(accuracies.mean())
     ci95 = 1.96 * float(accuracies.std(ddof=1)) / math.sqrt(episodes) if episodes > 1 else None
-    return EvalResult(way, shot, episodes, queries_per_class, mean, ci95, seed, dtype_name)
+    ece = expected_calibration_error(np.concatenate(confidences), np.concatenate(corrects))
+    return EvalResult(way, shot, episodes, queries_per_class, mean, ci95, seed, dtype_name, ece,
+                      within_alphabet)
 
 
 def _m_dtype_name(dtype: torch.dtype) -> str:

@@ -89,6 +89,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--m-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="hold each task's M in this dtype between registering and classifying, as the "
                    "service does with METANET_M_DTYPE (default float32)")
+    p.add_argument("--within-alphabet", action="store_true",
+                   help="draw each task's classes from one alphabet (characters that look alike)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="PNG", help="evaluate the grid --ways x --shots (--episodes a point) "
                    "and write accuracy against n_way, one line per n_shot, to this PNG")
@@ -120,13 +122,53 @@ def _evaluate(args: argparse.Namespace) -> int:
         return _evaluate_grid(args, model, split)
     result = evaluate(model, split, way=args.way, shot=args.shot, episodes=args.episodes,
                       seed=args.seed, queries_per_class=args.queries, m_dtype=M_DTYPES[args.m_dtype],
-                      progress=not args.json)
+                      progress=not args.json, within_alphabet=args.within_alphabet)
     out = {**result.to_dict(), "model_version": model.version}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{args.way}-way {args.shot}-shot over {args.episodes} episodes, M in {args.m_dtype}: "
-              f"{100 * result.accuracy:.2f}% ± {100 * (result.ci95 or 0.0):.2f} (95% CI)")
+        where = " within one alphabet" if args.within_alphabet else ""
+        print(f"{args.way}-way {args.shot}-shot{where} over {args.episodes} episodes, M in {args.m_dtype}: "
+              f"{100 * result.accuracy:.2f}% ± {100 * (result.ci95 or 0.0):.2f} (95% CI), "
+              f"ECE {result.ece:.3f}")
+    return 0
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="fit the confidence temperature on the validation alphabets")
+    p.add_argument("--weights", required=True, help="weights directory: the temperature is saved into it")
+    p.add_argument("--data-dir", help="Omniglot directory (default: $METANET_OMNIGLOT_DIR)")
+    p.add_argument("--episodes", type=int, default=200, help="tasks of each kind to fit on (200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from model.calibrate import FIT_TASKS, calibration_report, collect_answers, fit_temperature
+    from model.checkpoint import load_model, save_weights
+    from model.data import load_split, train_val_split
+
+    if args.episodes < 1:
+        raise ValueError("--episodes must be at least 1")
+    model = load_model(args.weights, args.device)
+    _, validation = train_val_split(load_split(args.data_dir, "background", model.config.image_size))
+    answers = collect_answers(model, validation, FIT_TASKS, episodes=args.episodes, seed=args.seed)
+    temperature = fit_temperature(answers)
+    before, after = calibration_report(answers, 1.0), calibration_report(answers, temperature)
+    model.temperature.fill_(temperature)
+    meta = json.loads((Path(args.weights) / "config.json").read_text())
+    meta.pop("model", None)
+    meta["calibration"] = {
+        "temperature": temperature, "episodes_per_kind": args.episodes, "seed": args.seed,
+        "alphabets": validation.alphabets, "ece_before": before, "ece_after": after,
+    }
+    save_weights(model, args.weights, extra=meta)
+    print(f"temperature {temperature:.3f}, fitted on {len(answers.labels)} queries of the validation "
+          f"alphabets ({', '.join(validation.alphabets)}); saved into {args.weights}")
+    for name in before:
+        print(f"  {name}: accuracy {100 * after[name]['accuracy']:.1f}%, ECE {before[name]['ece']:.3f} "
+              f"-> {after[name]['ece']:.3f}")
     return 0
 
 
@@ -226,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_calibrate(sub)
     _add_serve(sub)
     _add_export_onnx(sub)
     add_client_commands(parser, sub)

@@ -35,6 +35,8 @@ def test_evaluate_reports_way_shot_episodes_accuracy_and_ci95(model, tiny_split)
         "ci95",
         "seed",
         "m_dtype",
+        "ece",
+        "within_alphabet",
     }
     assert result.m_dtype == "float32"
 
@@ -111,7 +113,7 @@ class LookupModel(nn.Module):
 
     def classify(self, memory, images):
         ids = [0 if self.always_first else memory.by_value[float(x.max())] for x in images]
-        return ClassifyOutput(torch.eye(len(memory.labels))[ids], None)
+        return ClassifyOutput(torch.eye(len(memory.labels))[ids], None, torch.ones(len(ids)))
 
 
 @pytest.fixture
@@ -166,3 +168,18 @@ def test_evaluate_grid_skips_what_the_model_or_the_split_cannot_hold(model, tiny
                                                                      reason):
     grid = evaluate_grid(model, tiny_split, ways=(way,), shots=(shot,), episodes=1, queries_per_class=queries)
     assert grid.results == [] and grid.skipped[0].reason == reason
+
+
+def test_a_sure_perfect_classifier_is_perfectly_calibrated_and_a_sure_guess_is_not(flat_split):
+    assert evaluate(LookupModel(), flat_split, way=5, shot=1, episodes=3).ece == pytest.approx(0.0)
+    # Sure of the first label every time, right one time in five: ECE = 1 - 1/5.
+    guess = evaluate(LookupModel(always_first=True), flat_split, way=5, shot=1, episodes=3)
+    assert guess.ece == pytest.approx(0.8)
+
+
+def test_within_alphabet_tasks_draw_every_class_from_one_alphabet(model, tiny_split):
+    """tiny_split has two alphabets of 4 characters: a 4-way task within one takes all of one."""
+    result = evaluate(model, tiny_split, way=4, shot=1, episodes=2, within_alphabet=True)
+    assert result.within_alphabet and 0.0 <= result.accuracy <= 1.0
+    with pytest.raises(ValueError):
+        evaluate(model, tiny_split, way=5, shot=1, episodes=1, within_alphabet=True)  # no alphabet has 5

@@ -1,7 +1,6 @@
 """Query decoding on one thread, libspng against Pillow, in one run: the service's path for a
-query image (base64 file -> grey levels -> ink -> model input, `service.images.model_inputs`),
-32 images a request. A third column takes libspng with every image the long way (ink at full size,
-then resizing: no shortcut for drawings, see `images._inputs_of_stack`).
+query image (base64 file -> grey levels -> the canonical framing, `service.images.model_inputs`),
+32 images a request.
 
     python bench/decode.py                       # 5 rounds of 2 s per decoder and image kind
     python bench/decode.py --seconds 0.2 --rounds 1 --out /tmp/decode.json   # a smoke run
@@ -80,38 +79,29 @@ def main(argv: list[str] | None = None) -> int:
     requests = {kind: [[encoded(d, kind) for d in drawings[i:i + 32]] for i in range(0, len(drawings), 32)]
                 for kind in kinds}
     spng = images.pyspng
-    shortcut = images._inputs_of_stack
-
-    def long_way(greys: np.ndarray, size: int) -> np.ndarray:
-        return images.resize(images.ink_maps(greys), size)
-
-    decoders = {"libspng": (spng, shortcut), "Pillow": (None, shortcut),
-                "libspng, long way": (spng, long_way)}
+    decoders = {"libspng": spng, "Pillow": None}
     times: dict[str, dict[str, list[float]]] = {k: {d: [] for d in decoders} for k in kinds}
     for _ in range(args.rounds):
         for kind in kinds:
-            for name, (module, inputs) in decoders.items():
-                images.pyspng, images._inputs_of_stack = module, inputs
+            for name, module in decoders.items():
+                images.pyspng = module
                 try:
                     times[kind][name].append(per_image(requests[kind], args.seconds))
                 finally:
-                    images.pyspng, images._inputs_of_stack = spng, shortcut
+                    images.pyspng = spng
     rows: list[dict[str, Any]] = []
     for kind in kinds:
         best = {name: min(t) for name, t in times[kind].items()}
         rows.append({"kind": kind, "us_per_image": {n: round(1e6 * t, 1) for n, t in best.items()},
                      "pillow_over_libspng": round(best["Pillow"] / best["libspng"], 2),
-                     "long_way_over_libspng": round(best["libspng, long way"] / best["libspng"], 2),
                      "rounds_us": {n: [round(1e6 * x, 1) for x in t] for n, t in times[kind].items()}})
     result = {"command": " ".join(["python", "bench/decode.py", *(argv or sys.argv[1:])]),
               "date": str(dt.date.today()), "git_commit": git_commit(), "data": source,
               "images": f"{len(drawings)} drawings, 105x105, base64, 32 a request",
               "seconds": args.seconds, "rounds": args.rounds, "rows": rows}
-    lines = ["| image | libspng µs/image | Pillow µs/image | Pillow / libspng | libspng, long way µs/image "
-             "| long way / libspng |", "|---|---|---|---|---|---|"]
+    lines = ["| image | libspng µs/image | Pillow µs/image | Pillow / libspng |", "|---|---|---|---|"]
     lines += [f"| {r['kind']} | {r['us_per_image']['libspng']} | {r['us_per_image']['Pillow']} | "
-              f"{r['pillow_over_libspng']} | {r['us_per_image']['libspng, long way']} | "
-              f"{r['long_way_over_libspng']} |" for r in rows]
+              f"{r['pillow_over_libspng']} |" for r in rows]
     write_result(result, args.out, "\n".join(lines))
     return 0
 

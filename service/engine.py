@@ -1,5 +1,6 @@
 """The one adapter between the service and `model`: loads MetaNet, runs it off the event loop,
-and turns its errors into the service's. No other service module imports `model` or torch.
+and turns its errors into the service's. No other service module imports torch, nor `model` but
+for its input transform (`model.transform`, numpy only: service/images.py).
 """
 
 from __future__ import annotations

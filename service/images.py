@@ -1,14 +1,14 @@
-"""Image intake: a request's image (base64 file, data URL or pixel array) -> an ink map in [0, 1].
+"""Image intake: a request's image (base64 file, data URL, pixel array or v2 tensor) -> the model's
+input, through the canonical transform that training and evaluation use (`model.transform`).
 
 Size limits are checked before anything is decoded in full; polarity is detected per image, so
-dark-on-light (Omniglot's PNGs) and light-on-dark drawings give the same ink map.
+dark-on-light (Omniglot's PNGs) and light-on-dark drawings give the same input.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import io
 import re
 from collections.abc import Iterator, Sequence
@@ -17,6 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+# The model's own input transform (numpy only), imported here rather than through service.engine:
+# it is the contract between an image and the networks, and decoding processes need it without
+# the engine.
+from model.transform import canonical, frame, ink_maps
 from service.errors import ImageTooLarge, InvalidImage
 
 try:  # libspng's decoder (extra "serve"): without it, Pillow decodes every PNG
@@ -28,6 +32,7 @@ except ImportError:  # pragma: no cover - a platform without its wheel
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 _DATA_URL = re.compile(r"data:[^,;]*(;[^,;]*)*?;base64,", re.IGNORECASE)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LONGEST_SIDE = 8192  # framed as it is up to this many pixels a side; longer: see `_bounded`
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ def pixel_array(rows: object) -> np.ndarray:
     """Validate a JSON pixel array: 2-D, rectangular, all integers 0..255 or all numbers in [0, 1].
 
     Integers 0 and 1 may sit among floats (JavaScript writes 1.0 as 1). Returns float32 grey levels
-    on the array's own scale; `ink_map` does not care which scale.
+    on the array's own scale; `model.transform.ink_maps` does not care which scale.
     """
     if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
         raise InvalidImage("pixels must be a non-empty 2-D array (a list of rows)")
@@ -72,46 +77,6 @@ def decode(image: str | bytes | np.ndarray, limits: ImageLimits) -> np.ndarray:
     return _decode_file(_unbase64(image, limits), limits)
 
 
-def ink_map(grey: np.ndarray) -> np.ndarray:
-    """Grey levels (H, W) on any scale -> ink = 1, background = 0, float32.
-
-    The background is the median of the image's border (drawings rarely touch the frame); whichever
-    extreme it is nearer to is the paper. Ink is then scaled from the background level to the
-    darkest (or brightest) stroke, so a binary Omniglot PNG maps to exactly 1 - grey / 255, the
-    training preprocessing, and faint scans or 0/1-valued pixel arrays are stretched to full ink.
-    """
-    return ink_maps(np.asarray(grey)[None])[0]
-
-
-def ink_maps(greys: np.ndarray) -> np.ndarray:
-    """`ink_map` of each image of a stack (n, H, W), in a few numpy calls for the whole stack (a
-    request's images cost far less than one by one); each image's ink is the same, bit for bit."""
-    x = np.asarray(greys, dtype=np.float32)
-    _, _, paper, dark, blank, scale = _levels(np.asarray(greys))
-    ink = x - paper.astype(np.float32)[:, None, None]
-    np.negative(ink, out=ink, where=dark[:, None, None])  # paper - grey, exactly
-    ink /= scale[:, None, None]
-    ink[blank] = 0.0
-    return np.clip(ink, 0.0, 1.0, out=ink)
-
-
-def _levels(greys: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per image of a stack (n, H, W): its lowest and highest level, the paper's level, whether
-    the ink is darker than the paper, whether the image is blank, and the ink's full scale
-    (float32). The paper is the median of the border; the levels are in float64, as Python floats
-    would be: the polarity test is exact. uint8 greys (decoded files) are read as they are, the
-    rest as float32: the same levels either way."""
-    x = greys if greys.dtype == np.uint8 else np.asarray(greys, dtype=np.float32)
-    flat = x.reshape(len(x), -1)
-    lo, hi = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
-    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1).astype(np.float32)
-    paper = np.median(border, axis=1).astype(np.float64)
-    dark = paper - lo >= hi - paper  # light paper, dark ink
-    blank = hi == lo  # no ink anywhere
-    scale = np.where(blank, 1.0, np.where(dark, paper - lo, hi - paper)).astype(np.float32)
-    return lo, hi, paper, dark, blank, scale
-
-
 def _shape_stacks(greys: Sequence[np.ndarray]) -> Iterator[tuple[list[int], np.ndarray]]:
     """Images of any shapes -> (indices, the images stacked) for each shape (and dtype) among them."""
     by_shape: dict[tuple[object, ...], list[int]] = {}
@@ -123,9 +88,9 @@ def _shape_stacks(greys: Sequence[np.ndarray]) -> Iterator[tuple[list[int], np.n
 
 def model_inputs(images: Sequence[str | bytes | np.ndarray], limits: ImageLimits, size: int) -> np.ndarray:
     """A request's images -> the model's inputs (n, size, size) float32: decoded one by one, then
-    ink and resizing for all images of a shape at once. A bad image raises InvalidImage or
-    ImageTooLarge with its position in `index`. Pure and picklable: it runs in threads or in
-    worker processes alike."""
+    `model.transform.canonical` (polarity, ink, framing) for all images of a shape at once, as
+    training and evaluation frame theirs. A bad image raises InvalidImage or ImageTooLarge with its
+    position in `index`. Pure and picklable: it runs in threads or in worker processes alike."""
     greys = []
     for i, image in enumerate(images):
         try:
@@ -135,93 +100,36 @@ def model_inputs(images: Sequence[str | bytes | np.ndarray], limits: ImageLimits
             raise
     out = np.empty((len(images), size, size), dtype=np.float32)
     for indices, stack in _shape_stacks(greys):  # a request's images are mostly of one size
-        out[indices] = _inputs_of_stack(stack, size)
+        if max(stack.shape[1:]) <= LONGEST_SIDE:
+            out[indices] = canonical(stack, size)
+        else:
+            out[indices] = [frame(_bounded(ink_maps(grey[None])), size)[0] for grey in stack]
     return out
 
 
-def _inputs_of_stack(greys: np.ndarray, size: int) -> np.ndarray:
-    """Model inputs of a stack of greys of one shape: `resize(ink_maps(greys))`, with a shortcut
-    for square 8-bit images whose paper is their lightest (or darkest) level, as drawings'
-    is: their ink is then an affine map of the grey levels that never leaves [0, 1], so it
-    commutes with the (linear, weights summing to 1) area averaging, and each such image is
-    resized from its grey levels and only its size x size result mapped to ink. Rounding aside,
-    the same values (within 1e-6 of the long way); and each image's the same, bit for bit, alone
-    or in a stack (which way an image goes depends on it alone). The long way made a 105x105
-    drawing's whole query path, its decoding included, take 1.23 times as long
-    (`python bench/decode.py`: 53.8 against 43.6 µs an image on this CPU)."""
-    n, height, width = greys.shape
-    if greys.dtype != np.uint8 or height != width or width == size:
-        return resize(ink_maps(greys), size)
-    lo, hi, paper, dark, blank, scale = _levels(greys)
-    short = ~blank & (paper == np.where(dark, hi, lo))
-    out = np.empty((n, size, size), dtype=np.float32)
-    out[blank] = 0.0
-    long_way = ~blank & ~short
-    if long_way.any():
-        out[long_way] = resize(ink_maps(greys[long_way]), size)
-    if short.any():
-        rows = _area_weights(width, size)
-        means = rows @ greys[short].astype(np.float32) @ rows.T  # the grey levels' area means
-        ink = means - paper[short].astype(np.float32)[:, None, None]
-        np.negative(ink, out=ink, where=dark[short][:, None, None])
-        ink /= scale[short][:, None, None]
-        out[short] = np.clip(ink, 0.0, 1.0, out=ink)
-    return out
+def _bounded(ink: np.ndarray) -> np.ndarray:
+    """An ink map (1, H, W) with a side over LONGEST_SIDE -> one that `frame` takes in bounded memory.
 
-
-def resize(ink: np.ndarray, size: int) -> np.ndarray:
-    """Ink maps (n, H, W) -> (n, size, size) float32, as `model.data.to_model_input` does in
-    training: non-square images padded to a centred square, then area averaging.
-
-    Area averaging is separable (each output pixel averages a rectangle of rows x columns, the
-    windows of torch's adaptive_avg_pool2d). A square image takes two small matrix products, which
-    numpy runs for the whole stack in one call; each image's result is the same, bit for bit, alone
-    or in a stack. A non-square one is averaged over the windows of its padded square without
-    building that square: a 100000 x 1 image within the pixel limit would otherwise pad to 37 GB.
-    No torch op runs, which keeps request threads off torch's CPU thread team.
+    `frame` weighs every source pixel of a side for each output pixel: (size, H + W) float64
+    weights and their temporaries, some 700 bytes per pixel of the sides, so a 16,000,000 x 1 image
+    within `max_pixels` would ask for 11 GB. Such an image is first cropped to its ink, which
+    changes nothing (`frame` takes what lies beyond an image as background too); if a side is still
+    over LONGEST_SIDE, the ink is then shrunk by the smallest whole factor that brings it within,
+    the same on both sides (`frame` keeps the aspect), each pixel the mean of a square block. The
+    glyph then spans thousands of source pixels, each output pixel averages hundreds of blocks, and
+    the framed input is within a few thousandths of the full-size one
+    (tests/service/test_images.py).
     """
-    x = np.asarray(ink, dtype=np.float32)
-    h, w = x.shape[-2:]
-    if h != w:
-        side = max(h, w)
-        axes = [(-2, (side - h) // 2), (-1, (side - w) // 2)]  # the long axis first: it shrinks most
-        (axis, offset), (axis2, offset2) = axes if h > w else axes[::-1]
-        lead = x.shape[:-2]
-        # One image at a time: the prefix sums of the long axis are 8 bytes a pixel.
-        x = np.stack([_window_means(image, axis, side, offset, size) for image in x.reshape(-1, h, w)])
-        x = _window_means(x, axis2, side, offset2, size).reshape(*lead, size, size)
-    elif w != size:
-        rows = _area_weights(w, size)
-        x = rows @ x @ rows.T
-    return np.clip(x, 0.0, 1.0).astype(np.float32, copy=False)
-
-
-def _window_means(x: np.ndarray, axis: int, side: int, offset: int, size: int) -> np.ndarray:
-    """Means along `axis` over the `size` area windows of a length-`side` axis in which x's
-    values start at `offset` and the rest is background (0): prefix sums, no padding."""
-    axis %= x.ndim
-    shape = list(x.shape)
-    length, shape[axis] = shape[axis], shape[axis] + 1
-    sums = np.zeros(shape, dtype=np.float64)  # sums[k]: the sum of the first k values
-    np.cumsum(x, axis=axis, dtype=np.float64, out=sums[(slice(None),) * axis + (slice(1, None),)])
-    i = np.arange(size)
-    start, end = (i * side) // size, -((-(i + 1) * side) // size)
-    inside = [np.clip(bound - offset, 0, length) for bound in (start, end)]
-    shape = [1] * x.ndim
-    shape[axis] = size
-    totals = np.take(sums, inside[1], axis=axis) - np.take(sums, inside[0], axis=axis)
-    return (totals / (end - start).reshape(shape)).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=64)
-def _area_weights(n: int, size: int) -> np.ndarray:
-    """(size, n): row i averages source pixels [floor(i n / size), ceil((i + 1) n / size))."""
-    weights = np.zeros((size, n), dtype=np.float32)
-    for i in range(size):
-        start, end = (i * n) // size, -((-(i + 1) * n) // size)
-        weights[i, start:end] = 1.0 / (end - start)
-    weights.flags.writeable = False
-    return weights
+    rows, cols = np.flatnonzero(ink[0].any(1)), np.flatnonzero(ink[0].any(0))
+    if not len(rows):
+        return ink[:, :1, :1]  # blank: framed as background whatever its size
+    ink = ink[:, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    block = -(-max(ink.shape[1:]) // LONGEST_SIDE)  # one factor for both sides: `frame` keeps aspect
+    if block > 1:  # sums of block x block squares (a last, partial one holds background too)
+        for axis in (1, 2):
+            ink = np.add.reduceat(ink, np.arange(0, ink.shape[axis], block), axis=axis, dtype=np.float64)
+        ink = (ink / block**2).astype(np.float32)
+    return ink
 
 
 def _unbase64(text: str, limits: ImageLimits) -> bytes:
@@ -270,8 +178,8 @@ def _decode_file(data: bytes, limits: ImageLimits) -> np.ndarray:
 
 def _grey_png(data: bytes, limits: ImageLimits) -> np.ndarray | None:
     """An 8-bit greyscale PNG without transparency (drawings, scans) decoded by libspng: the
-    same uint8 grey levels as Pillow's, and a query image's whole path (ink and resizing too) in
-    0.43 of the time it takes with Pillow (`python bench/decode.py`).
+    same uint8 grey levels as Pillow's, in less time (`python bench/decode.py` times a query
+    image's whole path with either decoder).
     None for any other file, which Pillow decodes: colour, alpha, 16 bits, a `tRNS` chunk
     anywhere (perhaps only in compressed bytes: Pillow then decodes it all the same), no pyspng,
     and 1, 2 or 4 bits a pixel, whose expansion to 8 bits libspng does no faster than Pillow."""
@@ -302,10 +210,10 @@ def _check_pixels(width: int, height: int, limits: ImageLimits) -> None:
 
 def _grey(img: Image.Image) -> np.ndarray:
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        return np.asarray(img, dtype=np.float32)  # high bit depth: keep it, ink_map rescales
+        return np.asarray(img, dtype=np.float32)  # high bit depth: keep it, ink_maps rescales
     if "A" in img.getbands() or "transparency" in img.info:
         # Strokes drawn on a transparent canvas: put them on white paper.
         rgba = img.convert("RGBA")
         paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(paper, rgba)
-    return np.asarray(img.convert("L"))  # uint8: ink_maps converts the whole stack at once
+    return np.asarray(img.convert("L"))  # uint8: ink_maps reads the levels as they are

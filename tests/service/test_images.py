@@ -1,4 +1,5 @@
-"""Image intake: encodings, polarity, pixel arrays, and refusing bombs before they are decoded."""
+"""Image intake: encodings, polarity, pixel arrays, the model's own framing of every image (what
+training sees), and refusing bombs before they are decoded."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFile
 
-from model.data import to_model_input
+from model.data import frame_drawings
+from model.transform import canonical, ink_maps
 from service import images
 from service.errors import ImageTooLarge, InvalidImage
-from service.images import ImageLimits, decode, ink_map, model_inputs, pixel_array, resize
+from service.images import ImageLimits, decode, model_inputs, pixel_array
 
 LIMITS = ImageLimits(max_bytes=1_000_000, max_pixels=4_000_000)
 
@@ -32,7 +34,28 @@ def b64_file(img: Image.Image, fmt: str = "PNG") -> str:
 
 
 def ink_of(image: str | np.ndarray, limits: ImageLimits = LIMITS) -> np.ndarray:
-    return ink_map(decode(image, limits))
+    return ink_maps(decode(image, limits)[None])[0]
+
+
+def served(*image: str | bytes | np.ndarray) -> np.ndarray:
+    """The model inputs the service makes of a request's images."""
+    return model_inputs(list(image), LIMITS, 28)
+
+
+def omniglot_like(height: int = 105, width: int = 105, seed: int = 0) -> np.ndarray:
+    """A binary drawing (ink = 1) as Omniglot's: strokes of a few pixels and some specks."""
+    rng = np.random.default_rng(seed)
+    ink = np.zeros((height, width), dtype=np.uint8)
+    ink[height // 4 : 3 * height // 4, width // 2 : width // 2 + 4] = 1
+    ink[height // 2 : height // 2 + 3, width // 5 : 4 * width // 5] = 1
+    rows = rng.integers(height // 5, height - height // 5, 30)
+    ink[rows, rng.integers(width // 5, width - width // 5, 30)] = 1
+    return ink
+
+
+def png_of(ink: np.ndarray, *, light_on_dark: bool = False, mode: str = "1") -> str:
+    grey = (255 * (ink if light_on_dark else 1 - ink)).astype(np.uint8)
+    return b64_file(Image.fromarray(grey, mode="L").convert(mode))
 
 
 def test_black_on_white_png_gives_exactly_one_minus_grey() -> None:
@@ -47,15 +70,41 @@ def test_white_on_black_gives_the_same_ink_as_black_on_white() -> None:
     np.testing.assert_array_equal(ink_of(b64_file(inverted)), ink_of(b64_file(img)))
 
 
-def test_omniglot_drawing_matches_the_training_preprocessing_exactly() -> None:
-    rng = np.random.default_rng(0)
-    ink = np.zeros((105, 105), dtype=np.uint8)
-    ink[30:70, 50:56] = 1
-    ink[rng.integers(0, 105, 40), rng.integers(0, 105, 40)] = 1
-    png = b64_file(Image.fromarray((255 * (1 - ink)).astype(np.uint8), mode="L").convert("1"))
-    served = to_model_input(ink_of(png)).numpy()
-    trained = to_model_input(ink.astype(np.float32)).numpy()
-    np.testing.assert_array_equal(served, trained)
+@pytest.mark.parametrize("light_on_dark", [False, True])
+@pytest.mark.parametrize("mode", ["1", "L"])  # Omniglot's 1-bit files (Pillow); 8-bit grey (libspng)
+@pytest.mark.parametrize(("height", "width"),
+                         [(105, 105), (28, 28), (64, 64), (300, 300), (105, 70), (40, 180)])
+def test_an_omniglot_like_png_is_served_as_training_frames_its_ink(
+    light_on_dark: bool, mode: str, height: int, width: int,
+) -> None:
+    ink = omniglot_like(height, width, seed=height + width)
+    trained = frame_drawings(ink.astype(np.float32))  # model.data: what training and evaluation see
+    np.testing.assert_array_equal(served(png_of(ink, light_on_dark=light_on_dark, mode=mode)), trained[None])
+
+
+@pytest.mark.parametrize("scale", ["ints", "floats", "floats light on dark"])
+def test_a_pixel_array_is_served_as_training_frames_its_ink(scale: str) -> None:
+    ink = omniglot_like(60, 45, seed=4)
+    rows = {"ints": (255 * (1 - ink)).tolist(), "floats": (1.0 - ink).astype(float).tolist(),
+            "floats light on dark": ink.astype(float).tolist()}[scale]
+    np.testing.assert_array_equal(served(pixel_array(rows)), frame_drawings(ink.astype(np.float32))[None])
+
+
+def test_images_of_several_shapes_in_one_request_are_each_served_as_they_are_alone() -> None:
+    files = [png_of(omniglot_like(105, 105, seed=1)), png_of(omniglot_like(50, 90, seed=2)),
+             png_of(omniglot_like(105, 105, seed=3), light_on_dark=True), pixel_array([[255] * 6] * 5)]
+    together = served(*files)
+    assert together.shape == (4, 28, 28) and together.dtype == np.float32
+    for i, image in enumerate(files):
+        np.testing.assert_array_equal(together[i], served(image)[0])
+    assert together[:3].max() == 1.0 and not together[3].any()  # framed ink; blank paper: none
+
+
+def test_the_glyph_is_framed_wherever_it_sits_in_the_image() -> None:
+    ink = omniglot_like(105, 105, seed=5)
+    canvas = np.zeros((400, 260), dtype=np.uint8)
+    canvas[250:355, 10:115] = ink  # the same drawing in a corner of a larger canvas
+    np.testing.assert_allclose(served(png_of(canvas)), served(png_of(ink)), rtol=0, atol=1e-5)
 
 
 def test_data_url_prefix_is_accepted() -> None:
@@ -129,18 +178,6 @@ def test_undecodable_images_are_invalid(text: str) -> None:
         decode(text, LIMITS)
 
 
-@pytest.mark.parametrize("shape", [(2, 40, 105), (1, 105, 37), (3, 3, 200), (2, 200, 3), (1, 28, 20),
-                                   (1, 1, 5), (1, 29, 28), (2, 105, 105), (1, 4, 4)])
-def test_resizing_matches_the_training_preprocessing(shape: tuple[int, int, int]) -> None:
-    ink = np.random.default_rng(sum(shape)).random(shape).astype(np.float32)
-    np.testing.assert_allclose(resize(ink, 28), to_model_input(ink).numpy(), rtol=0, atol=1e-6)
-
-
-def test_a_square_image_resizes_the_same_alone_or_in_a_stack() -> None:
-    stack = np.random.default_rng(1).random((5, 105, 105)).astype(np.float32)
-    np.testing.assert_array_equal(resize(stack[2:3], 28)[0], resize(stack, 28)[2])
-
-
 @pytest.mark.parametrize(("width", "height"), [(4_000_000, 1), (1, 4_000_000), (100_000, 40)])
 def test_a_long_thin_image_is_not_padded_to_its_square(width: int, height: int) -> None:
     # Padded to a square first, a 4,000,000 x 1 image (a few kB as a PNG, within the pixel
@@ -155,6 +192,50 @@ def test_a_long_thin_image_is_not_padded_to_its_square(width: int, height: int) 
         tracemalloc.stop()
     assert x.shape == (1, 28, 28) and not x.any()  # blank paper, no ink
     assert peak < 40 * width * height + 10_000_000  # a few copies of the image, not of its square
+
+
+@pytest.mark.parametrize(("width", "height"), [(16_000_000, 1), (1, 4_000_000), (300_000, 20)])
+def test_a_long_inked_image_is_framed_in_memory_proportional_to_its_pixels(width: int, height: int) -> None:
+    # `frame` weighs every pixel of a side for each output pixel: some 700 bytes a pixel of a
+    # 16,000,000 pixel side (11 GB) without the bound.
+    grey = np.full((height, width), 255, dtype=np.uint8)
+    grey[: max(1, height // 2), : max(1, width // 2)] = 0  # ink across half the image
+    tracemalloc.start()
+    try:
+        x = model_inputs([grey], ImageLimits(max_bytes=1, max_pixels=16_000_000), 28)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert x.shape == (1, 28, 28) and x.max() > 0
+    assert peak < 40 * width * height + 10_000_000
+
+
+def scaled_drawing(width: int, height: int) -> np.ndarray:
+    """A circle and a stroke across it, drawn at the canvas's scale (strokes a fifteenth of it)."""
+    img = Image.new("L", (width, height), 255)
+    side = min(width, height)
+    draw, pen, r = ImageDraw.Draw(img), max(1, side // 15), 0.4 * side
+    draw.ellipse((width / 2 - r, height / 2 - r, width / 2 + r, height / 2 + r), outline=0, width=pen)
+    draw.line((0.1 * width, height / 2, 0.9 * width, height / 2), fill=0, width=pen)
+    return np.asarray(img)
+
+
+@pytest.mark.parametrize(("width", "height"), [(3000, 80), (120, 2500), (2400, 1600)])
+def test_an_image_over_the_longest_side_is_framed_close_to_its_full_size_framing(
+    width: int, height: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    grey = scaled_drawing(width, height)
+    full_size = canonical(grey[None])
+    monkeypatch.setattr(images, "LONGEST_SIDE", 1000)  # shrunk by 3 (or cropped only) instead of 8192
+    got = model_inputs([grey], LIMITS, 28)
+    assert full_size.max() > 0.03
+    np.testing.assert_allclose(got, full_size, rtol=0, atol=0.015)
+
+
+def test_an_image_cropped_to_its_ink_frames_exactly_as_the_whole_image() -> None:
+    grey = np.full((60, 9000), 255, dtype=np.uint8)
+    grey[20:40, 4000:4030] = 0  # a small glyph on a long canvas: cropped, never shrunk
+    np.testing.assert_allclose(served(grey), canonical(grey[None]), rtol=0, atol=1e-6)
 
 
 def png_bytes(img: Image.Image, **params: object) -> bytes:
@@ -217,7 +298,8 @@ def test_other_pngs_go_to_pillow(kind: str, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(images.pyspng, "load", no_spng)
     grey = decode(data, LIMITS)
     np.testing.assert_array_equal(grey, expected)
-    np.testing.assert_allclose(ink_map(grey), drawn, atol=1e-6)  # the drawing's ink, whatever its encoding
+    # the drawing's ink, whatever its encoding
+    np.testing.assert_allclose(ink_maps(grey[None])[0], drawn, atol=1e-6)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "no pixel data", "garbage pixel data", "zero width"])
@@ -231,41 +313,3 @@ def test_broken_greyscale_pngs_are_invalid_and_name_the_fault(damage: str) -> No
     }[damage]
     with pytest.raises(InvalidImage, match=r"not a decodable PNG \(.+\)"):
         decode(broken, LIMITS)
-
-
-def long_way(greys: np.ndarray) -> np.ndarray:
-    return resize(images.ink_maps(greys), 28)
-
-
-def test_drawings_take_the_shortcut_to_the_same_model_inputs_as_the_long_way() -> None:
-    """Ink of a drawing whose paper is its lightest (or darkest) level is an affine map of its grey
-    levels inside [0, 1]: resizing the greys first gives the ink's area means, within rounding."""
-    dark_on_light = np.asarray(drawing(), dtype=np.uint8)
-    faint = (160 + dark_on_light // 3).astype(np.uint8)  # a grey stroke on light grey paper
-    stack = np.stack([dark_on_light, 255 - dark_on_light, faint, 255 - faint])
-    got = images._inputs_of_stack(stack, 28)
-    np.testing.assert_allclose(got, long_way(stack), rtol=0, atol=1e-6)
-    assert got.min() == 0.0 and got.max() > 0.9  # ink stretched to its full scale
-    # Omniglot's own preprocessing, through the service's decoding and the shortcut
-    rng = np.random.default_rng(3)
-    ink = (rng.random((4, 105, 105)) < 0.1).astype(np.uint8)
-    files = [b64_file(Image.fromarray((255 * (1 - i)).astype(np.uint8), mode="L")) for i in ink]
-    trained = to_model_input(ink.astype(np.float32)).numpy()
-    np.testing.assert_allclose(model_inputs(files, LIMITS, 28), trained, rtol=0, atol=1e-6)
-
-
-def test_images_the_shortcut_does_not_fit_go_the_long_way_each_the_same_alone_or_in_a_stack() -> None:
-    rng = np.random.default_rng(5)
-    marks = rng.integers(0, 256, (105, 105)).astype(np.uint8)
-    marks[0], marks[-1], marks[:, 0], marks[:, -1] = 128, 128, 128, 128  # mid-grey paper: ink both ways
-    blank = np.full((105, 105), 200, dtype=np.uint8)
-    drawn = np.asarray(drawing(), dtype=np.uint8)
-    stack = np.stack([marks, blank, drawn, 255 - drawn])
-    got = images._inputs_of_stack(stack, 28)
-    np.testing.assert_array_equal(got[0], long_way(marks[None])[0])  # clipped ink: the long way
-    assert not got[1].any()  # blank paper: no ink
-    for i, image in enumerate(stack):
-        np.testing.assert_array_equal(images._inputs_of_stack(image[None], 28)[0], got[i])
-    # Not 8-bit (a pixel array, a 16-bit file), not square, or already the model's size: the long way.
-    for other in (drawn.astype(np.float32)[None] / 255, drawn[None, :, :90], drawn[None, :28, :28]):
-        np.testing.assert_array_equal(images._inputs_of_stack(other, 28), long_way(other))

@@ -6,7 +6,8 @@ or not at all; durability is Redis's own (run it with `appendonly yes`, `appendf
 Keys (all under `metanet:`):
     task:{task_id}   hash: owner, name (JSON), example_labels (JSON), support (float32 bytes,
                      C order, little-endian), image_size, model_version, memory_bytes,
-                     created_at, updated_at, seq
+                     created_at, updated_at, seq, warnings (JSON; absent in tasks stored
+                     before there were warnings: none known)
     owner:{owner}    sorted set of the owner's task ids by seq: the list, in creation order
     tasks            sorted set of every task id by seq: the count
     seq              counter: creation order, never reused
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
@@ -29,11 +30,11 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
 from service.errors import NotReady, TaskNotFound
-from service.store import Page, TaskChanged, TaskInfo, _Cursors
+from service.store import Page, TaskChanged, TaskInfo, TaskWarning, _Cursors, of_json, to_json
 
 NS = "metanet:"
 _INFO_FIELDS = ("owner", "name", "example_labels", "model_version", "memory_bytes", "created_at",
-                "updated_at")
+                "updated_at", "warnings")
 
 # KEYS: task, owner's list, all tasks, seq counter. ARGV: task_id, owner, created_at, field/value...
 # A task that already exists with this owner and created_at is this very call, retried by the
@@ -63,10 +64,11 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 return 1
 """
 
-# KEYS: task. ARGV: owner, model_version, memory_bytes. Never creates a (half) task.
+# KEYS: task. ARGV: owner, model_version, memory_bytes[, warnings]. Never creates a (half) task.
 _REBIND = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'model_version', ARGV[2], 'memory_bytes', ARGV[3])
+if ARGV[4] then redis.call('HSET', KEYS[1], 'warnings', ARGV[4]) end
 return 1
 """
 
@@ -129,7 +131,7 @@ class RedisTaskStore:
             "example_labels": json.dumps(info.example_labels), "support": _to_bytes(support),
             "image_size": support.shape[-1], "model_version": info.model_version,
             "memory_bytes": info.memory_bytes, "created_at": _to_text(info.created_at),
-            "updated_at": _to_text(info.updated_at),
+            "updated_at": _to_text(info.updated_at), "warnings": to_json(info.warnings),
         }
         keys = [_task(info.task_id), _owner(info.owner), NS + "tasks", NS + "seq"]
         async with self._reachable():
@@ -171,6 +173,7 @@ class RedisTaskStore:
             "example_labels": json.dumps(info.example_labels), "support": _to_bytes(support),
             "image_size": support.shape[-1], "model_version": info.model_version,
             "memory_bytes": info.memory_bytes, "updated_at": _to_text(info.updated_at),
+            "warnings": to_json(info.warnings),
         }
         args = [info.owner, _to_text(if_updated_at), fields["updated_at"], *_flat(fields)]
         async with self._reachable():
@@ -180,9 +183,15 @@ class RedisTaskStore:
         if outcome == 2:
             raise TaskChanged(info.task_id)
 
-    async def rebind(self, owner: str, task_id: str, model_version: str, memory_bytes: int) -> None:
+    async def rebind(
+        self, owner: str, task_id: str, model_version: str, memory_bytes: int,
+        warnings: Sequence[TaskWarning] | None = None,
+    ) -> None:
+        args: list[object] = [owner, model_version, memory_bytes]
+        if warnings is not None:
+            args.append(to_json(warnings))
         async with self._reachable():
-            await self._rebind([_task(task_id)], [owner, model_version, memory_bytes])
+            await self._rebind([_task(task_id)], args)
 
     async def delete(self, owner: str, task_id: str) -> None:
         async with self._reachable():
@@ -227,9 +236,9 @@ def _to_text(moment: datetime) -> str:
 
 def _to_info(owner: str, task_id: str, values: list[bytes | None]) -> TaskInfo:
     """The task's fields as HMGET returned them (`_INFO_FIELDS`); another owner's task is not found."""
-    stored_owner, name, labels, version, nbytes, created, updated = values
+    stored_owner, name, labels, version, nbytes, created, updated, warnings = values
     if stored_owner is None or stored_owner.decode() != owner:
         raise TaskNotFound(task_id)
     return TaskInfo(task_id, owner, json.loads(name), tuple(json.loads(labels)), version.decode(),
                     int(nbytes), datetime.fromisoformat(created.decode()),
-                    datetime.fromisoformat(updated.decode()))
+                    datetime.fromisoformat(updated.decode()), of_json(warnings))

@@ -16,7 +16,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +35,16 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class TaskWarning:
+    """What the model found wrong with a task's support set when it was last built (docs/api.md,
+    "Registration warnings"): `type` is misclassified_example or indistinguishable_examples."""
+
+    type: str
+    message: str
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class TaskInfo:
     """A task's metadata: everything but its support images."""
 
@@ -46,6 +56,7 @@ class TaskInfo:
     memory_bytes: int
     created_at: datetime
     updated_at: datetime
+    warnings: tuple[TaskWarning, ...] = ()  # of the support set under `model_version`'s weights
 
     @property
     def labels(self) -> list[str]:
@@ -82,7 +93,11 @@ class TaskStore(Protocol):
     async def replace_support(
         self, info: TaskInfo, support: np.ndarray, if_updated_at: datetime
     ) -> None: ...  # TaskNotFound, TaskChanged
-    async def rebind(self, owner: str, task_id: str, model_version: str, memory_bytes: int) -> None: ...
+    # New weights: the version the memory is now built with, and (when given) the warnings under them.
+    async def rebind(
+        self, owner: str, task_id: str, model_version: str, memory_bytes: int,
+        warnings: Sequence[TaskWarning] | None = None,
+    ) -> None: ...
     async def delete(self, owner: str, task_id: str) -> None: ...  # TaskNotFound
 
 
@@ -114,13 +129,18 @@ CREATE TABLE IF NOT EXISTS tasks (
     model_version  TEXT NOT NULL,
     memory_bytes   INTEGER NOT NULL,
     created_at     TEXT NOT NULL,
-    updated_at     TEXT NOT NULL
+    updated_at     TEXT NOT NULL,
+    warnings       TEXT                 -- JSON list of {type, message, details}; NULL: none known
 );
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, seq);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('cursor_key', randomblob(32));  -- seals list cursors
 """
-_INFO_COLUMNS = "task_id, owner, name, example_labels, model_version, memory_bytes, created_at, updated_at"
+_INFO_COLUMNS = ("task_id, owner, name, example_labels, model_version, memory_bytes, created_at, updated_at,"
+                 " warnings")
+# Columns added after a store's first version: an older database gets them on open (its rows NULL),
+# and the older code that wrote it never names them, so either version runs on it.
+_ADDED_COLUMNS = {"warnings": "TEXT"}
 
 
 class SqliteTaskStore:
@@ -147,6 +167,7 @@ class SqliteTaskStore:
         _while_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
         db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the client hears 201
         _while_locked(lambda: db.executescript(_SCHEMA))  # each statement of it can be run again
+        _while_locked(lambda: _add_missing_columns(db))
         self._cursors = _Cursors(db.execute("SELECT value FROM meta WHERE name = 'cursor_key'").fetchone()[0])
         reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         reader.execute("PRAGMA query_only=ON")
@@ -176,11 +197,11 @@ class SqliteTaskStore:
             with _transaction(db):
                 db.execute(
                     "INSERT INTO tasks (task_id, owner, name, example_labels, support, image_size,"
-                    " model_version, memory_bytes, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " model_version, memory_bytes, created_at, updated_at, warnings)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (info.task_id, info.owner, info.name, json.dumps(info.example_labels),
                      _to_blob(support), support.shape[-1], info.model_version, info.memory_bytes,
-                     _to_text(info.created_at), _to_text(info.updated_at)),
+                     _to_text(info.created_at), _to_text(info.updated_at), to_json(info.warnings)),
                 )
         await self._run(insert)
 
@@ -234,18 +255,24 @@ class SqliteTaskStore:
                     raise TaskChanged(info.task_id)
                 db.execute(
                     "UPDATE tasks SET example_labels = ?, support = ?, model_version = ?,"
-                    " memory_bytes = ?, updated_at = ? WHERE owner = ? AND task_id = ?",
+                    " memory_bytes = ?, updated_at = ?, warnings = ? WHERE owner = ? AND task_id = ?",
                     (json.dumps(info.example_labels), _to_blob(support), info.model_version,
-                     info.memory_bytes, _to_text(info.updated_at), info.owner, info.task_id),
+                     info.memory_bytes, _to_text(info.updated_at), to_json(info.warnings),
+                     info.owner, info.task_id),
                 )
         await self._run(update)
 
-    async def rebind(self, owner: str, task_id: str, model_version: str, memory_bytes: int) -> None:
+    async def rebind(
+        self, owner: str, task_id: str, model_version: str, memory_bytes: int,
+        warnings: Sequence[TaskWarning] | None = None,
+    ) -> None:
         def update(db: sqlite3.Connection) -> None:
             with _transaction(db):
                 db.execute(
-                    "UPDATE tasks SET model_version = ?, memory_bytes = ? WHERE owner = ? AND task_id = ?",
-                    (model_version, memory_bytes, owner, task_id),
+                    "UPDATE tasks SET model_version = ?, memory_bytes = ?, warnings = coalesce(?, warnings)"
+                    " WHERE owner = ? AND task_id = ?",
+                    (model_version, memory_bytes, None if warnings is None else to_json(warnings),
+                     owner, task_id),
                 )
         await self._run(update)
 
@@ -306,9 +333,31 @@ def _to_text(moment: datetime) -> str:
 
 
 def _to_info(row: tuple) -> TaskInfo:
-    task_id, owner, name, labels, version, nbytes, created, updated = row
+    task_id, owner, name, labels, version, nbytes, created, updated, warnings = row
     return TaskInfo(task_id, owner, name, tuple(json.loads(labels)), version, nbytes,
-                    datetime.fromisoformat(created), datetime.fromisoformat(updated))
+                    datetime.fromisoformat(created), datetime.fromisoformat(updated), of_json(warnings))
+
+
+def to_json(warnings: Sequence[TaskWarning]) -> str:
+    return json.dumps([{"type": w.type, "message": w.message, "details": w.details} for w in warnings])
+
+
+def of_json(text: str | bytes | None) -> tuple[TaskWarning, ...]:
+    """Stored warnings; none for a task stored before they were (NULL, or no such field)."""
+    if text is None:
+        return ()
+    return tuple(TaskWarning(w["type"], w["message"], w["details"]) for w in json.loads(text))
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    present = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+    for name, declaration in _ADDED_COLUMNS.items():
+        if name not in present:
+            try:
+                db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {declaration}")
+            except sqlite3.OperationalError as exc:  # another server process added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
 
 class _Cursors:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ import redis
 from service.errors import InvalidInput, NotReady, TaskNotFound
 from service.redis_store import NS, RedisTaskStore
 from service.settings import Settings
-from service.store import SqliteTaskStore, TaskChanged, TaskInfo, TaskStore, open_store
+from service.store import SqliteTaskStore, TaskChanged, TaskInfo, TaskStore, TaskWarning, open_store
 from tests.service.conftest import free_port
 
 Scenario = Callable[[TaskStore], Awaitable[None]]
@@ -156,6 +157,84 @@ def test_rebind_updates_the_version_and_never_brings_back_a_deleted_task(new_sto
             await store.get("", "t1")
         assert await store.count() == 0
     run(new_store(), scenario=scenario)
+
+
+WARNINGS = (
+    TaskWarning("misclassified_example", "example 2 ...",
+                {"example_index": 2, "label": "a", "predicted_label": "b", "confidence": 0.75}),
+    TaskWarning("indistinguishable_examples", "examples 0 and 1 ...",
+                {"example_indices": [0, 1], "labels": ["a", "b"], "cosine": 0.995}),
+)
+
+
+def test_warnings_are_kept_with_the_task_through_every_write(new_store) -> None:
+    async def scenario(store: TaskStore) -> None:
+        task = replace(info("t1"), warnings=WARNINGS)
+        await store.add(task, support(3))
+        assert (await store.get("", "t1")).warnings == WARNINGS
+        assert (await store.load("", "t1"))[0].warnings == WARNINGS
+        assert (await store.page("", 10, None)).tasks[0].warnings == WARNINGS
+        later = replace(grown(task, "b"), warnings=WARNINGS[1:])
+        await store.replace_support(later, support(4), if_updated_at=task.updated_at)
+        assert (await store.get("", "t1")).warnings == WARNINGS[1:]
+        await store.rebind("", "t1", "metanet-new", 456)  # no warnings given: kept as they are
+        assert (await store.get("", "t1")).warnings == WARNINGS[1:]
+        await store.rebind("", "t1", "metanet-newer", 789, warnings=())  # new weights found none
+        got = await store.get("", "t1")
+        assert (got.model_version, got.warnings) == ("metanet-newer", ())
+    run(new_store(), scenario=scenario)
+
+
+def test_a_task_stored_before_there_were_warnings_reads_as_having_none(tmp_path: Path) -> None:
+    # The database of the previous version of the service: no warnings column.
+    path = tmp_path / "tasks.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(_SCHEMA_BEFORE_WARNINGS)
+        db.execute("INSERT INTO tasks (task_id, owner, name, example_labels, support, image_size,"
+                   " model_version, memory_bytes, created_at, updated_at) VALUES"
+                   " ('old', '', NULL, '[\"a\", \"b\"]', ?, 28, 'v0', 1, ?, ?)",
+                   (support(2).tobytes(), "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00"))
+
+    async def scenario(store: TaskStore) -> None:
+        old = await store.get("", "old")
+        assert old.example_labels == ("a", "b") and old.warnings == ()
+        await store.add(replace(info("new"), warnings=WARNINGS), support(2))
+        assert (await store.get("", "new")).warnings == WARNINGS
+    run(SqliteTaskStore(path), SqliteTaskStore(path), scenario=lambda a, b: scenario(a))
+    with sqlite3.connect(path) as db:  # and the code before warnings still writes to it
+        db.execute("INSERT INTO tasks (task_id, owner, name, example_labels, support, image_size,"
+                   " model_version, memory_bytes, created_at, updated_at) VALUES"
+                   " ('older', '', NULL, '[\"a\", \"b\"]', ?, 28, 'v0', 1, ?, ?)",
+                   (support(2).tobytes(), "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00"))
+
+    async def again(store: TaskStore) -> None:
+        assert (await store.get("", "older")).warnings == ()
+    run(SqliteTaskStore(path), scenario=again)
+
+
+def test_a_redis_task_stored_before_there_were_warnings_reads_as_having_none(redis_server: str) -> None:
+    async def scenario(store: TaskStore) -> None:
+        await store.add(replace(info("t1"), warnings=WARNINGS), support(2))
+        with redis.Redis.from_url(redis_server) as client:
+            client.hdel(f"{NS}task:t1", "warnings")  # as the code before warnings wrote it
+        assert (await store.get("", "t1")).warnings == ()
+        assert (await store.page("", 10, None)).tasks[0].warnings == ()
+    with redis.Redis.from_url(redis_server) as client:
+        client.flushdb()
+    run(RedisTaskStore(redis_server), scenario=scenario)
+
+
+_SCHEMA_BEFORE_WARNINGS = """
+CREATE TABLE tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT NOT NULL UNIQUE, owner TEXT NOT NULL,
+    name TEXT, example_labels TEXT NOT NULL, support BLOB NOT NULL, image_size INTEGER NOT NULL,
+    model_version TEXT NOT NULL, memory_bytes INTEGER NOT NULL, created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX tasks_by_owner ON tasks (owner, seq);
+CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+INSERT INTO meta VALUES ('cursor_key', randomblob(32));
+"""
 
 
 def test_a_failed_write_leaves_nothing_behind(new_store) -> None:

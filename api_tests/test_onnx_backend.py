@@ -43,7 +43,12 @@ def test_onnx_answers_as_torch_does(onnx_server: Server, server: Server) -> None
         want = probabilities(torch_client, on_torch["task_id"], QUERIES)
         explained = onnx_client.post(f"/v1/tasks/{on_onnx['task_id']}/classify",
                                      json={"images": QUERIES[:1], "explain": True}).json()
+        similarity = [[p["support_similarity"] for p in client.post(
+            f"/v1/tasks/{task['task_id']}/classify", json={"images": QUERIES}).json()["predictions"]]
+            for client, task in ((onnx_client, on_onnx), (torch_client, on_torch))]
     np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(similarity[0], similarity[1], atol=1e-4)
+    assert on_onnx["warnings"] == on_torch["warnings"]  # the support set is checked in torch on both
     attention = [a["weight"] for a in explained["predictions"][0]["attention"]]
     assert len(attention) == len(body["examples"]) and abs(sum(attention) - 1) < 1e-4
 

@@ -73,12 +73,17 @@ def query_files() -> np.ndarray:
     return np.array(files, dtype=np.object_)
 
 
-def v1_probabilities(server: Server, task_id: str) -> np.ndarray:
+def v1_predictions(server: Server, task_id: str) -> list[dict[str, Any]]:
     queries = [png(kind, shift=shift) for kind, shift in zip(QUERY_KINDS, SHIFTS, strict=True)]
     with server.client(headers=bearer()) as client:
         response = client.post(f"/v1/tasks/{task_id}/classify", json={"images": queries, "top_k": 10})
         assert response.status_code == 200, response.text
-        return as_matrix(response.json()["predictions"], LABELS)
+        predictions: list[dict[str, Any]] = response.json()["predictions"]
+        return predictions
+
+
+def v1_probabilities(server: Server, task_id: str) -> np.ndarray:
+    return as_matrix(v1_predictions(server, task_id), LABELS)
 
 
 # ------------------------------------------------------------------------------ health, metadata
@@ -98,7 +103,7 @@ def test_model_metadata_names_the_task_its_version_inputs_and_outputs(triton_cli
     assert {(t["name"], t["datatype"], tuple(t["shape"])) for t in metadata["inputs"]} == {
         ("IMAGE", "BYTES", (-1,)), ("PIXELS", "FP32", (-1, 28, 28))}
     assert {(t["name"], t["datatype"], tuple(t["shape"])) for t in metadata["outputs"]} == {
-        ("PROBABILITIES", "FP32", (-1, 3)), ("LABEL", "BYTES", (-1,))}
+        ("PROBABILITIES", "FP32", (-1, 3)), ("LABEL", "BYTES", (-1,)), ("SUPPORT_SIMILARITY", "FP32", (-1,))}
     assert metadata["parameters"]["labels"] == LABELS
 
 
@@ -152,6 +157,43 @@ def test_infer_in_json_and_binary_agree_with_v1(server, triton_client, task) -> 
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_infer_gives_each_querys_support_similarity_as_v1_does(server, triton_client, task, binary) -> None:
+    expected = [p["support_similarity"] for p in v1_predictions(server, task["task_id"])]
+    output = triton.InferRequestedOutput("SUPPORT_SIMILARITY", binary_data=binary)
+    result = triton_client.infer(task["task_id"], [image_input(query_files())], headers=bearer(),
+                                 outputs=[output])
+    similarity = result.as_numpy("SUPPORT_SIMILARITY")
+    assert similarity.dtype == np.float32 and similarity.shape == (3,)
+    np.testing.assert_allclose(similarity, expected, atol=1e-5)
+    every = triton_client.infer(task["task_id"], [image_input(query_files())], headers=bearer())
+    np.testing.assert_allclose(every.as_numpy("SUPPORT_SIMILARITY"), expected, atol=1e-5)  # a default output
+
+
+def test_min_confidence_parameter_empties_the_label_of_a_query_below_it(server, triton_client) -> None:
+    twice = png("circle")  # one circle under two labels: a circle query cannot be sure of either
+    support = [{"label": "circle", "image": twice}, {"label": "ring", "image": twice},
+               *examples(["cross"])]
+    with server.client(headers=bearer()) as client:
+        task_id = client.post("/v1/tasks", json={"examples": support}).json()["task_id"]
+    files = np.array([encode(glyph("circle")), encode(glyph("cross"))], dtype=np.object_)
+
+    def infer(**parameters: Any) -> tuple[list[str], np.ndarray]:
+        result = triton_client.infer(task_id, [image_input(files)], headers=bearer(),
+                                     parameters=parameters or None)
+        return [label.decode() for label in result.as_numpy("LABEL")], result.as_numpy("PROBABILITIES")
+
+    labels, probs = infer()
+    best = probs.max(axis=1)
+    assert labels[1] == "cross" and best[0] < 1.0, probs
+    threshold = float(np.nextafter(best[0], np.float32(2)))  # just above the circle's confidence
+    strict, same = infer(min_confidence=threshold)
+    np.testing.assert_array_equal(same, probs)  # the probabilities as ever
+    assert strict == [label if p >= threshold else "" for label, p in zip(labels, best, strict=True)]
+    assert strict[0] == ""
+    assert infer(min_confidence=0)[0] == labels
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 @pytest.mark.parametrize("light_on_dark", [False, True], ids=["ink=1", "ink=0"])
 def test_infer_takes_fp32_pixels_in_either_polarity(triton_client, task, binary, light_on_dark) -> None:
     drawings = [glyph(kind, shift=shift, size=28, stroke=2)
@@ -199,6 +241,8 @@ def infer_body(name: str = "IMAGE", datatype: str = "BYTES", shape: list[int] | 
     ({**infer_body(), "outputs": [{"name": "LABEL", "parameters": {"classification": 2}}]}, 422,
      "classification"),
     ({"inputs": []}, 422, "inputs"),
+    ({**infer_body(), "parameters": {"min_confidence": 1.5}}, 422, "parameters.min_confidence: "),
+    ({**infer_body(), "parameters": {"min_confidence": "high"}}, 422, "parameters.min_confidence: "),
 ])
 def test_invalid_infer_requests_get_the_v2_error_shape(server, task, body, status, says) -> None:
     with server.client(headers=bearer()) as client:

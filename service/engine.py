@@ -21,7 +21,7 @@ import torch
 
 from model.checkpoint import load_model
 from model.errors import InvalidTaskError
-from model.metanet import MetaNet, TaskMemory
+from model.metanet import MetaNet, SupportCheck, TaskMemory
 from service import heap
 from service.batcher import Batcher, Call
 from service.errors import InvalidInput
@@ -49,6 +49,17 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class SupportReport:
+    """What the model makes of a task's own support set (`MetaNet.check_support`), by example in
+    support order: the label each is classified as and its probability, and the pairs of examples
+    of different labels it cannot tell apart (i, j, cosine of their representations), i < j."""
+
+    predicted: tuple[str, ...]
+    confidence: tuple[float, ...]
+    confusable: tuple[tuple[int, int, float], ...]
+
+
+@dataclass(frozen=True)
 class Memory:
     """A registered task as the model holds it, with the label names post-processing needs."""
 
@@ -56,12 +67,14 @@ class Memory:
     labels: tuple[str, ...]  # class names; class id k is labels[k]
     example_labels: tuple[str, ...]  # label of each support example, in support order
     nbytes: int
+    report: SupportReport | None = None  # only when registered with check=True
 
 
 @dataclass(frozen=True)
 class Scores:
-    probs: np.ndarray  # (n_query, n_way)
+    probs: np.ndarray  # (n_query, n_way), calibrated
     attention: np.ndarray | None  # (n_query, n_support)
+    similarity: np.ndarray  # (n_query,): each query's best cosine to the support set's representations
 
 
 class Engine:
@@ -140,29 +153,32 @@ class Engine:
         """A tiny registration and classifications, so the first client does not pay for them."""
         rng = np.random.default_rng(0)
         support = (rng.random((2, self.info.image_size, self.info.image_size)) > 0.8).astype(np.float32)
-        memory = await self.register(support, ["a", "b"])
+        memory = await self.register(support, ["a", "b"], check=True)
         await self.classify(memory, support, explain=True)
         await self.classify(memory, support[:1], explain=False)
 
     async def register(
         self, support: np.ndarray, labels: Sequence[str], field: str = "examples", offset: int = 0,
-        call: Call = _NO_LIMIT,
+        call: Call = _NO_LIMIT, check: bool = False,
     ) -> Memory:
-        """Support (n, S, S) float32 model inputs and their labels -> the task's memory.
+        """Support (n, S, S) float32 model inputs and their labels -> the task's memory; with
+        `check`, also its `SupportReport` (one more classify, of the support set, in the same job).
 
         The model's own input errors come back as InvalidInput naming `field[i - offset].image` (or
         `.label`): `offset` is how many stored examples precede the request's.
         """
         def run() -> Memory:
+            x = torch.from_numpy(support)
             try:
                 with _threads_for(self._team):
-                    state = self._model.register(torch.from_numpy(support), list(labels))
+                    state = self._model.register(x, list(labels))
+                    if self._m_dtype != torch.float32:
+                        state = state.with_m_dtype(self._m_dtype)
+                    report = _report(state, self._model.check_support(state, x)) if check else None
             except InvalidTaskError as exc:
                 raise _located(exc, field, offset) from None
-            if self._m_dtype != torch.float32:
-                state = state.with_m_dtype(self._m_dtype)
             example_labels = tuple(state.labels[i] for i in state.support_labels.tolist())
-            return Memory(state, state.labels, example_labels, state.nbytes)
+            return Memory(state, state.labels, example_labels, state.nbytes, report)
         return await self._timed("register", self.batcher.submit_solo(run, call))
 
     async def classify(
@@ -184,7 +200,8 @@ class Engine:
             return scores[0]
         attention = [s.attention for s in scores if s.attention is not None]
         return Scores(np.concatenate([s.probs for s in scores]),
-                      np.concatenate(attention) if attention else None)
+                      np.concatenate(attention) if attention else None,
+                      np.concatenate([s.similarity for s in scores]))
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -248,7 +265,8 @@ class Engine:
             attention = None
             if job.explain and out.attention is not None:
                 attention = out.attention.float().cpu().numpy()
-            scores.append(Scores(out.probs.float().cpu().numpy(), attention))
+            scores.append(Scores(out.probs.float().cpu().numpy(), attention,
+                                 out.similarity.float().cpu().numpy()))
         return scores
 
     def _onnx_forward(self, requests: list[tuple[TaskMemory, torch.Tensor]], explain: bool) -> list[Any]:
@@ -392,6 +410,14 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"METANET_DEVICE={name} but CUDA is not available on this machine")
     return device
+
+
+def _report(state: TaskMemory, check: SupportCheck) -> SupportReport:
+    return SupportReport(
+        predicted=tuple(state.labels[k] for k in check.predicted.tolist()),
+        confidence=tuple(check.confidence.float().tolist()),
+        confusable=tuple(check.confusable),
+    )
 
 
 def _located(exc: InvalidTaskError, field: str, offset: int) -> InvalidInput:

@@ -89,14 +89,16 @@ async def add_examples(task_id: str, body: ExamplesAdd, tasks: TasksDep, owner: 
 async def classify(
     task_id: str, body: ClassifyRequest, tasks: TasksDep, owner: OwnerDep, call: CallDep
 ) -> ClassifyResponse:
-    predictions = await tasks.classify(owner, task_id, body.images, body.top_k, body.explain, call)
+    predictions = await tasks.classify(owner, task_id, body.images, body.top_k, body.explain, call,
+                                       body.min_confidence)
     return ClassifyResponse(task_id=task_id, model_version=tasks.engine.info.version,
                             predictions=predictions)
 
 
 @v1.post("/classify", responses={**_BODY, **_MODEL})
 async def classify_once(body: ClassifyOnceRequest, tasks: TasksDep, call: CallDep) -> ClassifyResponse:
-    predictions = await tasks.classify_once(body.support, body.images, body.top_k, body.explain, call)
+    predictions = await tasks.classify_once(body.support, body.images, body.top_k, body.explain, call,
+                                            body.min_confidence)
     return ClassifyResponse(model_version=tasks.engine.info.version, predictions=predictions)
 
 

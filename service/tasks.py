@@ -31,7 +31,7 @@ from service.errors import ImageTooLarge, InvalidImage, InvalidInput, ServiceErr
 from service.images import ImageLimits, model_inputs
 from service.schemas import AttentionWeight, Example, LabelProbability, Prediction
 from service.settings import Settings
-from service.store import Page, TaskChanged, TaskInfo, TaskStore
+from service.store import Page, TaskChanged, TaskInfo, TaskStore, TaskWarning
 
 log = logging.getLogger("service.tasks")
 ImageInput = str | bytes | np.ndarray  # bytes: an image file (the v2 protocol's binary data)
@@ -120,10 +120,10 @@ class TaskService:
         labels = [e.label for e in examples]
         self._check_support(labels, field="examples")
         support = await self._prepare([e.image for e in examples], lambda i: f"examples[{i}].image")
-        memory = await self.engine.register(support, labels, call=call)
+        memory = await self.engine.register(support, labels, call=call, check=True)
         now = datetime.now(UTC)
         info = TaskInfo(uuid.uuid4().hex, owner, name, tuple(labels), self.engine.info.version,
-                        memory.nbytes, now, now)
+                        memory.nbytes, now, now, support_warnings(memory))
         await self.store.add(info, support)
         self.cache.put(info.task_id, Cached(memory, info.updated_at), memory.nbytes)
         self.n_tasks += 1
@@ -154,10 +154,10 @@ class TaskService:
                     added = await self._prepare([e.image for e in examples], lambda i: f"examples[{i}].image")
                 support = np.concatenate([support, added])
                 memory = await self.engine.register(support, [*info.example_labels, *labels],
-                                                    offset=len(info.example_labels))
+                                                    offset=len(info.example_labels), check=True)
                 grown = replace(info, example_labels=(*info.example_labels, *labels),
                                 model_version=self.engine.info.version, memory_bytes=memory.nbytes,
-                                updated_at=_later_than(info.updated_at))
+                                updated_at=_later_than(info.updated_at), warnings=support_warnings(memory))
                 try:
                     await self.store.replace_support(grown, support, if_updated_at=info.updated_at)
                 except TaskChanged:
@@ -171,7 +171,7 @@ class TaskService:
 
     async def classify(
         self, owner: str, task_id: str, images: Sequence[ImageInput], top_k: int, explain: bool,
-        call: Call = _NO_LIMIT,
+        call: Call = _NO_LIMIT, min_confidence: float = 0.0,
     ) -> list[Prediction]:
         info = await self.store.get(owner, task_id)
         self._check_count(len(images), field="images")
@@ -185,11 +185,11 @@ class TaskService:
             self.engine.batcher.release(reserved)
             raise
         scores = await self.engine.classify(memory, queries, explain, call, reserved)
-        return _predictions(scores, memory, top_k)
+        return _predictions(scores, memory, top_k, min_confidence)
 
     async def classify_once(
         self, support: Sequence[Example], images: Sequence[ImageInput], top_k: int, explain: bool,
-        call: Call = _NO_LIMIT,
+        call: Call = _NO_LIMIT, min_confidence: float = 0.0,
     ) -> list[Prediction]:
         labels = [e.label for e in support]
         self._check_support(labels, field="support")
@@ -197,7 +197,8 @@ class TaskService:
         support_x = await self._prepare([e.image for e in support], lambda i: f"support[{i}].image")
         memory = await self.engine.register(support_x, labels, field="support", call=call)
         queries = await self._queries(images)
-        return _predictions(await self.engine.classify(memory, queries, explain, call), memory, top_k)
+        scores = await self.engine.classify(memory, queries, explain, call)
+        return _predictions(scores, memory, top_k, min_confidence)
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -214,11 +215,14 @@ class TaskService:
             if cached is not None and cached.updated_at >= info.updated_at:
                 return cached.memory
             info, support = await self.store.load(info.owner, info.task_id)
-            memory = await self.engine.register(support, info.example_labels)
             version = self.engine.info.version
-            if (info.model_version, info.memory_bytes) != (version, memory.nbytes):
-                # New weights since the task was built: record what its memory now comes from.
-                await self.store.rebind(info.owner, info.task_id, version, memory.nbytes)
+            # New weights since the task was built: its warnings are theirs to find again.
+            new_weights = info.model_version != version
+            memory = await self.engine.register(support, info.example_labels, check=new_weights)
+            if new_weights or info.memory_bytes != memory.nbytes:
+                # Record what its memory now comes from.
+                warnings = support_warnings(memory) if new_weights else None
+                await self.store.rebind(info.owner, info.task_id, version, memory.nbytes, warnings)
             self.cache.put(info.task_id, Cached(memory, info.updated_at), memory.nbytes)
             return memory
 
@@ -321,7 +325,7 @@ def _later_than(moment: datetime) -> datetime:
     return max(datetime.now(UTC), moment + timedelta(microseconds=1))
 
 
-def _predictions(scores: Scores, memory: Memory, top_k: int) -> list[Prediction]:
+def _predictions(scores: Scores, memory: Memory, top_k: int, min_confidence: float = 0.0) -> list[Prediction]:
     k = min(top_k, len(memory.labels))
     predictions = []
     for i, probs in enumerate(scores.probs):
@@ -333,6 +337,37 @@ def _predictions(scores: Scores, memory: Memory, top_k: int) -> list[Prediction]
                 AttentionWeight(example_index=j, label=memory.example_labels[j], weight=float(w))
                 for j, w in enumerate(scores.attention[i])
             ]
-        predictions.append(Prediction(label=top[0].label, confidence=top[0].probability,
-                                      top_k=top, attention=attention))
+        confidence = top[0].probability
+        predictions.append(Prediction(
+            label=top[0].label if confidence >= min_confidence else None, confidence=confidence,
+            support_similarity=float(scores.similarity[i]), top_k=top, attention=attention,
+        ))
     return predictions
+
+
+def support_warnings(memory: Memory) -> tuple[TaskWarning, ...]:
+    """The registration warnings of a memory built with check=True (docs/api.md): each example
+    its own task classifies as another label, then each pair of examples of different labels the
+    model cannot tell apart."""
+    report = memory.report
+    if report is None:
+        raise ValueError("the memory was built without checking its support set")
+    warnings = []
+    for i, (label, got, p) in enumerate(zip(memory.example_labels, report.predicted, report.confidence,
+                                            strict=True)):
+        if got != label:
+            warnings.append(TaskWarning(
+                "misclassified_example",
+                f"example {i} ({label!r}) is classified as {got!r} ({p:.0%}) by its own task: queries "
+                f"like it may get {got!r}; check its label, or add clearer examples of {label!r}",
+                {"example_index": i, "label": label, "predicted_label": got, "confidence": p},
+            ))
+    for i, j, cosine in report.confusable:
+        a, b = memory.example_labels[i], memory.example_labels[j]
+        warnings.append(TaskWarning(
+            "indistinguishable_examples",
+            f"examples {i} ({a!r}) and {j} ({b!r}) look the same to the model (cosine {cosine:.3f}): "
+            f"queries like them may get either label; is one of them mislabelled or a duplicate?",
+            {"example_indices": [i, j], "labels": [a, b], "cosine": cosine},
+        ))
+    return tuple(warnings)

@@ -24,6 +24,7 @@ from service.v2_tensors import (
     LABEL,
     PIXELS,
     PROBABILITIES,
+    SUPPORT_SIMILARITY,
     encode_infer_response,
     parse_infer_request,
 )
@@ -99,6 +100,7 @@ async def model_metadata(
         "outputs": [
             {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(info.labels)]},
             {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
+            {"name": SUPPORT_SIMILARITY, "datatype": "FP32", "shape": [-1]},
         ],
         # Column k of PROBABILITIES (index k of a classification) is labels[k].
         "parameters": {"labels": info.labels, "task_name": info.name},
@@ -119,21 +121,23 @@ async def infer(
 ) -> Response:
     inference = parse_infer_request(await request.body(), request.headers.get(BINARY_HEADER),
                                     tasks.engine.info.image_size)
-    probs, labels = await _probabilities(tasks, owner, task_id, inference.images)
-    body, headers = encode_infer_response(inference, task_id, version, probs, labels)
+    probs, labels, similarity = await _scores(tasks, owner, task_id, inference.images)
+    body, headers = encode_infer_response(inference, task_id, version, probs, labels, similarity)
     return Response(body, headers=headers)
 
 
-async def _probabilities(
+async def _scores(
     tasks: TaskService, owner: str, task_id: str, images: list[Any]
-) -> tuple[np.ndarray, list[str]]:
-    """(n_query, n_way) probabilities, column k for labels[k], the task's class order."""
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(n_query, n_way) probabilities, column k for labels[k], the task's class order; and each
+    query's support similarity (n_query,)."""
     predictions = await tasks.classify(owner, task_id, images, top_k=tasks.engine.info.max_way, explain=False)
     rows = [{p.label: p.probability for p in prediction.top_k} for prediction in predictions]
     # Read after classifying: examples added meanwhile only append labels, so the task's order
     # restricted to the labels the model scored is the order of the memory that scored them.
     labels = [label for label in (await tasks.get(owner, task_id)).labels if label in rows[0]]
-    return np.array([[row[label] for label in labels] for row in rows], dtype=np.float32), labels
+    similarity = np.array([p.support_similarity for p in predictions], dtype=np.float32)
+    return np.array([[row[label] for label in labels] for row in rows], dtype=np.float32), labels, similarity
 
 
 v2.include_router(models)

@@ -1,5 +1,6 @@
 """Tensors of the Open Inference Protocol (KServe v2 / Triton HTTP): an infer request's body -> the
-query images, and probabilities -> the response's body, in JSON or with Triton's binary extension.
+query images and parameters, and scores -> the response's body, in JSON or with Triton's binary
+extension.
 
 The binary tensor data extension: the body is a JSON header of `Inference-Header-Content-Length`
 bytes followed by the raw data of every input whose `parameters.binary_data_size` is set, in input
@@ -22,9 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service.errors import BadRequest, InvalidInput, MalformedJSON
 
 # The inputs a task-model takes (a request sends exactly one) and the outputs it gives.
-IMAGE, PIXELS = "IMAGE", "PIXELS"  # BYTES [-1]: encoded image files; FP32 [-1, S, S]: ink in [0, 1]
+IMAGE, PIXELS = "IMAGE", "PIXELS"  # BYTES [-1]: encoded image files; FP32 [-1, S, S]: greys in [0, 1]
 PROBABILITIES, LABEL = "PROBABILITIES", "LABEL"  # FP32 [-1, n_way]; BYTES [-1]: the top-1 label
-OUTPUTS = (PROBABILITIES, LABEL)
+# FP32 [-1]: each query's best cosine similarity to the support set (/v1's support_similarity)
+SUPPORT_SIMILARITY = "SUPPORT_SIMILARITY"
+OUTPUTS = (PROBABILITIES, LABEL, SUPPORT_SIMILARITY)
+MIN_CONFIDENCE = "min_confidence"  # a request parameter: below it, LABEL is "" (none of these)
 BINARY_HEADER = "Inference-Header-Content-Length"
 
 _BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+|data:.*", re.DOTALL)
@@ -66,11 +70,13 @@ class Output:
 @dataclass(frozen=True)
 class Inference:
     """What an infer request asks: the query images (str: base64 file, bytes: the file, or an
-    (S, S) float32 ink map) and the outputs to send back."""
+    (S, S) float32 array of grey levels), the outputs to send back, and the least probability a
+    LABEL is given for."""
 
     id: str | None
     images: list[str | bytes | np.ndarray]
     outputs: list[Output]
+    min_confidence: float = 0.0
 
 
 def parse_infer_request(body: bytes, header_length: str | None, image_size: int) -> Inference:
@@ -94,19 +100,21 @@ def parse_infer_request(body: bytes, header_length: str | None, image_size: int)
     if tensor.name == IMAGE:
         images: list[Any] = _image_files(tensor, chunk)
     elif tensor.name == PIXELS:
-        images = list(_ink_maps(tensor, chunk, image_size))
+        images = list(_grey_levels(tensor, chunk, image_size))
     else:
         raise InvalidInput(f"unknown input {tensor.name!r}; the inputs are {IMAGE} (BYTES, shape [n]) and "
                            f"{PIXELS} (FP32, shape [n, {image_size}, {image_size}])", field="inputs[0].name")
     if not images:
         raise InvalidInput("the input holds no images", field="inputs[0].shape")
-    return Inference(request.id, images, _outputs(request))
+    return Inference(request.id, images, _outputs(request), _min_confidence(request.parameters))
 
 
 def encode_infer_response(
-    inference: Inference, model_name: str, model_version: str, probs: np.ndarray, labels: list[str]
+    inference: Inference, model_name: str, model_version: str, probs: np.ndarray, labels: list[str],
+    similarity: np.ndarray,
 ) -> tuple[bytes, dict[str, str]]:
-    """(body, headers) of the infer response. `probs` is (n_query, n_way), column k for labels[k]."""
+    """(body, headers) of the infer response. `probs` is (n_query, n_way), column k for labels[k];
+    `similarity` (n_query,) each query's best cosine to the support set."""
     n, n_way = probs.shape
     tensors: list[dict[str, Any]] = []
     blobs: list[bytes] = []
@@ -119,8 +127,12 @@ def encode_infer_response(
             datatype, shape = "BYTES", [n, int(k)]
         elif output.name == PROBABILITIES:
             data, datatype, shape = probs.astype(float).ravel().tolist(), "FP32", [n, n_way]
-        else:
-            data, datatype, shape = [labels[j] for j in probs.argmax(axis=1)], "BYTES", [n]
+        elif output.name == SUPPORT_SIMILARITY:
+            data, datatype, shape = similarity.astype(float).tolist(), "FP32", [n]
+        else:  # BYTES hold no null: "" (never a label, which is non-empty) for none of these
+            data = [labels[j] if probs[i, j] >= inference.min_confidence else ""
+                    for i, j in enumerate(probs.argmax(axis=1))]
+            datatype, shape = "BYTES", [n]
         tensor: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": shape}
         if output.binary:
             blob = _bytes_tensor(data) if datatype == "BYTES" else np.asarray(data, "<f4").tobytes()
@@ -183,8 +195,9 @@ def _image_files(tensor: InputTensor, chunk: bytes | None) -> list[str | bytes]:
     return files
 
 
-def _ink_maps(tensor: InputTensor, chunk: bytes | None, size: int) -> np.ndarray:
-    """(n, S, S) float32 in [0, 1]. Either polarity is fine: the service finds the ink as for v1."""
+def _grey_levels(tensor: InputTensor, chunk: bytes | None, size: int) -> np.ndarray:
+    """(n, S, S) float32 in [0, 1]. Either polarity is fine: the service finds and frames the ink
+    as for v1 (`model.transform.canonical`)."""
     _check_datatype(tensor, "FP32")
     n = _count(tensor.shape, ok=tensor.shape[1:] == [size, size], expected=f"[n, {size}, {size}]")
     if chunk is not None:
@@ -268,6 +281,13 @@ def _as_image(element: bytes) -> str | bytes:
 
 def _bytes_tensor(strings: list[str]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in (s.encode() for s in strings))
+
+
+def _min_confidence(parameters: dict[str, Any]) -> float:
+    value = parameters.get(MIN_CONFIDENCE, 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise InvalidInput(f"must be a number in [0, 1], not {value!r}", field=f"parameters.{MIN_CONFIDENCE}")
+    return float(value)
 
 
 def _outputs(request: InferRequest) -> list[Output]:

@@ -45,20 +45,22 @@ class StubTasks:
         return await self.get(owner, task_id)
 
     async def classify(self, owner: str, task_id: str, images: Any, top_k: int, explain: bool,
-                       call: Any) -> list[Prediction]:
+                       call: Any, min_confidence: float) -> list[Prediction]:
         await self.get(owner, task_id)
-        return self._predictions(len(images), top_k, explain)
+        return self._predictions(len(images), top_k, explain, min_confidence)
 
     async def classify_once(self, support: Any, images: Any, top_k: int, explain: bool,
-                            call: Any) -> list[Prediction]:
-        return self._predictions(len(images), top_k, explain)
+                            call: Any, min_confidence: float) -> list[Prediction]:
+        return self._predictions(len(images), top_k, explain, min_confidence)
 
     @staticmethod
-    def _predictions(n: int, top_k: int, explain: bool) -> list[Prediction]:
+    def _predictions(n: int, top_k: int, explain: bool, min_confidence: float) -> list[Prediction]:
         ranked = [LabelProbability(label="circle", probability=0.7),
                   LabelProbability(label="cross", probability=0.3)]
         attention = [AttentionWeight(example_index=0, label="circle", weight=1 / 3)] if explain else None
-        return [Prediction(label="circle", confidence=0.7, top_k=ranked[:top_k], attention=attention)] * n
+        label = "circle" if min_confidence <= 0.7 else None
+        return [Prediction(label=label, confidence=0.7, support_similarity=0.5, top_k=ranked[:top_k],
+                           attention=attention)] * n
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,8 @@ SUPPORT = [{"label": "circle", "image": PNG}, {"label": "cross", "image": PNG}]
 REQUESTS = [
     ("POST", "/v1/tasks/t1/classify", json.dumps({"images": [PNG, PNG], "top_k": 2}).encode()),
     ("POST", "/v1/tasks/t1/classify", json.dumps({"images": [PNG], "explain": True}).encode()),
+    ("POST", "/v1/tasks/t1/classify", json.dumps({"images": [PNG], "min_confidence": 0.9}).encode()),
+    ("POST", "/v1/classify", json.dumps({"support": SUPPORT, "images": [PNG], "min_confidence": 1}).encode()),
     ("POST", "/v1/tasks/nope/classify", json.dumps({"images": [PNG]}).encode()),
     ("POST", "/v1/classify", json.dumps({"support": SUPPORT, "images": [PNG]}).encode()),
     ("POST", "/v1/tasks/t1/examples", json.dumps({"examples": SUPPORT}).encode()),
@@ -102,6 +106,9 @@ REQUESTS = [
     ("POST", "/v1/tasks/t1/classify", b'{"images": ["x"], "top_k": "3"}'),
     ("POST", "/v1/tasks/t1/classify", b'{"images": ["x"], "top_k": NaN}'),
     ("POST", "/v1/tasks/t1/classify", b'{"images": ["x"], "top_k": 1.5, "extra": 1}'),
+    ("POST", "/v1/tasks/t1/classify", b'{"images": ["x"], "min_confidence": 1.5}'),
+    ("POST", "/v1/tasks/t1/classify", b'{"images": ["x"], "min_confidence": "0.5"}'),
+    ("POST", "/v1/classify", b'{"support": [], "images": ["x"], "min_confidence": true}'),
     ("POST", "/v1/tasks/t1/classify", b'{"images": [{"pixels": [[0, 1]], "more": 2}]}'),
     ("POST", "/v1/tasks/t1/classify", b'{"images": ['),
     ("POST", "/v1/tasks/t1/classify", '{"images": ["\u00e9t\u00e9"]}'.encode("latin-1")),

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import redis
 
-from service.engine import Memory, ModelInfo
+from service.engine import Memory, ModelInfo, SupportReport
 from service.errors import TaskNotFound
 from service.redis_store import RedisTaskStore
 from service.schemas import Example
 from service.settings import Settings
 from service.store import SqliteTaskStore, TaskInfo, TaskStore
-from service.tasks import TaskService
+from service.tasks import TaskService, support_warnings
 
 SIZE = 4
 
@@ -32,9 +32,12 @@ class CountingEngine:
         self.registrations = 0
 
     async def register(self, support: np.ndarray, labels: Sequence[str], field: str = "examples",
-                       offset: int = 0, call: object = None) -> Memory:
+                       offset: int = 0, call: object = None, check: bool = False) -> Memory:
         self.registrations += 1
-        return Memory(support.copy(), tuple(dict.fromkeys(labels)), tuple(labels), support.nbytes)
+        # Checked: every example classifies as its own label, but for one labelled "odd".
+        report = SupportReport(tuple("x" if label == "odd" else label for label in labels),
+                               (0.9,) * len(labels), ()) if check else None
+        return Memory(support.copy(), tuple(dict.fromkeys(labels)), tuple(labels), support.nbytes, report)
 
 
 def example(label: str, seed: int) -> Example:
@@ -114,3 +117,56 @@ def test_examples_added_on_two_replicas_at_once_are_all_kept(stores) -> None:
         assert stored == grown and len(support) == 4
         assert (await memory_of(b, task)).example_labels == grown.example_labels
     replicas(stores, scenario)
+
+
+class NewWeightsEngine(CountingEngine):
+    """The same stand-in under other weights, which classify every example as its own label."""
+
+    info = ModelInfo("stub", "stub-2", max_way=10, max_examples=20, image_size=SIZE, backend="stub",
+                     device="cpu")
+
+    async def register(self, support: np.ndarray, labels: Sequence[str], field: str = "examples",
+                       offset: int = 0, call: object = None, check: bool = False) -> Memory:
+        memory = await super().register(support, labels, field, offset, call, check)
+        if memory.report is None:
+            return memory
+        return Memory(memory.state, memory.labels, memory.example_labels, memory.nbytes,
+                      SupportReport(tuple(labels), memory.report.confidence, ()))
+
+
+def test_warnings_follow_the_support_set_and_the_weights_on_every_replica(stores) -> None:
+    async def scenario(a: TaskService, b: TaskService) -> None:
+        task = await a.register("", "t", [example("x", 0), example("odd", 1)])
+        [warning] = task.warnings
+        assert (warning.type, warning.details) == ("misclassified_example", {
+            "example_index": 1, "label": "odd", "predicted_label": "x", "confidence": 0.9})
+        assert (await b.get("", task.task_id)).warnings == task.warnings  # stored with the task
+
+        grown = await a.add_examples("", task.task_id, [example("y", 2), example("odd", 3)])
+        assert [w.details["example_index"] for w in grown.warnings] == [1, 3]  # the whole support set
+        assert (await b.get("", task.task_id)).warnings == grown.warnings
+
+        b.engine = NewWeightsEngine()  # b restarted on new weights: its rebuild checks the set again
+        await memory_of(b, grown)
+        rebuilt = await a.get("", task.task_id)
+        assert (rebuilt.model_version, rebuilt.warnings) == ("stub-2", ())
+        registrations = b.engine.registrations
+        await memory_of(b, rebuilt)  # cached now: no second rebuild, nothing rewritten
+        assert b.engine.registrations == registrations
+    replicas(stores, scenario)
+
+
+def test_support_warnings_name_misclassified_examples_then_indistinguishable_pairs() -> None:
+    report = SupportReport(("a", "a", "b"), (0.8, 0.6, 0.99), ((0, 2, 0.9951),))
+    memory = Memory(None, ("a", "b"), ("a", "b", "b"), 0, report)
+    misclassified, indistinguishable = support_warnings(memory)
+    assert misclassified.type == "misclassified_example"
+    assert misclassified.details == {"example_index": 1, "label": "b", "predicted_label": "a",
+                                     "confidence": 0.6}
+    assert "example 1 ('b') is classified as 'a' (60%)" in misclassified.message
+    assert indistinguishable.type == "indistinguishable_examples"
+    assert indistinguishable.details == {"example_indices": [0, 2], "labels": ["a", "b"], "cosine": 0.9951}
+    all_well = SupportReport(("a", "b"), (1.0, 1.0), ())
+    assert support_warnings(Memory(None, ("a", "b"), ("a", "b"), 0, all_well)) == ()
+    with pytest.raises(ValueError, match="without checking"):
+        support_warnings(Memory(None, ("a", "b"), ("a", "b"), 0))

@@ -37,8 +37,9 @@ def test_json_bytes_are_base64_strings_passed_on_as_they_are():
     inference = parse({"id": "r1", "inputs": [tensor]})
     assert inference.id == "r1"
     assert inference.images == ["aGk=", "data:image/png;base64,aGk="]
-    assert [o.name for o in inference.outputs] == ["PROBABILITIES", "LABEL"]
+    assert [o.name for o in inference.outputs] == ["PROBABILITIES", "LABEL", "SUPPORT_SIMILARITY"]
     assert not any(o.binary for o in inference.outputs)
+    assert inference.min_confidence == 0.0
 
 
 def test_binary_bytes_are_files_or_base64_text():
@@ -74,6 +75,21 @@ def test_requested_outputs_with_classification_and_binary_flags():
                                                                              "binary_data": True}},
                                    {"name": "LABEL"}]})
     assert inference.outputs == [Output("PROBABILITIES", True, 3), Output("LABEL", False, 0)]
+
+
+@pytest.mark.parametrize("value", [0, 0.25, 1])
+def test_min_confidence_is_a_request_parameter(value):
+    inference = parse({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}],
+                       "parameters": {"min_confidence": value}})
+    assert inference.min_confidence == value
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, True, "0.5", None, [0.5]])
+def test_a_min_confidence_out_of_range_or_not_a_number_names_the_parameter(value):
+    with pytest.raises(InvalidInput) as caught:
+        parse({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}],
+               "parameters": {"min_confidence": value}})
+    assert caught.value.body()["error"]["message"].startswith("parameters.min_confidence: must be a number")
 
 
 @pytest.mark.parametrize(("body", "length", "error", "says"), [
@@ -115,6 +131,7 @@ def test_request_fields_are_validated():
 
 PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], dtype=np.float32)
 LABELS = ["alpha", "beta", "a:b"]
+SIMILARITY = np.array([0.875, -0.25], dtype=np.float32)
 
 
 def split_binary(body: bytes, headers: dict[str, str]) -> tuple[dict[str, Any], bytes]:
@@ -124,7 +141,7 @@ def split_binary(body: bytes, headers: dict[str, str]) -> tuple[dict[str, Any], 
 
 def test_json_response_with_classification_in_tritons_format():
     inference = Inference("q", [], [Output("PROBABILITIES", False, 2), Output("LABEL", False)])
-    body, headers = encode_infer_response(inference, "task", "v1", PROBS, LABELS)
+    body, headers = encode_infer_response(inference, "task", "v1", PROBS, LABELS, SIMILARITY)
     assert headers == {"Content-Type": "application/json"}
     document = json.loads(body)
     assert (document["model_name"], document["model_version"], document["id"]) == ("task", "v1", "q")
@@ -136,7 +153,7 @@ def test_json_response_with_classification_in_tritons_format():
 
 def test_binary_response_appends_each_outputs_data_after_the_header():
     inference = Inference(None, [], [Output("PROBABILITIES", True), Output("LABEL", True)])
-    body, headers = encode_infer_response(inference, "task", "v1", PROBS, LABELS)
+    body, headers = encode_infer_response(inference, "task", "v1", PROBS, LABELS, SIMILARITY)
     document, blob = split_binary(body, headers)
     assert "id" not in document
     probs, label = document["outputs"]
@@ -145,3 +162,28 @@ def test_binary_response_appends_each_outputs_data_after_the_header():
     np.testing.assert_array_equal(np.frombuffer(blob[:n], "<f4").reshape(2, 3), PROBS)
     assert blob[n:] == bytes_tensor(b"alpha", b"a:b")
     assert label["parameters"]["binary_data_size"] == len(blob) - n
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_support_similarity_is_an_fp32_output_of_one_value_a_query(binary):
+    inference = Inference(None, [], [Output("SUPPORT_SIMILARITY", binary)])
+    body, headers = encode_infer_response(inference, "task", "v1", PROBS, LABELS, SIMILARITY)
+    if binary:
+        document, blob = split_binary(body, headers)
+        [tensor] = document["outputs"]
+        values = np.frombuffer(blob, "<f4").tolist()
+        assert tensor["parameters"]["binary_data_size"] == 8
+    else:
+        [tensor] = json.loads(body)["outputs"]
+        values = tensor["data"]
+    assert (tensor["name"], tensor["datatype"], tensor["shape"]) == ("SUPPORT_SIMILARITY", "FP32", [2])
+    assert values == [0.875, -0.25]
+
+
+def test_a_query_below_min_confidence_gets_an_empty_label():
+    outputs = [Output("LABEL", False), Output("PROBABILITIES", False)]
+    inference = Inference(None, [], outputs, min_confidence=0.65)
+    body, _ = encode_infer_response(inference, "task", "v1", PROBS, LABELS, SIMILARITY)
+    label, probs = json.loads(body)["outputs"]
+    assert label["data"] == ["alpha", ""]  # 0.7 is enough, 0.6 is not
+    assert probs["data"] == pytest.approx(PROBS.ravel().tolist())  # the probabilities as ever

@@ -100,6 +100,26 @@ class TrainConfig:
     val_ways: tuple[int, ...] = (20,)  # 1-shot validation settings; model selection uses their mean
     checkpoint_every: int = 250
     seed: int = 0
+    # Episodes per optimizer step, all of one shape (n_way, shots, n_query), their loss computed in
+    # one batched pass (`MetaNet.batched_episode_loss`) and averaged. 1 is the paper's one episode
+    # per update, run by `MetaNet.episode_loss` with the same random draws as before this existed.
+    # `episodes`, `val_every`, `checkpoint_every` and `lr_patience` count episodes, not steps.
+    episodes_per_step: int = 1
+    # bfloat16 autocast for u's and b's conv trunks and b's query path; the meta information (the
+    # gradients fed to m and d, their preprocessing, m and d themselves) stays float32. Runs on a
+    # CPU (tested) but is meant for GPUs: its speedup is measured by `python bench/train_throughput.py
+    # --bf16`. Off by default.
+    bf16: bool = False
+    # torch.compile of the batched query read (u with each episode's Q*, the attention, W* and b),
+    # the part of a step with the most small kernels. It compiles without graph breaks on a CPU
+    # (tested); its GPU speedup is measured by `python bench/train_throughput.py --compile`. Each new
+    # episode shape costs a compile until torch marks the shapes dynamic. Off by default.
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.episodes_per_step, bool) or not isinstance(self.episodes_per_step, int) \
+                or self.episodes_per_step < 1:
+            raise ValueError(f"episodes_per_step must be a positive int, got {self.episodes_per_step!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,3 +141,4 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+

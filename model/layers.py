@@ -141,6 +141,33 @@ def conv_trunk_per_sample(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tens
     return h.flatten(1)
 
 
+def conv_trunk_per_task(x: Tensor, slow: Sequence[Tensor], fast: Sequence[Tensor]) -> Tensor:
+    """Like `conv_trunk`, for several tasks at once, each with fast kernels of its own shared by its
+    images (meta-training's batched episodes: each episode's Q*).
+
+    The tasks fold into the channels: image j of every task is one stack of maps (B * C, H, W), and
+    each layer is one grouped convolution with a group per task whose kernel is [S; F_b] (both
+    branches read the same input, as in `conv_trunk`). No per-image copy of the kernels is made, as
+    `conv_trunk_per_sample` would need; with one task it is `conv_trunk`'s convolution.
+
+    Args:
+        x: images of shape (B, n, 1, 28, 28), n of each of B tasks.
+        slow: conv kernels, shared by every task.
+        fast: each task's kernels, each of shape (B, *slow[i].shape).
+    Returns:
+        features of shape (B, n, C).
+    """
+    n_tasks, n = x.shape[:2]
+    h = x.transpose(0, 1).reshape(n, n_tasks * x.shape[2], *x.shape[-2:])  # (n, B * C_in, H, W)
+    for w_slow, w_fast in zip(slow, fast, strict=True):
+        c_out = w_slow.shape[0]
+        kernels = torch.cat([w_slow.expand(n_tasks, *w_slow.shape), w_fast], dim=1)  # (B, 2 C_out, ...)
+        both = _relu(F.conv2d(h, kernels.reshape(-1, *w_slow.shape[1:]), padding=1, groups=n_tasks))
+        both = both.view(n, n_tasks, 2, c_out, *both.shape[-2:])  # each task's [slow; fast] outputs
+        h = pool((both[:, :, 0] + both[:, :, 1]).flatten(1, 2))
+    return h.view(n, n_tasks, -1).transpose(0, 1)
+
+
 def preprocess_grad(g: Tensor, p: float) -> Tensor:
     """Andrychowicz et al. (2016) preprocessing: each scalar becomes a 2-vector.
 

@@ -2,7 +2,8 @@
 
 Two phases with no hidden state: `register(support) -> TaskMemory` (Algorithm 1, steps 1-2: Q*, R
 and M) and `classify(memory, queries)` (step 3: attention over R reads W* from M). `episode_loss` is
-step 4, used by meta-training.
+step 4, used by meta-training; `batched_episode_loss` is step 4 for several episodes of one shape
+in one pass (several episodes per optimizer step).
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from torch.func import grad, vmap
 
 from model.config import MetaNetConfig
 from model.errors import InvalidTaskError
-from model.layers import CoordinateLSTM, CoordinateMLP, conv_trunk, conv_trunk_per_sample, preprocess_grad
+from model.layers import (
+    CoordinateLSTM,
+    CoordinateMLP,
+    conv_trunk,
+    conv_trunk_per_sample,
+    conv_trunk_per_task,
+    preprocess_grad,
+)
 
 # Coordinates handed to `m` in one go at registration: bounds its (coords, 20) hidden activations.
 _M_BLOCK_COORDS = 4_000_000
@@ -469,6 +477,83 @@ class MetaNet(nn.Module):
         loss = F.cross_entropy(logits, query_y, reduction="sum")
         correct = (logits.argmax(1) == query_y).sum()
         return loss, correct
+
+    def batched_episode_loss(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, n_way: int,
+        generator: np.random.Generator, *, bf16: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Algorithm 1 step 4 for B episodes of one shape in one pass, with no loop over them: each
+        episode's summed query cross-entropy and its number of correct queries, both of shape (B,).
+        Their mean is the loss of a step of B episodes (B = 1: `episode_loss`, to float rounding).
+
+        The per-example gradients of every support example of every episode are one vmap (the n_way
+        mask is shared); m and d run over every episode's coordinates at once (they are
+        per-coordinate: episodes fold into their rows); u runs with each episode's Q* on its support
+        and query images (`conv_trunk_per_task`); the attention is one batched matmul, and b runs
+        per query with its own W*.
+
+        Args:
+            support_x: (B, n_support, 1, S, S); support_y: (B, n_support), class ids < n_way.
+            query_x: (B, n_query, 1, S, S); query_y: (B, n_query).
+            generator: draws each episode's chunking of its support set, episode after episode,
+                as `episode_loss` would for each in turn.
+            bf16: bfloat16 autocast for the conv trunks and b's query path; the meta information
+                (the gradients, their preprocessing, m and d) and the attention stay float32.
+        """
+        n_tasks, n_support = support_y.shape
+        # Each episode's chunks as episode_loss draws them: a permutation split into T runs.
+        n_chunks = min(self.config.n_chunks, n_support)
+        sizes = [len(c) for c in np.array_split(np.arange(n_support), n_chunks)]
+        chunk_of = np.repeat(np.arange(n_chunks), sizes)  # chunk of each position of a permutation
+        perms = np.stack([generator.permutation(n_support) for _ in range(n_tasks)])
+        avg = np.zeros((n_tasks, n_chunks, n_support), dtype=np.float32)
+        avg[np.arange(n_tasks)[:, None], chunk_of[None], perms] = (1.0 / np.array(sizes))[chunk_of]
+        avg_t = torch.as_tensor(avg, device=support_x.device, dtype=support_x.dtype)
+
+        grads_u, grads_b = self._per_example_grads(support_x.flatten(0, 1), support_y.flatten(), n_way)
+        Q_fast = self._task_fast_weights_batched(grads_u.view(n_tasks, n_support, -1), avg_t)
+        M = self._example_fast_weights(grads_b).view(n_tasks, n_support, -1)
+        counts = F.one_hot(support_y, n_way).sum(1)  # (B, n_way)
+        bias = -torch.log(counts.gather(1, support_y).to(M.dtype))  # as TaskMemory.attention_bias
+        logits = self._read_batched(support_x, query_x, Q_fast, M, bias, n_way, bf16)
+        losses = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction="none")
+        correct = (logits.argmax(-1) == query_y).sum(1)
+        return losses.view(n_tasks, -1).sum(1), correct
+
+    def _task_fast_weights_batched(self, grads_u: Tensor, avg: Tensor) -> list[Tensor]:
+        """Each episode's Q*: grads_u (B, n, P_u) and avg (B, T, n), which averages an episode's
+        gradients over its chunks -> one tensor per layer of u's path, of shape (B, *shape)."""
+        n_tasks = grads_u.shape[0]
+        seq = preprocess_grad(torch.bmm(avg, grads_u), self.config.grad_p).transpose(0, 1)  # (T, B, P_u, 2)
+        n_conv = self._n_conv_coords(self.u_path_params())
+        steps = seq.shape[0]
+        conv = self.d_conv(seq[:, :, :n_conv].reshape(steps, -1, 2)).view(n_tasks, -1)
+        fc = self.d_fc(seq[:, :, n_conv:].reshape(steps, -1, 2)).view(n_tasks, -1)
+        return self._unflatten(torch.cat([conv, fc], dim=1) * self.u_gain, self.u_path_params())
+
+    def _read_batched(
+        self, support_x: Tensor, query_x: Tensor, Q_fast: Sequence[Tensor], M: Tensor, attention_bias: Tensor,
+        n_way: int, bf16: bool,
+    ) -> Tensor:
+        """Algorithm 1 step 3 for B episodes: logits (B, n_query, max_way) of their queries.
+
+        Args:
+            support_x: (B, n_support, 1, S, S); query_x: (B, n_query, 1, S, S).
+            Q_fast: each episode's Q*, one tensor per layer, of shape (B, *shape).
+            M: (B, n_support, P); attention_bias: (B, n_support).
+        """
+        n_tasks, n_support = support_x.shape[:2]
+        with torch.autocast(support_x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            h = conv_trunk_per_task(torch.cat([support_x, query_x], dim=1), self.u_convs, Q_fast[:-1])
+            r_all = h @ self.u_fc.T + torch.einsum("bnc,boc->bno", h, Q_fast[-1])  # (B, n_s + n_q, rep)
+        r_all = F.normalize(r_all.to(M.dtype), dim=-1, eps=1e-8)  # the attention in the model's dtype
+        R, r = r_all[:, :n_support], r_all[:, n_support:]
+        scores = torch.bmm(r, R.transpose(1, 2)) + attention_bias[:, None]  # (B, n_query, n_support)
+        W_fast_flat = torch.bmm(torch.softmax(scores, dim=-1), M)  # (B, n_query, P): W* per query
+        W_fast = self._unflatten(W_fast_flat.flatten(0, 1), self.b_params())
+        with torch.autocast(support_x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = self.b(query_x.flatten(0, 1), W_fast, n_way)
+        return logits.to(M.dtype).view(n_tasks, query_x.shape[1], -1)
 
     # -------------------------------------------------------------------------------- guards
 

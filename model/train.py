@@ -7,12 +7,14 @@ loadable by `load_model`), `history.jsonl` and `curve.png`. `--resume` continues
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -26,12 +28,14 @@ from model.evaluate import evaluate
 from model.metanet import MetaNet
 
 OPTIMIZER_FILE = "optimizer.safetensors"
+# (support_x, support_y, query_x, query_y, n_way, generator) -> (losses, correct), each (B,)
+BatchedLoss = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 STATE_FILE = "state.json"
 
 
 @dataclass
 class TrainState:
-    step: int = 0
+    step: int = 0  # episodes trained so far (a step of the optimizer takes cfg.episodes_per_step)
     best_val: float = -1.0
     rng_state: dict[str, Any] | None = None
     seconds: float = 0.0
@@ -65,6 +69,70 @@ def next_learning_rate(cfg: TrainConfig, state: TrainState) -> float:
         state.improved_step = state.step  # patience counts again from here
         return max(cfg.min_lr, lr / 2)
     return lr
+
+
+def passed(before: int, after: int, every: int) -> bool:
+    """Did the episode count pass a multiple of `every` going from `before` to `after`? (A step of
+    several episodes may jump over the multiple itself.)"""
+    return after // every > before // every
+
+
+def is_batched(cfg: TrainConfig) -> bool:
+    """Whether steps run `MetaNet.batched_episode_loss`: with one episode a step and neither bf16
+    nor compile they run `episode_loss`, with the random draws of the runs before batching."""
+    return cfg.episodes_per_step > 1 or cfg.bf16 or cfg.compile
+
+
+def batched_loss_fn(model: MetaNet, cfg: TrainConfig) -> BatchedLoss:
+    """`model.batched_episode_loss` with the config's bf16 and, with cfg.compile, its query read
+    (`MetaNet._read_batched`, u with each episode's Q*, the attention, W* and b) compiled by
+    torch.compile; the rest runs eagerly."""
+    if cfg.compile:
+        model._read_batched = torch.compile(model._read_batched)  # type: ignore[method-assign]
+    return functools.partial(model.batched_episode_loss, bf16=cfg.bf16)
+
+
+class Step(NamedTuple):
+    """One optimizer step: its loss and correct queries as tensors (read only when logged, so a GPU
+    is not waited on every step), its queries per episode and its episodes."""
+
+    loss: torch.Tensor  # mean over the episodes of each one's summed query cross-entropy
+    correct: torch.Tensor  # correct queries: a count, or one per episode
+    queries: int
+    episodes: int
+
+
+def train_step(model: MetaNet, optimizer: torch.optim.Optimizer, sampler: EpisodeSampler,
+               rng: np.random.Generator, cfg: TrainConfig, lr: float, loss_fn: BatchedLoss | None,
+               size: tuple[int, int | list[int], int] | None = None) -> Step:
+    """Draw the step's episode size (unless `size` gives it) and its cfg.episodes_per_step episodes,
+    and update the slow weights with their loss (Adam at `lr`, gradient norm clipped at
+    cfg.grad_clip). `loss_fn` is `batched_loss_fn(model, cfg)` where `is_batched(cfg)`, else None
+    (`episode_loss`)."""
+    n_way, shots, n_query = size or sample_episode_size(cfg, rng, sampler.n_drawings)
+    if loss_fn is not None:
+        episodes = [sampler.sample(rng, n_way, shots, n_query) for _ in range(cfg.episodes_per_step)]
+        stack = lambda name: torch.stack([getattr(ep, name) for ep in episodes])  # noqa: E731
+        losses, correct = loss_fn(stack("support_x"), stack("support_y"), stack("query_x"),
+                                  stack("query_y"), n_way, rng)
+        loss = losses.mean()
+    else:
+        ep = sampler.sample(rng, n_way, shots, n_query)
+        loss, correct = model.episode_loss(ep.support_x, ep.support_y, ep.query_x, ep.query_y, n_way, rng)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return Step(loss.detach(), correct, n_way * n_query, cfg.episodes_per_step if loss_fn else 1)
+
+
+def _window_means(window: list[Step]) -> tuple[float, float]:
+    """Mean query cross-entropy and accuracy of the steps' episodes, a step's mean per query."""
+    loss = [step.loss.item() / step.queries for step in window]
+    acc = [step.correct.sum().item() / (step.queries * step.episodes) for step in window]
+    return float(np.mean(loss)), float(np.mean(acc))
 
 
 def augment_of(cfg: TrainConfig) -> Augment:
@@ -114,46 +182,34 @@ def train(
 
         bar = tqdm(total=cfg.episodes, initial=state.step, unit="episode", dynamic_ncols=True)
     started = time.monotonic()
-    window_loss: list[float] = []
-    window_acc: list[float] = []
+    window: list[Step] = []  # the steps since the last validation
+    loss_fn = batched_loss_fn(model, cfg) if is_batched(cfg) else None
     model.train()
     while state.step < cfg.episodes:
         if max_seconds is not None and time.monotonic() - started > max_seconds:
             break
-        n_way, shots, n_query = sample_episode_size(cfg, rng, sampler.n_drawings)
-        ep = sampler.sample(rng, n_way, shots, n_query)
-        loss, correct = model.episode_loss(
-            ep.support_x, ep.support_y, ep.query_x, ep.query_y, n_way, rng
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = state.lr
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        state.step += 1
-        window_loss.append(loss.item() / len(ep.query_y))
-        window_acc.append(correct.item() / len(ep.query_y))
+        step = train_step(model, optimizer, sampler, rng, cfg, state.lr, loss_fn)
+        window.append(step)
+        before, state.step = state.step, state.step + step.episodes
         if bar is not None:
-            bar.update(1)
-            if state.step % 10 == 0:
-                bar.set_postfix(
-                    loss=f"{np.mean(window_loss[-50:]):.3f}", acc=f"{np.mean(window_acc[-50:]):.3f}"
-                )
+            bar.update(step.episodes)
+            if state.step // 10 > before // 10:
+                loss, acc = _window_means(window[-50:])
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
 
-        if state.step % cfg.val_every == 0 or state.step == cfg.episodes:
+        if passed(before, state.step, cfg.val_every) or state.step >= cfg.episodes:
             val = _validate(model, val_split, cfg)
+            train_loss, train_acc = _window_means(window)
             record = {
                 "step": state.step,
-                "train_loss": float(np.mean(window_loss)),
-                "train_acc": float(np.mean(window_acc)),
+                "train_loss": train_loss,
+                "train_acc": train_acc,
                 "lr": state.lr,
                 "val_acc": val["mean"],
                 "val": val,
                 "seconds": state.seconds + time.monotonic() - started,
             }
-            window_loss.clear()
-            window_acc.clear()
+            window.clear()
             with open(run / "history.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             if val["mean"] > state.best_val:
@@ -162,7 +218,7 @@ def train(
                              extra={"trained_max_way": cfg.max_train_way, "step": state.step, "val": val})
             state.lr = next_learning_rate(cfg, state)
             plot_curve(run)
-        if state.step % cfg.checkpoint_every == 0:
+        if passed(before, state.step, cfg.checkpoint_every):
             _save_last(run / "last", model, optimizer, state, rng, started)
     _save_last(run / "last", model, optimizer, state, rng, started)
     if not (run / "best" / WEIGHTS_FILE).exists():

@@ -1,8 +1,10 @@
 """White-box tests of model/train.py: one meta-training step updates every slow-weight group, episode
-sizes stay within the recipe, runs checkpoint and resume exactly, and a CLI smoke run (slow)."""
+sizes stay within the recipe, the rate halves on a plateau, runs (one or several episodes a step)
+checkpoint and resume exactly, and a CLI smoke run (slow)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +19,7 @@ from safetensors.torch import load_file
 from model import MetaNet, TrainConfig
 from model.checkpoint import WEIGHTS_FILE
 from model.data import EpisodeSampler
-from model.train import STATE_FILE, learning_rate, sample_episode_size, train
+from model.train import STATE_FILE, TrainState, next_learning_rate, sample_episode_size, train
 from tests.model.conftest import TINY
 from tests.model.omniglot_fixtures import write_omniglot_npz_dir
 
@@ -90,13 +92,15 @@ def _tiny_train_config(episodes: int) -> TrainConfig:
     )
 
 
-def test_the_rate_halves_on_schedule_counted_from_a_warm_restart():
-    cfg = TrainConfig(lr=1e-3, lr_halve_every=1000)
-    assert [learning_rate(cfg, s) for s in (0, 999, 1000, 2500)] == [1e-3, 1e-3, 5e-4, 2.5e-4]
-    restarted = TrainConfig(lr=3e-5, lr_halve_every=3000, lr_schedule_start=24127)
-    assert [learning_rate(restarted, s) for s in (24127, 27126, 27127, 30127)] == [3e-5, 3e-5, 1.5e-5, 7.5e-6]
-    assert learning_rate(TrainConfig(lr=1e-3, lr_halve_every=0, lr_schedule_start=5), 10**6) == 1e-3
-    assert TrainConfig.from_dict(restarted.to_dict()) == restarted
+def test_the_rate_halves_after_lr_patience_episodes_without_improvement():
+    cfg = TrainConfig(lr=1e-3, lr_patience=1000, min_lr=3e-4)
+    state = TrainState(step=999, lr=1e-3, improved_step=0)
+    assert next_learning_rate(cfg, state) == 1e-3
+    state.step = 1000
+    assert next_learning_rate(cfg, state) == 5e-4 and state.improved_step == 1000  # patience restarts
+    state.lr, state.step = 5e-4, 2000
+    assert next_learning_rate(cfg, state) == 3e-4  # never below min_lr
+    assert next_learning_rate(TrainConfig(lr=1e-3, lr_patience=0), TrainState(step=10**6, lr=1e-3)) == 1e-3
 
 
 def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, tiny_split):
@@ -119,36 +123,68 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_pa
 
 
 
-def test_a_jittered_run_trains_saves_its_jitter_and_resumes_exactly(tmp_path, tiny_split):
-    import dataclasses
+def _same_weights(a: Path, b: Path) -> None:
+    first, second = load_file(str(a / "last" / WEIGHTS_FILE)), load_file(str(b / "last" / WEIGHTS_FILE))
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor, rtol=0, atol=0, msg=name)
 
+
+def test_a_run_of_two_episodes_a_step_checkpoints_and_resumes_exactly(tmp_path, tiny_split):
     splits = (tiny_split, tiny_split)
 
-    def jittered(episodes):
-        return dataclasses.replace(_tiny_train_config(episodes), jitter_shift=2.0, jitter_rotate=10.0,
-                                   jitter_scale=0.1, jitter_prob=0.5)
+    def batched(episodes: int) -> TrainConfig:  # uneven episodes too: every shape goes through
+        return dataclasses.replace(_tiny_train_config(episodes), episodes_per_step=2, uneven_prob=0.5)
 
-    train(jittered(4), tmp_path / "straight", splits=splits, progress=False)
-    train(jittered(2), tmp_path / "resumed", splits=splits, progress=False)
-    train(jittered(4), tmp_path / "resumed", splits=splits, progress=False, resume=True)
+    train(batched(8), tmp_path / "straight", splits=splits, progress=False)
+    first = train(batched(4), tmp_path / "resumed", splits=splits, progress=False)
+    assert first.step == 4  # episodes, two a step
+    second = train(batched(8), tmp_path / "resumed", splits=splits, progress=False, resume=True)
+    assert second.step == 8
+    _same_weights(tmp_path / "straight", tmp_path / "resumed")
     saved = TrainConfig.from_dict(json.loads((tmp_path / "resumed" / "train_config.json").read_text()))
-    jitter = (saved.jitter_shift, saved.jitter_rotate, saved.jitter_scale, saved.jitter_prob)
-    assert jitter == (2, 10, 0.1, 0.5)
-    straight = load_file(str(tmp_path / "straight" / "last" / WEIGHTS_FILE))
-    resumed = load_file(str(tmp_path / "resumed" / "last" / WEIGHTS_FILE))
-    for name, tensor in straight.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
-    # A config saved before the jitter existed loads as "no jitter".
-    old = {k: v for k, v in saved.to_dict().items() if not k.startswith("jitter_")}
-    assert TrainConfig.from_dict(old).jitter_shift == 0.0
+    assert saved.episodes_per_step == 2
+    history = [json.loads(line) for line in (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == [2, 4, 6, 8]
+    assert all(np.isfinite(r["train_loss"]) and 0 <= r["train_acc"] <= 1 for r in history)
 
 
-def test_an_impossible_jitter_is_refused_before_any_data_is_read(tmp_path):
-    import dataclasses
+def test_a_step_of_three_episodes_validates_and_checkpoints_when_it_passes_a_multiple(tmp_path, tiny_split):
+    cfg = dataclasses.replace(_tiny_train_config(7), episodes_per_step=3, val_every=4, checkpoint_every=4)
+    state = train(cfg, tmp_path / "run", splits=(tiny_split, tiny_split), progress=False)
+    assert state.step == 9  # the last step may pass `episodes`
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == [6, 9]  # passed 4 at 6, 8 at 9 (and the end)
 
-    cfg = dataclasses.replace(_tiny_train_config(2), jitter_scale=1.5)
-    with pytest.raises(ValueError, match="jitter scale must be below 1, got 1.5"):
+
+def test_one_episode_a_step_trains_with_episode_loss_as_before_batching(tmp_path, tiny_split, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("one episode a step must not take the batched pass")
+
+    monkeypatch.setattr(MetaNet, "batched_episode_loss", refuse)
+    state = train(_tiny_train_config(2), tmp_path / "run", splits=(tiny_split, tiny_split), progress=False)
+    assert state.step == 2
+
+
+def test_a_bf16_run_trains_and_keeps_float32_weights(tmp_path, tiny_split):
+    cfg = dataclasses.replace(_tiny_train_config(4), episodes_per_step=2, bf16=True)
+    state = train(cfg, tmp_path / "run", splits=(tiny_split, tiny_split), progress=False)
+    assert state.step == 4
+    weights = load_file(str(tmp_path / "run" / "last" / WEIGHTS_FILE))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["train_loss"]) for r in history)
+
+
+def test_an_impossible_augmentation_is_refused_before_any_data_is_read(tmp_path):
+    cfg = dataclasses.replace(_tiny_train_config(2), augment_prob=1.5)
+    with pytest.raises(ValueError, match="augment prob is a probability, got 1.5"):
         train(cfg, tmp_path / "run", data_dir=tmp_path / "no-such-dir", progress=False)
+
+
+def test_episodes_per_step_must_be_a_positive_int():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="episodes_per_step must be a positive int"):
+            TrainConfig(episodes_per_step=bad)
 
 
 @pytest.mark.slow
@@ -180,13 +216,13 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_run(tmp_path):
         "1",
         "--no-progress",
     ]
-    out = cli("train", "--run-dir", str(run), "--episodes", "4", "--channels", "8", "--jitter-shift", "1.5",
-              "--jitter-prob", "0.25", *common)
+    out = cli("train", "--run-dir", str(run), "--episodes", "4", "--channels", "8", "--augment-prob", "0.25",
+              "--uneven-prob", "0.5", *common)
     assert json.loads(out.splitlines()[-1])["step"] == 4
     assert json.loads((run / "last" / STATE_FILE).read_text())["step"] == 4
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["model"]["channels"] == 8
-    assert (saved["jitter_shift"], saved["jitter_prob"], saved["jitter_rotate"]) == (1.5, 0.25, 0.0)
+    assert (saved["augment_prob"], saved["uneven_prob"], saved["episodes_per_step"]) == (0.25, 0.5, 1)
 
     # --resume reuses the run's saved config (8 channels) without being told again.
     out = cli("train", "--run-dir", str(run), "--resume", "--episodes", "6", *common)

@@ -25,11 +25,19 @@ class MetaNetConfig:
     n_chunks: int = 5  # T: how many gradients of u's loss feed the LSTM meta learner d
     meta_hidden: int = 20  # width of m's MLP and of d's LSTM
     grad_p: float = 7.0  # p of the log/sign gradient preprocessing (Andrychowicz et al. 2016)
+    # The authors' code applies a ReLU to the representation before the auxiliary FC layer of u's
+    # representation loss (the gradients fed to d). False, the default, is the head this project
+    # trained without it: a checkpoint whose config lacks the key keeps the head it was trained with.
+    aux_relu: bool = False
 
     def __post_init__(self) -> None:
         # A config read from a checkpoint's JSON must fail here, as a ValueError, rather than deep
         # inside tensor construction (load_model turns ValueError into CheckpointError).
+        if not isinstance(self.aux_relu, bool):
+            raise ValueError(f"aux_relu must be true or false, got {self.aux_relu!r}")
         for f in dataclasses.fields(self):
+            if f.name == "aux_relu":
+                continue
             value = getattr(self, f.name)
             kinds = (int, float) if f.name == "grad_p" else (int,)
             if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
@@ -142,3 +150,27 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+
+# Named training recipes, the one place they are written down (`python bench/gpu_train.py --preset`).
+PRESETS: dict[str, TrainConfig] = {
+    # The authors' recipe: Adam at a constant 1e-3 (no schedule), gradient-norm clipping at 10, 10
+    # queries a class, the representation loss's head with their ReLU (aux_relu). With the episode
+    # mix this project's run ended on, from the first step: n_way 5..50, mostly one-shot (15% with
+    # 2..5 shots), a quarter of the episodes uneven, half the drawings augmented.
+    "paper": TrainConfig(
+        model=MetaNetConfig(aux_relu=True),
+        lr=1e-3,
+        lr_patience=0,
+        grad_clip=10.0,
+        min_way=5,
+        max_train_way=50,
+        max_shot=5,
+        multi_shot_prob=0.15,
+        uneven_prob=0.25,
+        query_per_class=10,
+        augment_prob=0.5,
+        val_every=1000,
+        val_episodes=300,
+        val_ways=(20,),
+    ),
+}

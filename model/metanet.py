@@ -257,11 +257,15 @@ class MetaNet(nn.Module):
         """
         q = tuple(p.detach() for p in self.u_path_params())
         aux = self.u_aux.detach()
+        aux_relu = self.config.aux_relu
         w = tuple(p.detach() for p in self.b_params())
 
         def u_loss(q_params: tuple[Tensor, ...], xi: Tensor, yi: Tensor) -> Tensor:
             h = conv_trunk(xi[None], q_params[:-1], None)
-            logits = _mask_classes((h @ q_params[-1].T) @ aux.T, n_way)
+            r = h @ q_params[-1].T
+            if aux_relu:  # the authors' head: ReLU, then the auxiliary FC layer
+                r = F.relu(r)
+            logits = _mask_classes(r @ aux.T, n_way)
             return F.cross_entropy(logits, yi[None])
 
         def b_loss(w_params: tuple[Tensor, ...], xi: Tensor, yi: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """White-box tests of meta-training's batched pass (`MetaNet.batched_episode_loss`): a step over B
 episodes has the gradient of the mean of their single steps, for every parameter, even and uneven
-shots alike; its bf16 and compiled variants.
+shots alike; its bf16 and compiled variants; the representation loss's head with the authors' ReLU
+(`MetaNetConfig.aux_relu`) and the paper's preset.
 
 Tolerance of the equivalence: the batched pass sums the same terms in another order (one vmap over
 every episode's examples, m and d over every episode's coordinates, grouped and batched matmuls), so
@@ -14,13 +15,19 @@ the difference is rounding, not algebra.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model import MetaNet
+from model import MetaNet, MetaNetConfig
+from model.checkpoint import load_model, save_weights
+from model.config import PRESETS, TrainConfig
 from model.data import Episode, EpisodeSampler
 from model.layers import conv_trunk, conv_trunk_per_task
+from model.metanet import _mask_classes
 from tests.model.conftest import TINY
 
 SHAPES = {"3-way 2-shot": 2, "uneven 2,1,3 shots": [2, 1, 3]}
@@ -130,3 +137,48 @@ def test_the_compiled_query_read_has_no_graph_break_and_the_eager_numbers(tiny_s
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     torch._dynamo.reset()
 
+
+# ------------------------------------------------------------------ the representation loss's head
+
+
+def _u_gradient_by_hand(model: MetaNet, x: torch.Tensor, y: int, n_way: int, relu: bool) -> torch.Tensor:
+    """u's representation-loss gradient for one example, written out with autograd."""
+    q = [p.detach().clone().requires_grad_() for p in model.u_path_params()]
+    h = x[None]
+    for w in q[:-1]:
+        h = F.max_pool2d(F.relu(F.conv2d(h, w, padding=1)), 2, ceil_mode=True)
+    r = h.flatten(1) @ q[-1].T
+    logits = _mask_classes((F.relu(r) if relu else r) @ model.u_aux.T, n_way)
+    F.cross_entropy(logits, torch.tensor([y])).backward()
+    return torch.cat([p.grad.flatten() for p in q])
+
+
+@pytest.mark.parametrize("aux_relu", [False, True])
+def test_the_representation_loss_head_applies_a_relu_only_with_aux_relu(tiny_split, aux_relu):
+    torch.manual_seed(0)
+    model = MetaNet(MetaNetConfig(**{**TINY.to_dict(), "aux_relu": aux_relu}))
+    [ep] = _episodes(tiny_split, 1, 1)
+    grads_u, _ = model._per_example_grads(ep.support_x, ep.support_y, 3)
+    for i in range(3):
+        want = _u_gradient_by_hand(model, ep.support_x[i], int(ep.support_y[i]), 3, relu=aux_relu)
+        other = _u_gradient_by_hand(model, ep.support_x[i], int(ep.support_y[i]), 3, relu=not aux_relu)
+        torch.testing.assert_close(grads_u[i], want, rtol=1e-4, atol=1e-7)
+        assert not torch.allclose(grads_u[i], other, rtol=1e-3, atol=1e-7)
+
+
+def test_a_checkpoint_saved_without_aux_relu_loads_without_it(tmp_path, model):
+    save_weights(model, tmp_path / "w")
+    meta = json.loads((tmp_path / "w" / "config.json").read_text())
+    del meta["model"]["aux_relu"]  # as every checkpoint saved before the flag existed
+    (tmp_path / "w" / "config.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path / "w").config.aux_relu is False
+    with pytest.raises(ValueError, match="aux_relu must be true or false"):
+        MetaNetConfig(aux_relu=1)  # type: ignore[arg-type]
+
+
+def test_the_paper_preset_is_the_authors_recipe_with_their_head():
+    cfg = PRESETS["paper"]
+    assert (cfg.lr, cfg.lr_patience, cfg.grad_clip, cfg.betas) == (1e-3, 0, 10.0, (0.9, 0.999))
+    assert cfg.query_per_class == 10 and cfg.multi_shot_prob < 0.5 and cfg.model.aux_relu
+    assert cfg.episodes_per_step == 1  # how many episodes a step is a choice of the machine, not the recipe
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg

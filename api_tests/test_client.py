@@ -114,6 +114,25 @@ def test_classify_once_agrees_with_a_registered_task(metanet: MetaNetClient) -> 
         assert a.confidence == pytest.approx(b.confidence, abs=1e-5)
 
 
+def test_warnings_min_confidence_and_support_similarity_reach_the_client(metanet: MetaNetClient) -> None:
+    circle = glyph("circle")
+    task = metanet.create_task([("circle", circle), ("ring", circle), ("cross", glyph("cross"))])
+    assert {w.type for w in task.warnings} == {"misclassified_example", "indistinguishable_examples"}
+    pair = next(w for w in task.warnings if w.type == "indistinguishable_examples")
+    assert pair.details["example_indices"] == [0, 1] and pair.details["labels"] == ["circle", "ring"]
+    assert metanet.get_task(task.task_id).warnings == task.warnings
+    clean = metanet.create_task({kind: [glyph(kind)] for kind in SHAPES})
+    assert clean.warnings == ()
+
+    plain = metanet.classify(task.task_id, [circle, glyph("cross")])
+    assert plain[0].confidence < 1 and plain[0].label is not None  # "circle" or "ring", unsure
+    assert plain[0].support_similarity == pytest.approx(1.0, abs=1e-4)
+    unsure = metanet.classify(task.task_id, [circle, glyph("cross")], min_confidence=1.0)
+    assert unsure[0].label is None and unsure[0].confidence == plain[0].confidence
+    once = metanet.classify_once([("circle", circle), ("ring", circle)], [circle], min_confidence=1.0)
+    assert once.labels == [None] and once[0].support_similarity is not None
+
+
 def test_unknown_tasks_raise_task_not_found_for_every_method(metanet: MetaNetClient) -> None:
     calls = [
         lambda: metanet.get_task("no-such-task"),
@@ -165,6 +184,9 @@ def test_the_async_client_does_the_same(server: Server, support_files: dict) -> 
             assert grown.n_way == 4
             once = await client.classify_once([(k, glyph(k)) for k in SHAPES], queries())
             assert once.labels == list(QUERIES)
+            picky = await client.classify(task.task_id, queries(), min_confidence=1.0)
+            assert all((p.label is None) == (p.confidence < 1) for p in picky)
+            assert all(p.support_similarity is not None for p in picky)
             assert (await client.model_info()).version == task.model_version
             assert await client.ready()
             await client.delete_task(task.task_id)

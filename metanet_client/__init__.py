@@ -4,8 +4,8 @@ Needs only httpx and Pillow:
 
     with MetaNetClient("http://127.0.0.1:8000", api_key=None) as client:
         task = client.create_task({"alpha": ["a1.png", "a2.png"], "beta": ["b1.png"]}, name="demo")
-        result = client.classify(task.task_id, ["query.png"], top_k=2)
-        print(result[0].label, result[0].confidence)
+        result = client.classify(task.task_id, ["query.png"], top_k=2, min_confidence=0.5)
+        print(result[0].label, result[0].confidence)  # label None: below min_confidence
 """
 
 from metanet_client._client import DEFAULT_TIMEOUT, DEFAULT_URL, AsyncMetaNetClient, MetaNetClient
@@ -38,6 +38,7 @@ from metanet_client._types import (
     LabelProbability,
     ModelInfo,
     Prediction,
+    RegistrationWarning,
     Task,
     TaskPage,
 )
@@ -49,5 +50,6 @@ __all__ = [
     "Overloaded", "PayloadTooLarge", "RateLimited", "TaskNotFound", "TooManyRequests", "Unauthorized",
     "UnexpectedResponse", "UnsupportedMediaType",
     "EncodedImage", "Example", "ImageInput", "encode_image",
-    "AttentionWeight", "ClassifyResult", "LabelProbability", "ModelInfo", "Prediction", "Task", "TaskPage",
+    "AttentionWeight", "ClassifyResult", "LabelProbability", "ModelInfo", "Prediction", "RegistrationWarning",
+    "Task", "TaskPage",
 ]

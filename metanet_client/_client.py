@@ -101,16 +101,26 @@ def _add_examples(task_id: str, examples: Examples) -> _Call[Task]:
     return _Call("POST", _task_path(task_id, "/examples"), _body_as(Task), json=body)
 
 
-def _classify(task_id: str, images: Any, top_k: int, explain: bool) -> _Call[ClassifyResult]:
-    body = {"images": encode_images(images), "top_k": top_k, "explain": explain}
+def _classify(
+    task_id: str, images: Any, top_k: int, explain: bool, min_confidence: float | None,
+) -> _Call[ClassifyResult]:
+    body = {"images": encode_images(images), "top_k": top_k, "explain": explain,
+            **_min_confidence(min_confidence)}
     return _Call("POST", _task_path(task_id, "/classify"), _body_as(ClassifyResult), json=body,
                  read_only=True)
 
 
-def _classify_once(support: Examples, images: Any, top_k: int, explain: bool) -> _Call[ClassifyResult]:
+def _classify_once(
+    support: Examples, images: Any, top_k: int, explain: bool, min_confidence: float | None,
+) -> _Call[ClassifyResult]:
     body = {"support": encode_examples(support), "images": encode_images(images),
-            "top_k": top_k, "explain": explain}
+            "top_k": top_k, "explain": explain, **_min_confidence(min_confidence)}
     return _Call("POST", "/v1/classify", _body_as(ClassifyResult), json=body, read_only=True)
+
+
+def _min_confidence(value: float | None) -> dict[str, float]:
+    """The field only when given: a server that predates it refuses fields it does not know."""
+    return {} if value is None else {"min_confidence": value}
 
 
 def _model_info() -> _Call[ModelInfo]:
@@ -215,8 +225,9 @@ class MetaNetClient(_BaseClient):
             attempt += 1
 
     def create_task(self, examples: Examples, name: str | None = None) -> Task:
-        """Register a task from a mapping label -> images, or from (label, image) pairs. Never
-        retried (a resent POST could register the task twice): a 429 or 503 raises at once."""
+        """Register a task from a mapping label -> images, or from (label, image) pairs; its
+        `warnings` say what the model found wrong with them (the task is registered either way).
+        Never retried (a resent POST could register the task twice): a 429 or 503 raises at once."""
         return self._run(_create_task(examples, name))
 
     def get_task(self, task_id: str) -> Task:
@@ -243,15 +254,20 @@ class MetaNetClient(_BaseClient):
         Never retried (a resent POST could add them twice): a 429 or 503 raises at once."""
         return self._run(_add_examples(task_id, examples))
 
-    def classify(self, task_id: str, images: Any, top_k: int = 1, explain: bool = False) -> ClassifyResult:
-        """Classify images (one, or an iterable of them) against a registered task."""
-        return self._run(_classify(task_id, images, top_k, explain))
+    def classify(
+        self, task_id: str, images: Any, top_k: int = 1, explain: bool = False,
+        min_confidence: float | None = None,
+    ) -> ClassifyResult:
+        """Classify images (one, or an iterable of them) against a registered task. A prediction
+        whose confidence is below `min_confidence` (0..1) has label None: none of the task's labels."""
+        return self._run(_classify(task_id, images, top_k, explain, min_confidence))
 
     def classify_once(
         self, support: Examples, images: Any, top_k: int = 1, explain: bool = False,
+        min_confidence: float | None = None,
     ) -> ClassifyResult:
         """A one-off episode: classify `images` against `support`; nothing is stored."""
-        return self._run(_classify_once(support, images, top_k, explain))
+        return self._run(_classify_once(support, images, top_k, explain, min_confidence))
 
     def model_info(self) -> ModelInfo:
         return self._run(_model_info())
@@ -329,13 +345,16 @@ class AsyncMetaNetClient(_BaseClient):
 
     async def classify(
         self, task_id: str, images: Any, top_k: int = 1, explain: bool = False,
+        min_confidence: float | None = None,
     ) -> ClassifyResult:
-        return await self._run(await self._build(_classify, task_id, images, top_k, explain))
+        return await self._run(await self._build(_classify, task_id, images, top_k, explain, min_confidence))
 
     async def classify_once(
         self, support: Examples, images: Any, top_k: int = 1, explain: bool = False,
+        min_confidence: float | None = None,
     ) -> ClassifyResult:
-        return await self._run(await self._build(_classify_once, support, images, top_k, explain))
+        return await self._run(
+            await self._build(_classify_once, support, images, top_k, explain, min_confidence))
 
     async def model_info(self) -> ModelInfo:
         return await self._run(_model_info())

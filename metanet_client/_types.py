@@ -16,6 +16,21 @@ def _time(value: str | None) -> datetime | None:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistrationWarning:
+    """Advice about a task's support set, found when it was last built (docs/api.md, "Registration
+    warnings"). `type` is "misclassified_example" (details: example_index, label, predicted_label,
+    confidence) or "indistinguishable_examples" (details: example_indices, labels, cosine)."""
+
+    type: str
+    message: str
+    details: Mapping[str, Any]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RegistrationWarning:
+        return cls(data["type"], data["message"], dict(data.get("details") or {}))
+
+
+@dataclass(frozen=True, slots=True)
 class Task:
     task_id: str
     name: str | None
@@ -27,6 +42,9 @@ class Task:
     created_at: datetime
     updated_at: datetime | None
     memory_bytes: int
+    # What the model found wrong with the support set; empty when all is well (or from a server
+    # that predates warnings).
+    warnings: tuple[RegistrationWarning, ...] = ()
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Task:
@@ -35,6 +53,7 @@ class Task:
             n_way=int(data["n_way"]), n_examples=int(data["n_examples"]), shots=dict(data["shots"]),
             model_version=data["model_version"], created_at=datetime.fromisoformat(data["created_at"]),
             updated_at=_time(data.get("updated_at")), memory_bytes=int(data.get("memory_bytes", 0)),
+            warnings=tuple(RegistrationWarning.from_json(w) for w in data.get("warnings") or ()),
         )
 
 
@@ -67,20 +86,28 @@ class AttentionWeight:
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
-    label: str
+    """One query's answer. `label` is None when `confidence` was below the request's
+    `min_confidence` (none of the task's labels); `support_similarity` is the query's best cosine
+    similarity to the support set (low: unlike every registered example; None from a server that
+    predates it)."""
+
+    label: str | None
     confidence: float
     top_k: tuple[LabelProbability, ...]
     attention: tuple[AttentionWeight, ...] | None = None  # only when asked to explain
+    support_similarity: float | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Prediction:
         attention = data.get("attention")
+        similarity = data.get("support_similarity")
         return cls(
             label=data["label"], confidence=float(data["confidence"]),
             top_k=tuple(LabelProbability(p["label"], float(p["probability"])) for p in data["top_k"]),
             attention=None if attention is None else tuple(
                 AttentionWeight(int(a["example_index"]), a["label"], float(a["weight"])) for a in attention
             ),
+            support_similarity=None if similarity is None else float(similarity),
         )
 
 
@@ -99,7 +126,7 @@ class ClassifyResult:
                    data["model_version"], data.get("task_id"))
 
     @property
-    def labels(self) -> list[str]:
+    def labels(self) -> list[str | None]:
         return [p.label for p in self.predictions]
 
     def __iter__(self) -> Iterator[Prediction]:

@@ -24,6 +24,7 @@ from metanet_client import (
     NotFound,
     Overloaded,
     Prediction,
+    RegistrationWarning,
     Task,
     TaskNotFound,
     UnexpectedResponse,
@@ -39,9 +40,17 @@ def task_json(task_id: str = "t1", **overrides: Any) -> dict[str, Any]:
             "memory_bytes": 10, "some_future_field": True} | overrides
 
 
-PREDICTION = {"label": "a", "confidence": 0.9,
+PREDICTION = {"label": "a", "confidence": 0.9, "support_similarity": 0.83,
               "top_k": [{"label": "a", "probability": 0.9}, {"label": "b", "probability": 0.1}],
               "attention": [{"example_index": 0, "label": "a", "weight": 0.7}]}
+UNSURE = {"label": None, "confidence": 0.55, "support_similarity": -0.12,
+          "top_k": [{"label": "b", "probability": 0.55}]}
+WARNINGS = [
+    {"type": "misclassified_example", "message": "example 1 ('b') is classified as 'a' (70%)",
+     "details": {"example_index": 1, "label": "b", "predicted_label": "a", "confidence": 0.7}},
+    {"type": "indistinguishable_examples", "message": "examples 0 ('a') and 1 ('b') look the same",
+     "details": {"example_indices": [0, 1], "labels": ["a", "b"], "cosine": 0.999}},
+]
 
 
 class FakeService:
@@ -58,7 +67,7 @@ class FakeService:
             return error(404, "task_not_found", "no task 'missing'", {"task_id": "missing"})
         match method, path:
             case "POST", "/v1/tasks":
-                return httpx.Response(201, json=task_json(name=self.body.get("name")))
+                return httpx.Response(201, json=task_json(name=self.body.get("name"), warnings=WARNINGS))
             case "GET", "/v1/tasks":
                 ids, cursor = self.pages[request.url.params.get("cursor")]
                 return httpx.Response(200, json={"data": [task_json(i) for i in ids], "next_cursor": cursor})
@@ -72,7 +81,8 @@ class FakeService:
                 return httpx.Response(200, json={"task_id": "t1", "model_version": "m1",
                                                  "predictions": [PREDICTION] * len(self.body["images"])})
             case "POST", "/v1/classify":
-                return httpx.Response(200, json={"model_version": "m1", "predictions": [PREDICTION]})
+                predictions = [UNSURE if "min_confidence" in self.body else PREDICTION]
+                return httpx.Response(200, json={"model_version": "m1", "predictions": predictions})
             case "GET", "/v1/model":
                 return httpx.Response(200, json={"name": "metanet", "version": "m1", "max_way": 20,
                                                  "max_examples": 100, "image_size": 28, "backend": "torch",
@@ -130,6 +140,15 @@ def test_create_task_posts_the_examples_and_parses_the_task(call: Callable) -> N
     assert isinstance(task, Task)
     assert task.labels == ("a", "b") and task.shots == {"a": 2, "b": 1} and task.n_way == 2
     assert task.created_at == datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+    misclassified, indistinguishable = task.warnings
+    assert isinstance(misclassified, RegistrationWarning) and misclassified.type == "misclassified_example"
+    assert misclassified.details["predicted_label"] == "a" and "classified as" in misclassified.message
+    assert indistinguishable.details == {"example_indices": [0, 1], "labels": ["a", "b"], "cosine": 0.999}
+
+
+def test_a_task_without_warnings_or_from_an_older_server_has_none(call: Callable) -> None:
+    assert call(FakeService(), "get_task", "t1").warnings == ()  # the fake's task has no such field
+    assert Task.from_json(task_json(warnings=[])).warnings == ()
 
 
 def test_create_task_without_a_name_sends_no_name(call: Callable) -> None:
@@ -173,9 +192,25 @@ def test_classify_sends_images_top_k_and_explain_and_parses_predictions(call: Ca
     assert isinstance(result, ClassifyResult) and result.task_id == "t1" and len(result) == 2
     assert result.labels == ["a", "a"]
     first = result[0]
-    assert isinstance(first, Prediction) and first.confidence == 0.9
+    assert isinstance(first, Prediction) and first.confidence == 0.9 and first.support_similarity == 0.83
     assert [(p.label, p.probability) for p in first.top_k] == [("a", 0.9), ("b", 0.1)]
     assert first.attention is not None and first.attention[0].example_index == 0
+
+
+def test_min_confidence_is_sent_only_when_given_and_a_null_label_parsed(call: Callable) -> None:
+    fake = FakeService()
+    call(fake, "classify", "t1", [PIXELS], min_confidence=0.8)
+    assert fake.body["min_confidence"] == 0.8
+    call(fake, "classify", "t1", [PIXELS])
+    assert "min_confidence" not in fake.body  # a server that predates it refuses unknown fields
+    result = call(fake, "classify_once", {"a": [PIXELS], "b": [PIXELS]}, [PIXELS], min_confidence=0.6)
+    assert fake.body["min_confidence"] == 0.6
+    assert result.labels == [None] and result[0].confidence == 0.55 and result[0].support_similarity == -0.12
+
+
+def test_a_prediction_from_a_server_without_support_similarity_has_none() -> None:
+    old = {k: v for k, v in PREDICTION.items() if k != "support_similarity"}
+    assert Prediction.from_json(old).support_similarity is None
 
 
 def test_classify_once_sends_support_and_images(call: Callable) -> None:

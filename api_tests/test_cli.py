@@ -85,14 +85,44 @@ def test_create_ls_get_classify_rm(server: Server, folder: Path, query_files: li
     assert [p["label"] for p in result["predictions"]] == ["cross", "circle", "triangle"]
     assert all(len(p["top_k"]) == 2 and len(p["attention"]) == 6 for p in result["predictions"])
     table = ok(run_cli(server.url, "classify", task_id, *query_files, "--top-k", "2")).splitlines()
-    assert table[0].split() == ["IMAGE", "LABEL", "CONFIDENCE", "TOP_K"]
+    assert table[0].split() == ["IMAGE", "LABEL", "CONFIDENCE", "SIMILARITY", "TOP_K"]
     assert [line.split()[:2] for line in table[1:]] == [
         [str(query_files[0]), "cross"], [str(query_files[1]), "circle"], [str(query_files[2]), "triangle"]]
+    assert [float(line.split()[3]) for line in table[1:]] == pytest.approx(
+        [p["support_similarity"] for p in result["predictions"]], abs=1e-3)
 
     assert ok(run_cli(server.url, "tasks", "rm", task_id)) == f"deleted {task_id}\n"
     failed(run_cli(server.url, "tasks", "get", task_id), 1, "metanet tasks get: error: task_not_found:",
            task_id)
     assert task_id not in ok(run_cli(server.url, "tasks", "ls"))
+
+
+def test_registration_warnings_name_the_files_and_min_confidence_answers_none_of_these(
+    server: Server, tmp_path: Path,
+) -> None:
+    root = tmp_path / "doubtful"
+    for label, kind in (("circle", "circle"), ("ring", "circle"), ("cross", "cross")):
+        (root / label).mkdir(parents=True)
+        glyph(kind).save(root / label / "0.png")  # the same circle under two labels
+    created = ok(run_cli(server.url, "tasks", "create", root))
+    warnings = [line for line in created.splitlines() if line.startswith("warning: ")]
+    pair = next(line for line in warnings if line.startswith("warning: indistinguishable_examples: "))
+    assert f"(files {root / 'circle' / '0.png'}, {root / 'ring' / '0.png'})" in pair
+    assert any(line.startswith("warning: misclassified_example: ") for line in warnings)
+    task_id = next(line.split()[1] for line in created.splitlines() if line.startswith("task_id"))
+    shown = ok(run_cli(server.url, "tasks", "get", task_id))
+    assert "indistinguishable_examples" in shown and str(root) not in shown  # no files to name
+    assert len(as_json(run_cli(server.url, "tasks", "get", task_id, "--json"))["warnings"]) == len(warnings)
+
+    query = root / "circle" / "0.png"
+    picky = ok(run_cli(server.url, "classify", task_id, query, "--min-confidence", "1")).splitlines()
+    assert picky[0].split() == ["IMAGE", "LABEL", "CONFIDENCE", "SIMILARITY"]
+    assert picky[1].startswith(f"{query}  none of these  ")
+    result = as_json(run_cli(server.url, "classify", task_id, query, "--min-confidence", "1", "--json"))
+    assert result["predictions"][0]["label"] is None
+    for bad in ("1.5", "-0.1", "nan", "high"):
+        refused = run_cli(server.url, "classify", task_id, query, "--min-confidence", bad)
+        assert refused.returncode == 2 and "--min-confidence" in refused.stderr
 
 
 def test_the_task_name_defaults_to_the_folders_name(server: Server, folder: Path) -> None:

@@ -79,6 +79,9 @@ def add_client_commands(parser: argparse.ArgumentParser, sub: argparse._SubParse
     p.add_argument("--top-k", type=int, default=1, metavar="K", help="also list the K most likely labels")
     p.add_argument("--explain", action="store_true",
                    help="show the attention over the support examples behind each prediction")
+    p.add_argument("--min-confidence", type=_probability, metavar="P",
+                   help="answer 'none of these' for an image whose best label's probability is below P "
+                        "(0..1; default 0: every image gets a label)")
 
 
 def _at_least_1(text: str) -> int:
@@ -88,6 +91,16 @@ def _at_least_1(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
     return value
 
 
@@ -156,9 +169,10 @@ def _tasks_create(client: MetaNetClient, args: argparse.Namespace) -> int:
     examples = _encoded([path for _, path in files], not args.no_progress)
     labelled = [(label, image) for (label, _), image in zip(files, examples, strict=True)]
     name = args.name if args.name is not None else args.dir.resolve().name
-    with _naming_files([path for _, path in files]):
+    paths = [path for _, path in files]
+    with _naming_files(paths):
         task = client.create_task(labelled, name=name)
-    _print(args, task, _task_text)
+    _print(args, task, functools.partial(_task_text, paths=paths))
     return 0
 
 
@@ -200,7 +214,8 @@ def _tasks_rm(client: MetaNetClient, args: argparse.Namespace) -> int:
 def _classify(client: MetaNetClient, args: argparse.Namespace) -> int:
     images = _encoded(args.images, not args.no_progress)
     with _naming_files(args.images):
-        result = client.classify(args.task_id, images, top_k=args.top_k, explain=args.explain)
+        result = client.classify(args.task_id, images, top_k=args.top_k, explain=args.explain,
+                                 min_confidence=args.min_confidence)
     _print(args, result, functools.partial(_classify_text, args.images))
     return 0
 
@@ -304,7 +319,9 @@ def _jsonable(value: Any) -> Any:
     return convert(dataclasses.asdict(value))
 
 
-def _task_text(task: Task) -> str:
+def _task_text(task: Task, paths: Sequence[Path] = ()) -> str:
+    """The task as a table, then its warnings, each naming the files of its examples when the
+    support set was read from them (`paths`, in support order)."""
     shots = ", ".join(f"{label} ({task.shots.get(label, 0)})" for label in task.labels)
     rows = [
         ["task_id", task.task_id], ["name", task.name or "-"], ["labels", f"{task.n_way}: {shots}"],
@@ -312,18 +329,30 @@ def _task_text(task: Task) -> str:
         ["created_at", _when(task.created_at)],
         ["updated_at", _when(task.updated_at) if task.updated_at else "-"],
         ["memory_bytes", str(task.memory_bytes)],
+        ["warnings", str(len(task.warnings)) if task.warnings else "none"],
     ]
-    return table(None, rows)
+    lines = [table(None, rows)]
+    for warning in task.warnings:
+        details = warning.details
+        indices = details.get("example_indices") or [details.get("example_index")]
+        files = [str(paths[i]) for i in indices if isinstance(i, int) and 0 <= i < len(paths)]
+        named = f" ({'file' if len(files) == 1 else 'files'} {', '.join(files)})" if files else ""
+        lines.append(f"warning: {warning.type}: {warning.message}{named}")
+    return "\n".join(lines)
+
+
+NONE_OF_THESE = "none of these"  # a prediction below --min-confidence (label null)
 
 
 def _classify_text(paths: Sequence[Path], result: ClassifyResult) -> str:
-    headers = ["IMAGE", "LABEL", "CONFIDENCE"]
+    headers = ["IMAGE", "LABEL", "CONFIDENCE", "SIMILARITY"]
     show_top = any(len(p.top_k) > 1 for p in result)
     show_attention = any(p.attention for p in result)
     headers += ["TOP_K"] * show_top + ["ATTENTION (top 3)"] * show_attention
     rows = []
     for path, p in zip(paths, result, strict=True):
-        row = [str(path), p.label, f"{p.confidence:.3f}"]
+        similarity = "-" if p.support_similarity is None else f"{p.support_similarity:.3f}"
+        row = [str(path), NONE_OF_THESE if p.label is None else p.label, f"{p.confidence:.3f}", similarity]
         if show_top:
             row.append(", ".join(f"{lp.label} {lp.probability:.3f}" for lp in p.top_k))
         if show_attention:

@@ -11,7 +11,16 @@ import pytest
 from PIL import Image
 
 from service.cli import build_parser, main
-from service.cli_client import EXIT_UNREACHABLE, EXIT_USAGE, UsageError, connection, support_folder, table
+from service.cli_client import (
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    UsageError,
+    _classify_text,
+    _task_text,
+    connection,
+    support_folder,
+    table,
+)
 
 
 def image(path: Path) -> Path:
@@ -104,3 +113,43 @@ def test_the_client_commands_never_import_torch_or_numpy() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.split("\n")[0] == f"{EXIT_UNREACHABLE} []", out.stdout + out.stderr
+
+
+def test_a_null_label_reads_none_of_these_beside_its_similarity() -> None:
+    from metanet_client import ClassifyResult
+
+    result = ClassifyResult.from_json({"model_version": "m", "predictions": [
+        {"label": None, "confidence": 0.41, "support_similarity": 0.125,
+         "top_k": [{"label": "a", "probability": 0.41}]},
+        {"label": "b", "confidence": 0.9, "support_similarity": 0.875,
+         "top_k": [{"label": "b", "probability": 0.9}]},
+    ]})
+    lines = _classify_text([Path("q1.png"), Path("q2.png")], result).splitlines()
+    assert lines[0].split() == ["IMAGE", "LABEL", "CONFIDENCE", "SIMILARITY"]
+    assert lines[1].startswith("q1.png  none of these  ") and lines[2].startswith("q2.png  b  ")
+    assert lines[1].split()[-2:] == ["0.410", "0.125"] and lines[2].split()[-2:] == ["0.900", "0.875"]
+
+
+def test_a_tasks_warnings_follow_its_table_naming_the_files_of_its_examples() -> None:
+    from metanet_client import Task
+
+    task = Task.from_json({
+        "task_id": "t", "name": None, "labels": ["a", "b"], "n_way": 2, "n_examples": 2,
+        "shots": {"a": 1, "b": 1},
+        "model_version": "m", "created_at": "2026-01-01T00:00:00+00:00", "memory_bytes": 1, "warnings": [
+            {"type": "indistinguishable_examples", "message": "examples 0 and 1 look the same",
+             "details": {"example_indices": [0, 1], "labels": ["a", "b"], "cosine": 1.0}}]})
+    text = _task_text(task, [Path("s/a/0.png"), Path("s/b/0.png")])
+    assert text.splitlines()[-1] == ("warning: indistinguishable_examples: examples 0 and 1 look the same "
+                                     "(files s/a/0.png, s/b/0.png)")
+    assert "\nwarnings       1\n" in text
+    assert _task_text(task).splitlines()[-1].endswith("look the same")  # `tasks get`: no files known
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan", "high"])
+def test_min_confidence_must_be_a_probability(value: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["classify", "T", "x.png", "--min-confidence", value])
+    assert exited.value.code == EXIT_USAGE and "--min-confidence" in capsys.readouterr().err
+    args = build_parser().parse_args(["classify", "T", "x.png", "--min-confidence", "0.5"])
+    assert args.min_confidence == 0.5

@@ -1,0 +1,50 @@
+"""bench/robustness.py's smoke run: every part runs on the shipped weights through the service's
+input transform and lands in the record and the table; nonsense arguments are refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from api_tests.helpers import REPO
+
+
+def robustness(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "bench/robustness.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=1200)
+
+
+@pytest.mark.slow
+def test_the_quick_run_measures_every_condition_uneven_set_calibration_and_digits(tmp_path: Path) -> None:
+    out = tmp_path / "robustness.json"
+    run = robustness("--quick", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["conditions"]) == [
+        "plain", "inverted polarity", "small in the frame (40%)", "off-centre (half size, corner)",
+        "thick pen", "thin pen", "turned up to 15 degrees", "sent at 28x28", "mixed"]
+    for row in result["conditions"].values():
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["ece"] <= 1 and 0 <= row["support_self"] <= 1
+        assert row["episodes"] == 2
+    # Inverted polarity is the same images to the model: the same answers as plain.
+    assert result["conditions"]["inverted polarity"]["accuracy"] == result["conditions"]["plain"]["accuracy"]
+    assert set(result["uneven"]) == {"5-way, one class of 3", "20-way, one class of 3"}
+    for row in result["uneven"].values():
+        assert 0 <= row["uneven_one_shot"]["accuracy"] <= 1 and 0 <= row["heavy_class_accuracy"] <= 1
+    assert set(result["calibration"]) == {"5-way 1-shot", "5-way 1-shot within one alphabet"}
+    assert 0 <= result["digits_10way_1shot"]["accuracy"] <= 1
+    assert result["command"] == f"python bench/robustness.py --quick --out {out}"
+    assert "| mixed |" in run.stdout and "scikit-learn digits, 10-way 1-shot" in run.stdout
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--episodes", "1"], "--episodes must be at least 2"),
+    (["--way", "51"], "--way must be 2 to 50"),
+])
+def test_nonsense_arguments_are_refused_with_the_reason(args: list[str], named: str, tmp_path: Path) -> None:
+    run = robustness(*args, "--out", str(tmp_path / "never.json"))
+    assert run.returncode == 2 and named in run.stderr

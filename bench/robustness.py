@@ -1,0 +1,350 @@
+"""How the model's answers hold up on what users send, on the evaluation alphabets.
+
+    python bench/robustness.py                          # the full run (about an hour on 2 cores)
+    python bench/robustness.py --quick                  # a smoke run of every part (a minute)
+    python bench/robustness.py --weights DIR --episodes 300 --out FILE.json
+
+Every image goes through `model.transform.canonical`, the transform the service applies to what
+it receives, as 8-bit grey images a client would send (dark ink on light paper unless a condition
+says otherwise). Parts, each on the same seeded episodes for every setting it compares:
+
+- conditions (20-way 1-shot): the drawings plain, in inverted polarity, drawn at 40% of the frame,
+  at half size in a corner, with a thick pen (a disk of radius 3 pixels dilating the 105x105
+  strokes), with a thin pen (eroded by a pixel), turned by up to 15 degrees either way, sent as
+  28x28 images, and mixed (each image of an episode under a condition of its own, as a user's
+  support and queries are). Accuracy with a 95% interval, ECE, and the share of support images
+  classified as their own label.
+- uneven support sets (5- and 20-way 1-shot with one class at 2, 3 or 5 shots): the one-shot
+  classes' accuracy beside the same episodes balanced, and the heavy class's.
+- calibration: ECE on 20-way 1-shot tasks and on 5-way 1-shot tasks within one alphabet.
+- warnings: the share of plain 20-way tasks for which registration would warn
+  (`MetaNet.check_support`): false alarms, since Omniglot's support sets are sound.
+- digits: 10-way 1-shot on scikit-learn's 8x8 handwritten digits, upscaled to 32x32 as a user
+  would send them (light ink on dark), one support image a digit and 10 queries.
+
+Writes bench/results/robustness-<date>-<model version>.json (or --out) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.harness import git_commit, write_result  # noqa: E402  (run as a script: the repository first)
+from model.calibrate import TaskKind, expected_calibration_error, sample_task  # noqa: E402
+from model.checkpoint import load_model  # noqa: E402
+from model.data import load_split  # noqa: E402
+from model.metanet import MetaNet  # noqa: E402
+from model.transform import canonical  # noqa: E402
+
+QUERIES = 5  # queries per class of an Omniglot task
+
+# ------------------------------------------------------------------------------ conditions
+# Each takes drawings as drawn (n, 105, 105) uint8, ink = 1, and a generator, and returns the 8-bit
+# grey images (n, H, W) a client would send.
+
+
+def plain(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (255 * (1 - ink)).astype(np.uint8)
+
+
+def inverted(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (255 * ink).astype(np.uint8)
+
+
+def _shrunk(ink: np.ndarray, side: int) -> np.ndarray:
+    """Each drawing's whole frame area-averaged to side x side, as float ink."""
+    return np.stack([np.asarray(Image.fromarray(255 * d).resize((side, side), Image.BOX), np.float32) / 255
+                     for d in ink])
+
+
+def _on_paper(ink: np.ndarray, frame: int, top: int, left: int) -> np.ndarray:
+    page = np.zeros((len(ink), frame, frame), np.float32)
+    page[:, top : top + ink.shape[1], left : left + ink.shape[2]] = ink
+    return np.round(255 * (1 - page)).astype(np.uint8)
+
+
+def small(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The drawing at 40% of its frame, centred."""
+    return _on_paper(_shrunk(ink, 42), 105, 31, 31)
+
+
+def off_centre(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The drawing at half size in the top-left corner of its frame."""
+    return _on_paper(_shrunk(ink, 52), 105, 2, 2)
+
+
+def _offsets(radius: int, disk: bool) -> list[tuple[int, int]]:
+    span = range(-radius, radius + 1)
+    return [(dy, dx) for dy in span for dx in span if (dy * dy + dx * dx <= radius * radius) or not disk]
+
+
+def _morph(ink: np.ndarray, offsets: list[tuple[int, int]], grow: bool) -> np.ndarray:
+    r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    padded = np.pad(ink.astype(bool), ((0, 0), (r, r), (r, r)))
+    h, w = ink.shape[1:]
+    out = np.zeros(ink.shape, bool) if grow else np.ones(ink.shape, bool)
+    for dy, dx in offsets:
+        window = padded[:, r + dy : r + dy + h, r + dx : r + dx + w]
+        out = out | window if grow else out & window
+    return out.astype(np.uint8)
+
+
+def thick_pen(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return plain(_morph(ink, _offsets(3, disk=True), grow=True), rng)
+
+
+def thin_pen(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return plain(_morph(ink, _offsets(1, disk=True), grow=False), rng)
+
+
+def turned(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    angles = rng.uniform(-15, 15, len(ink))
+    return np.stack([np.asarray(Image.fromarray(255 - 255 * d).rotate(a, Image.BILINEAR, fillcolor=255))
+                     for d, a in zip(ink, angles, strict=True)])
+
+
+def sent_at_28(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.round(255 * (1 - _shrunk(ink, 28))).astype(np.uint8)
+
+
+CONDITIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "plain": plain, "inverted polarity": inverted, "small in the frame (40%)": small,
+    "off-centre (half size, corner)": off_centre, "thick pen": thick_pen, "thin pen": thin_pen,
+    "turned up to 15 degrees": turned, "sent at 28x28": sent_at_28,
+}
+
+
+def mixed(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each image under a condition of its own, all framed to model inputs (sizes differ)."""
+    choice = rng.integers(0, len(CONDITIONS), len(ink))
+    out = np.empty((len(ink), 28, 28), np.float32)
+    for k, make in enumerate(CONDITIONS.values()):
+        rows = np.flatnonzero(choice == k)
+        if len(rows):
+            out[rows] = canonical(make(ink[rows], rng))
+    return out
+
+
+def model_inputs(condition: str, ink: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    x = mixed(ink, rng) if condition == "mixed" else canonical(CONDITIONS[condition](ink, rng))
+    return torch.from_numpy(x)[:, None]
+
+
+# ------------------------------------------------------------------------------------ parts
+
+
+def omniglot_tasks(raw: np.ndarray, way: int, episodes: int,
+                   seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Seeded tasks: per task the (character, drawing) of its support images (one a class) and of
+    its queries (QUERIES a class), classes in order."""
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for _ in range(episodes):
+        chars = rng.choice(len(raw), way, replace=False)
+        draws = np.stack([rng.choice(raw.shape[1], 1 + QUERIES, replace=False) for _ in chars])
+        tasks.append((chars, draws))
+    return tasks
+
+
+class Tally:
+    """Per-episode accuracies plus every answer's confidence and correctness."""
+
+    def __init__(self) -> None:
+        self.episode_acc: list[float] = []
+        self.confidence: list[np.ndarray] = []
+        self.correct: list[np.ndarray] = []
+
+    def add(self, probs: torch.Tensor, labels: np.ndarray) -> None:
+        confidence, predicted = probs.max(dim=1)
+        correct = predicted.numpy() == labels
+        self.episode_acc.append(float(correct.mean()))
+        self.confidence.append(confidence.numpy())
+        self.correct.append(correct)
+
+    def summary(self) -> dict[str, float]:
+        acc = np.array(self.episode_acc)
+        ci = 1.96 * acc.std(ddof=1) / math.sqrt(len(acc)) if len(acc) > 1 else 0.0
+        ece = expected_calibration_error(np.concatenate(self.confidence), np.concatenate(self.correct))
+        return {"accuracy": float(acc.mean()), "ci95": float(ci), "episodes": len(acc), "ece": ece}
+
+
+def run_conditions(model: MetaNet, raw: np.ndarray, way: int, episodes: int, seed: int) -> dict[str, Any]:
+    tasks = omniglot_tasks(raw, way, episodes, seed)
+    labels = [f"c{k}" for k in range(way)]
+    truth_q = np.repeat(np.arange(way), QUERIES)
+    out = {}
+    for condition in [*CONDITIONS, "mixed"]:
+        rng = np.random.default_rng(seed + 1)
+        tally, self_right, self_total, warned = Tally(), 0, 0, 0
+        for chars, draws in tasks:
+            queries = raw[chars[:, None], draws[:, 1:]].reshape(-1, *raw.shape[2:])
+            ink = np.concatenate([raw[chars, draws[:, 0]], queries])
+            x = model_inputs(condition, ink, rng)
+            memory = model.register(x[:way], labels)
+            tally.add(model.classify(memory, x[way:]).probs, truth_q)
+            check = model.check_support(memory, x[:way])
+            self_right += int((check.predicted == memory.support_labels).sum())
+            self_total += way
+            warned += bool(check.confusable) or bool((check.predicted != memory.support_labels).any())
+        out[condition] = {**tally.summary(), "support_self": self_right / self_total,
+                          "tasks_warned": warned / len(tasks)}
+        print(f"  {condition}: {100 * out[condition]['accuracy']:.2f}%", flush=True)
+    return out
+
+
+def run_uneven(model: MetaNet, framed: np.ndarray, way: int, heavy: int, episodes: int,
+               seed: int) -> dict[str, Any]:
+    """The same tasks balanced (1 shot a class) and with class 0 at `heavy` shots, from the plain
+    drawings framed (the split's images: `canonical` of the plain condition)."""
+    rng = np.random.default_rng(seed)
+    plain_x = torch.from_numpy(framed)
+    balanced, uneven, heavy_right, heavy_total = Tally(), Tally(), 0, 0
+    light = np.repeat(np.arange(1, way), QUERIES)
+    for _ in range(episodes):
+        chars = rng.choice(len(framed), way, replace=False)
+        draws = [rng.choice(framed.shape[1], heavy + QUERIES, replace=False) for _ in chars]
+        support = torch.stack([plain_x[c, d[0]] for c, d in zip(chars, draws, strict=True)])[:, None]
+        extra = plain_x[chars[0], draws[0][1:heavy]][:, None]
+        queries = torch.stack([plain_x[c, q] for c, d in zip(chars, draws, strict=True)
+                               for q in d[heavy:]])[:, None]
+        labels = [f"c{k}" for k in range(way)]
+        for tally, memory in (
+            (balanced, model.register(support, labels)),
+            (uneven, model.register(torch.cat([support, extra]), labels + ["c0"] * (heavy - 1))),
+        ):
+            probs = model.classify(memory, queries).probs
+            tally.add(probs[QUERIES:], light)  # the one-shot classes' queries
+            if tally is uneven:
+                heavy_right += int((probs[:QUERIES].argmax(1) == 0).sum())
+                heavy_total += QUERIES
+    return {"balanced_one_shot": balanced.summary(), "uneven_one_shot": uneven.summary(),
+            "heavy_class_accuracy": heavy_right / heavy_total}
+
+
+def run_within_alphabet(model: MetaNet, split: Any, episodes: int, seed: int) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    tally = Tally()
+    kind = TaskKind("5-way 1-shot within one alphabet", 5, within_alphabet=True)
+    for _ in range(episodes):
+        sx, sy, qx, qy = sample_task(split, kind, rng, QUERIES, torch.device("cpu"))
+        memory = model.register(sx, [f"c{int(k)}" for k in sy])
+        tally.add(model.classify(memory, qx).probs, qy.numpy())
+    return tally.summary()
+
+
+def digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 handwritten digits (8x8, 0..16), upscaled bilinearly to 32x32 8-bit
+    images, light ink on dark as the data set stores them."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    small_images = (digits.images * (255 / 16)).round().astype(np.uint8)
+    big = np.stack([np.asarray(Image.fromarray(d).resize((32, 32), Image.BILINEAR)) for d in small_images])
+    return big, digits.target
+
+
+def run_digits(model: MetaNet, episodes: int, seed: int, queries: int = 10) -> dict[str, float]:
+    images, target = digit_images()
+    x = torch.from_numpy(canonical(images))[:, None]
+    rng = np.random.default_rng(seed)
+    tally = Tally()
+    for _ in range(episodes):
+        picks = [rng.choice(np.flatnonzero(target == d), 1 + queries, replace=False) for d in range(10)]
+        support = x[[p[0] for p in picks]]
+        query_rows = np.concatenate([p[1:] for p in picks])
+        memory = model.register(support, [str(d) for d in range(10)])
+        tally.add(model.classify(memory, x[query_rows]).probs, np.repeat(np.arange(10), queries))
+    return tally.summary()
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", help="weights directory (default: the shipped weights)")
+    parser.add_argument("--data-dir", help="Omniglot directory (default: $METANET_OMNIGLOT_DIR)")
+    parser.add_argument("--episodes", type=int, default=300, help="tasks per setting (300)")
+    parser.add_argument("--way", type=int, default=20, help="classes of the condition tasks (20)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 2 tasks a setting, 5-way, one uneven setting a way")
+    parser.add_argument("--out", help="result file (default bench/results/robustness-<date>-<version>.json)")
+    args = parser.parse_args(argv)
+    heavies = (2, 3, 5)
+    if args.quick:
+        args.episodes, args.way, heavies = 2, 5, (3,)
+    if args.episodes < 2:
+        parser.error("--episodes must be at least 2 (a confidence interval needs two)")
+    if not 2 <= args.way <= 50:
+        parser.error("--way must be 2 to 50")
+    started = time.perf_counter()
+    model = load_model(args.weights)
+    evaluation = load_split(args.data_dir, "evaluation")
+    assert evaluation.raw is not None
+    print(f"{model.version}: conditions, {args.way}-way 1-shot, {args.episodes} tasks each", flush=True)
+    conditions = run_conditions(model, evaluation.raw, args.way, args.episodes, args.seed)
+    uneven = {}
+    for way in (5, 20):
+        for heavy in heavies:
+            uneven[f"{way}-way, one class of {heavy}"] = run_uneven(
+                model, evaluation.images, way, heavy, args.episodes, args.seed)
+            print(f"  uneven {way}-way, one class of {heavy}: done", flush=True)
+    within = run_within_alphabet(model, evaluation, args.episodes, args.seed)
+    digits = run_digits(model, args.episodes, args.seed)
+    command = "python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {
+        "command": command.strip(), "commit": git_commit(), "model_version": model.version,
+        "temperature": float(model.temperature), "date": dt.date.today().isoformat(),
+        "episodes": args.episodes, "way": args.way, "seed": args.seed,
+        "seconds": round(time.perf_counter() - started, 1),
+        "conditions": conditions, "uneven": uneven,
+        "calibration": {f"{args.way}-way 1-shot": conditions["plain"]["ece"],
+                        "5-way 1-shot within one alphabet": within["ece"]},
+        "within_alphabet_5way": within, "digits_10way_1shot": digits,
+    }
+    name = f"robustness-{result['date']}-{model.version}{'-quick' if args.quick else ''}.json"
+    path = Path(args.out) if args.out else REPO / "bench" / "results" / name
+    write_result(result, path, markdown(result))
+    return 0
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def pct(x: float) -> str:
+        return f"{100 * x:.2f}"
+
+    lines = [f"`{result['command']}` on {result['model_version']} ({result['episodes']} tasks a setting)",
+             "", f"| condition ({result['way']}-way 1-shot) | accuracy | 95% CI | ECE "
+             "| support images as their own label | tasks warned |", "|---|---|---|---|---|---|"]
+    for name, row in result["conditions"].items():
+        lines.append(f"| {name} | {pct(row['accuracy'])} | ± {pct(row['ci95'])} | {row['ece']:.3f} "
+                     f"| {pct(row['support_self'])} | {pct(row['tasks_warned'])} |")
+    lines += ["", "| uneven support set | one-shot classes, balanced | one-shot classes, uneven "
+              "| heavy class |", "|---|---|---|---|"]
+    for name, row in result["uneven"].items():
+        lines.append(f"| {name} | {pct(row['balanced_one_shot']['accuracy'])} "
+                     f"| {pct(row['uneven_one_shot']['accuracy'])} | {pct(row['heavy_class_accuracy'])} |")
+    within, digits = result["within_alphabet_5way"], result["digits_10way_1shot"]
+    lines += ["", f"5-way 1-shot within one alphabet: {pct(within['accuracy'])} ± {pct(within['ci95'])}, "
+              f"ECE {within['ece']:.3f}",
+              f"scikit-learn digits, 10-way 1-shot: {pct(digits['accuracy'])} ± {pct(digits['ci95'])}, "
+              f"ECE {digits['ece']:.3f}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -358,7 +358,7 @@ def support_warnings(memory: Memory) -> tuple[TaskWarning, ...]:
         if got != label:
             warnings.append(TaskWarning(
                 "misclassified_example",
-                f"example {i} ({label!r}) is classified as {got!r} ({p:.0%}) by its own task: queries "
+                f"example {i} ({label!r}) is classified as {got!r} ({p:.1%}) by its own task: queries "
                 f"like it may get {got!r}; check its label, or add clearer examples of {label!r}",
                 {"example_index": i, "label": label, "predicted_label": got, "confidence": p},
             ))

@@ -163,7 +163,7 @@ def test_support_warnings_name_misclassified_examples_then_indistinguishable_pai
     assert misclassified.type == "misclassified_example"
     assert misclassified.details == {"example_index": 1, "label": "b", "predicted_label": "a",
                                      "confidence": 0.6}
-    assert "example 1 ('b') is classified as 'a' (60%)" in misclassified.message
+    assert "example 1 ('b') is classified as 'a' (60.0%)" in misclassified.message
     assert indistinguishable.type == "indistinguishable_examples"
     assert indistinguishable.details == {"example_indices": [0, 2], "labels": ["a", "b"], "cosine": 0.9951}
     all_well = SupportReport(("a", "b"), (1.0, 1.0), ())

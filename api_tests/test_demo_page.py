@@ -95,14 +95,21 @@ def draw(page: Any, canvas: Any, glyph: str, shift: tuple[float, float] = (0, 0)
     page.mouse.up()
 
 
-def classify(page: Any, glyph: str, shift: tuple[float, float]) -> list[str]:
+def classify(page: Any, glyph: str, shift: tuple[float, float], answer: str = "^Looks like") -> list[str]:
     """Draw a query, classify it, and return the top-k labels as the page shows them."""
     page.click("#query-clear")
     draw(page, page.locator("#query-canvas"), glyph, shift)
     page.click("#classify")
     # Locators, not wait_for_function: the page's Content-Security-Policy forbids eval'd strings.
-    page.locator("#query-status").filter(has_text=re.compile("^Looks like")).wait_for()
+    page.locator("#query-status").filter(has_text=re.compile(answer)).wait_for()
     return page.locator("#predictions .prediction .label").all_inner_texts()
+
+
+def similarity(page: Any) -> float:
+    """The support similarity the page shows for the last query."""
+    shown = re.search(r"Similarity to the support set: (-?[0-9.]+)", page.inner_text("#similarity"))
+    assert shown is not None, page.inner_text("#similarity")
+    return float(shown.group(1))
 
 
 @pytest.mark.browser
@@ -126,7 +133,9 @@ def test_draw_two_classes_register_and_classify_a_drawn_query(
     page.wait_for_selector("#task[data-task-id]")
     assert "2-way (bar: 3, circle: 3)" in page.inner_text("#task")
 
+    assert page.locator("#warnings").is_hidden()  # two clean classes: no warnings
     assert classify(page, "bar", (7, 3))[0] == "bar"
+    assert -1 <= similarity(page) <= 1
     labels = classify(page, "circle", (-6, 5))
     assert labels == ["circle", "bar"]  # top-3 of a 2-way task: both, best first
     attention = page.locator("#attention .support")
@@ -137,6 +146,30 @@ def test_draw_two_classes_register_and_classify_a_drawn_query(
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     record_property("screenshot", str(SCREENSHOT))
     print(f"demo page screenshot: {SCREENSHOT}")
+    assert problems == []
+
+
+@pytest.mark.browser
+def test_warnings_none_of_these_and_the_similarity_are_shown(page: Any, server: Server,
+                                                            problems: list[str]) -> None:
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    cards = page.locator(".class-card")
+    for card, name in zip((cards.nth(0), cards.nth(1)), ("circle", "ring"), strict=True):
+        card.locator(".class-name").fill(name)
+        draw(page, card.locator("canvas"), "circle")  # the same drawing under both names
+    page.click("#register")
+    page.wait_for_selector("#task[data-task-id]")
+    warnings = page.locator("#warnings .warning")
+    warnings.first.wait_for()
+    pair = page.locator('#warnings .warning[data-type="indistinguishable_examples"]')
+    assert pair.count() == 1 and "look the same" in pair.inner_text()
+    assert pair.locator("img").count() == 2  # both examples' thumbnails
+
+    page.fill("#min-confidence", "1")
+    classify(page, "circle", (0, 0), answer="^None of these")  # a circle between "circle" and "ring"
+    assert similarity(page) == pytest.approx(1.0, abs=0.01)  # the very drawing of the support set
+    page.screenshot(path=str(SCREENSHOT.with_name("demo-page-warnings.png")), full_page=True)
     assert problems == []
 
 

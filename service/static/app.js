@@ -187,10 +187,34 @@ async function register() {
     const shots = Object.entries(task.shots).map(([label, n]) => `${label}: ${n}`).join(", ");
     say(status, `Registered task ${task.task_id}: ${task.n_way}-way (${shots}).`);
     status.dataset.taskId = task.task_id;
+    showWarnings(task.warnings ?? []);
     $("#classify").disabled = false;
   } catch (error) {
+    showWarnings([]);
     say(status, `Could not register: ${error.message}`, true);
   }
+}
+
+// What the model found wrong with the support set: the task is registered all the same.
+function showWarnings(warnings) {
+  const list = $("#warnings");
+  list.replaceChildren(...warnings.map((warning) => {
+    const item = document.createElement("li");
+    item.className = "warning";
+    item.dataset.type = warning.type;
+    const indices = warning.details.example_indices ?? [warning.details.example_index];
+    for (const i of indices) {
+      const example = registered?.support[i];
+      if (!example) continue;
+      const img = document.createElement("img");
+      img.src = example.image;
+      img.alt = `example ${i} of ${example.label}`;
+      item.append(img);
+    }
+    item.append(text("span", "message", warning.message));
+    return item;
+  }));
+  list.hidden = warnings.length === 0;
 }
 
 // ---------------------------------------------------------------------------------- query
@@ -200,14 +224,24 @@ async function classify(queryPad) {
   if (!registered) return say(status, "Register a task first.", true);
   if (!queryPad.inked) return say(status, "Draw or upload a query first.", true);
   say(status, "Classifying…");
+  say($("#similarity"), "");
   try {
     const topK = Math.max(1, Number($("#top-k").value) || 1);
-    const body = { images: [queryPad.png()], top_k: topK, explain: true };
+    const minConfidence = Math.min(1, Math.max(0, Number($("#min-confidence").value) || 0));
+    const body = { images: [queryPad.png()], top_k: topK, explain: true, min_confidence: minConfidence };
     const result = await api("POST", `/v1/tasks/${registered.task.task_id}/classify`, body);
     const prediction = result.predictions[0];
     showPredictions(prediction);
     showAttention(prediction);
-    say(status, `Looks like “${prediction.label}” (${percent(prediction.confidence)}).`);
+    say($("#similarity"), `Similarity to the support set: ${prediction.support_similarity.toFixed(2)} ` +
+        "(1 for one of its examples; low for a drawing unlike all of them).");
+    if (prediction.label === null) {
+      const best = prediction.top_k[0];
+      say(status, `None of these: the best, “${best.label}”, has ${percent(best.probability)}, ` +
+          `below the minimum confidence of ${percent(minConfidence)}.`);
+    } else {
+      say(status, `Looks like “${prediction.label}” (${percent(prediction.confidence)}).`);
+    }
   } catch (error) {
     say(status, `Could not classify: ${error.message}`, true);
   }

@@ -280,13 +280,13 @@ class MetaNet(nn.Module):
         flat_b = torch.cat([g.flatten(1) for g in gb], dim=1)
         return flat_u, flat_b
 
-    def _task_fast_weights(self, grads_u: Tensor, chunks: Sequence[Tensor]) -> list[Tensor]:
-        """Q* = d(G, [grad_1 .. grad_T]), grad_t the mean representation-loss gradient of chunk t."""
-        n = grads_u.shape[0]
-        avg = torch.zeros(len(chunks), n, device=grads_u.device, dtype=grads_u.dtype)
+    def _task_fast_weights(self, grads_u: Tensor, chunks: Sequence[Tensor], y: Tensor) -> list[Tensor]:
+        """Q* = d(G, [grad_1 .. grad_T]), grad_t the class-balanced mean representation-loss gradient
+        of chunk t (see `chunk_means`)."""
+        member = torch.zeros(len(chunks), grads_u.shape[0], device=grads_u.device, dtype=grads_u.dtype)
         for t, idx in enumerate(chunks):
-            avg[t, idx] = 1.0 / len(idx)
-        seq = preprocess_grad(avg @ grads_u, self.config.grad_p)  # (T, P_u, 2)
+            member[t, idx] = 1.0
+        seq = preprocess_grad(chunk_means(member, y) @ grads_u, self.config.grad_p)  # (T, P_u, 2)
         n_conv = self._n_conv_coords(self.u_path_params())
         flat = torch.cat([self.d_conv(seq[:, :n_conv]), self.d_fc(seq[:, n_conv:])])
         return self._unflatten(flat * self.u_gain, self.u_path_params())
@@ -308,7 +308,7 @@ class MetaNet(nn.Module):
     ) -> tuple[list[Tensor], Tensor, Tensor]:
         """Algorithm 1 steps 1-2 on class ids y: returns (Q*, R, M), differentiable in G, Z, Q."""
         grads_u, grads_b = self._per_example_grads(x, y, n_way)
-        Q_fast = self._task_fast_weights(grads_u, chunks)
+        Q_fast = self._task_fast_weights(grads_u, chunks, y)
         M = self._example_fast_weights(grads_b)
         R = self.u(x, Q_fast)
         return Q_fast, R, M
@@ -510,9 +510,10 @@ class MetaNet(nn.Module):
         sizes = [len(c) for c in np.array_split(np.arange(n_support), n_chunks)]
         chunk_of = np.repeat(np.arange(n_chunks), sizes)  # chunk of each position of a permutation
         perms = np.stack([generator.permutation(n_support) for _ in range(n_tasks)])
-        avg = np.zeros((n_tasks, n_chunks, n_support), dtype=np.float32)
-        avg[np.arange(n_tasks)[:, None], chunk_of[None], perms] = (1.0 / np.array(sizes))[chunk_of]
-        avg_t = torch.as_tensor(avg, device=support_x.device, dtype=support_x.dtype)
+        member = np.zeros((n_tasks, n_chunks, n_support), dtype=np.float32)
+        member[np.arange(n_tasks)[:, None], chunk_of[None], perms] = 1.0
+        avg_t = chunk_means(torch.as_tensor(member, device=support_x.device, dtype=support_x.dtype),
+                            support_y)
 
         grads_u, grads_b = self._per_example_grads(support_x.flatten(0, 1), support_y.flatten(), n_way)
         Q_fast = self._task_fast_weights_batched(grads_u.view(n_tasks, n_support, -1), avg_t)
@@ -631,6 +632,22 @@ def content_chunks(images: Tensor, y: Tensor, n_chunks: int) -> list[Tensor]:
     rng = np.random.default_rng(int.from_bytes(digest.digest()[:8], "little"))
     perm = torch.as_tensor(rng.permutation(len(images)), device=images.device)
     return list(perm.tensor_split(min(n_chunks, len(images))))
+
+
+def chunk_means(member: Tensor, y: Tensor) -> Tensor:
+    """Weights that average each chunk's gradients with every class's examples weighing as much in
+    all as one example would (1 / its class's size each), so a class of three does not steer Q*
+    three times as hard as a class of one; plain means where the classes are even.
+
+    Args:
+        member: (..., T, n) 1 where example i is in chunk t, else 0.
+        y: (..., n) class ids.
+    Returns:
+        (..., T, n) weights, each chunk's summing to 1.
+    """
+    same = (y[..., :, None] == y[..., None, :]).to(member.dtype)  # (..., n, n)
+    weights = member / same.sum(-1)[..., None, :]
+    return weights / weights.sum(-1, keepdim=True)
 
 
 def _mask_classes(logits: Tensor, n_way: int) -> Tensor:

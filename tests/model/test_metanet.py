@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model import InvalidTaskError, MetaNet, TaskMemory
-from model.metanet import _QUERY_BLOCK, content_chunks
+from model.metanet import _QUERY_BLOCK, chunk_means, content_chunks
 from tests.model.conftest import glyphs
 
 # P, the floats per row of M for the tiny config: b's convs 8*1*9 + 4 * 8*8*9, FC 8*8, softmax 6*8.
@@ -423,3 +423,13 @@ def test_check_support_names_examples_of_different_labels_the_model_cannot_tell_
     assert [(i, j) for i, j, _ in check.confusable] == [(0, 3)]
     assert check.confusable[0][2] == pytest.approx(1.0, abs=1e-5)
     assert check.predicted.shape == check.confidence.shape == (4,)
+
+
+def test_chunk_means_weigh_each_class_as_one_example_and_are_plain_means_for_even_classes():
+    member = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    uneven = chunk_means(member, torch.tensor([0, 0, 0, 1]))
+    torch.testing.assert_close(uneven, torch.tensor([[1 / 6, 1 / 6, 1 / 6, 1 / 2], [0.5, 0.5, 0.0, 0.0]]))
+    even = chunk_means(member, torch.tensor([0, 1, 0, 1]))
+    torch.testing.assert_close(even, member / member.sum(1, keepdim=True))
+    batched = chunk_means(torch.stack([member, member]), torch.tensor([[0, 0, 0, 1], [0, 1, 0, 1]]))
+    torch.testing.assert_close(batched, torch.stack([uneven, even]))

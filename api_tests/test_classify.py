@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from api_tests.helpers import QUERIES, as_matrix, b64, encode, examples, glyph, inverted, png, probabilities
 
@@ -118,3 +119,27 @@ def test_one_off_classify_can_explain(client: httpx.Client) -> None:
     body = {"support": examples(("bar", "square")), "images": QUERIES[:1], "explain": True}
     prediction = client.post("/v1/classify", json=body).json()["predictions"][0]
     assert [a["label"] for a in prediction["attention"]] == ["bar", "square"]
+
+
+def test_a_glyph_is_framed_as_training_frames_it_wherever_and_however_large_it_is_drawn(
+    client: httpx.Client, sentinel,
+) -> None:
+    # The canonical framing: the glyph's bounding box, scaled to the model's frame and centred, so
+    # the registered drawing gives the same input in a corner of a larger canvas, drawn at twice
+    # the size or in a wide one; the old whole-image shrink gave each a different input.
+    task = sentinel.tasks[0]
+    drawing = glyph("triangle")
+    corner = Image.new("L", (300, 220), 255)
+    corner.paste(drawing, (190, 110))
+    wide = Image.new("L", (420, 105), 255)
+    wide.paste(drawing, (20, 0))
+    images = [b64(encode(img)) for img in (drawing, corner, drawing.resize((210, 210), Image.NEAREST), wide)]
+    response = client.post(f"/v1/tasks/{task['task_id']}/classify", json={"images": images, "top_k": 3})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    probs = as_matrix(predictions, task["labels"])
+    for row in probs[1:]:
+        np.testing.assert_allclose(row, probs[0], atol=1e-3)
+    for prediction in predictions:  # the registered triangle, wherever it is drawn
+        assert prediction["label"] == "triangle"
+        assert prediction["support_similarity"] == pytest.approx(1.0, abs=0.02)

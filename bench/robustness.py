@@ -50,6 +50,7 @@ from model.metanet import MetaNet  # noqa: E402
 from model.transform import canonical  # noqa: E402
 
 QUERIES = 5  # queries per class of an Omniglot task
+PARTS = ("conditions", "uneven", "calibration", "digits")
 
 # ------------------------------------------------------------------------------ conditions
 # Each takes drawings as drawn (n, 105, 105) uint8, ink = 1, and a generator, and returns the 8-bit
@@ -134,12 +135,19 @@ def mixed(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for k, make in enumerate(CONDITIONS.values()):
         rows = np.flatnonzero(choice == k)
         if len(rows):
-            out[rows] = canonical(make(ink[rows], rng))
+            out[rows] = framed(make(ink[rows], rng))
     return out
 
 
+FRAMING = {"box": 20, "centre": "box"}  # canonical's framing; --box and --centre compare others
+
+
+def framed(greys: np.ndarray) -> np.ndarray:
+    return canonical(greys, box=FRAMING["box"], centre=FRAMING["centre"])
+
+
 def model_inputs(condition: str, ink: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-    x = mixed(ink, rng) if condition == "mixed" else canonical(CONDITIONS[condition](ink, rng))
+    x = mixed(ink, rng) if condition == "mixed" else framed(CONDITIONS[condition](ink, rng))
     return torch.from_numpy(x)[:, None]
 
 
@@ -181,12 +189,13 @@ class Tally:
         return {"accuracy": float(acc.mean()), "ci95": float(ci), "episodes": len(acc), "ece": ece}
 
 
-def run_conditions(model: MetaNet, raw: np.ndarray, way: int, episodes: int, seed: int) -> dict[str, Any]:
+def run_conditions(model: MetaNet, raw: np.ndarray, way: int, episodes: int, seed: int,
+                   conditions: list[str]) -> dict[str, Any]:
     tasks = omniglot_tasks(raw, way, episodes, seed)
     labels = [f"c{k}" for k in range(way)]
     truth_q = np.repeat(np.arange(way), QUERIES)
     out = {}
-    for condition in [*CONDITIONS, "mixed"]:
+    for condition in conditions:
         rng = np.random.default_rng(seed + 1)
         tally, self_right, self_total, warned = Tally(), 0, 0, 0
         for chars, draws in tasks:
@@ -258,7 +267,7 @@ def digit_images() -> tuple[np.ndarray, np.ndarray]:
 
 def run_digits(model: MetaNet, episodes: int, seed: int, queries: int = 10) -> dict[str, float]:
     images, target = digit_images()
-    x = torch.from_numpy(canonical(images))[:, None]
+    x = torch.from_numpy(framed(images))[:, None]
     rng = np.random.default_rng(seed)
     tally = Tally()
     for _ in range(episodes):
@@ -284,7 +293,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 2 tasks a setting, 5-way, one uneven setting a way")
     parser.add_argument("--out", help="result file (default bench/results/robustness-<date>-<version>.json)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which parts to run ({','.join(PARTS)})")
+    parser.add_argument("--conditions", default=",".join([*CONDITIONS, "mixed"]),
+                        help="which conditions to run, comma-separated (default: all)")
+    parser.add_argument("--box", type=int, default=20,
+                        help="framing: the glyph box's side in the 28-pixel input, to compare framings (20)")
+    parser.add_argument("--centre", choices=("box", "mass"), default="box",
+                        help="framing: centre the glyph by its box or by its ink's mass (box)")
     args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    conditions = [c for c in args.conditions.split(",") if c]
+    if not parts or set(parts) - set(PARTS):
+        parser.error(f"--parts takes some of {', '.join(PARTS)}")
+    if not conditions or set(conditions) - {*CONDITIONS, "mixed"}:
+        parser.error(f"--conditions takes some of {', '.join([*CONDITIONS, 'mixed'])}")
+    if not 4 <= args.box <= 28:
+        parser.error("--box must be 4 to 28")
+    FRAMING.update(box=args.box, centre=args.centre)
     heavies = (2, 3, 5)
     if args.quick:
         args.episodes, args.way, heavies = 2, 5, (3,)
@@ -296,27 +321,31 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.weights)
     evaluation = load_split(args.data_dir, "evaluation")
     assert evaluation.raw is not None
-    print(f"{model.version}: conditions, {args.way}-way 1-shot, {args.episodes} tasks each", flush=True)
-    conditions = run_conditions(model, evaluation.raw, args.way, args.episodes, args.seed)
-    uneven = {}
-    for way in (5, 20):
-        for heavy in heavies:
-            uneven[f"{way}-way, one class of {heavy}"] = run_uneven(
-                model, evaluation.images, way, heavy, args.episodes, args.seed)
-            print(f"  uneven {way}-way, one class of {heavy}: done", flush=True)
-    within = run_within_alphabet(model, evaluation, args.episodes, args.seed)
-    digits = run_digits(model, args.episodes, args.seed)
     command = "python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {
+    result: dict[str, Any] = {
         "command": command.strip(), "commit": git_commit(), "model_version": model.version,
         "temperature": float(model.temperature), "date": dt.date.today().isoformat(),
-        "episodes": args.episodes, "way": args.way, "seed": args.seed,
-        "seconds": round(time.perf_counter() - started, 1),
-        "conditions": conditions, "uneven": uneven,
-        "calibration": {f"{args.way}-way 1-shot": conditions["plain"]["ece"],
-                        "5-way 1-shot within one alphabet": within["ece"]},
-        "within_alphabet_5way": within, "digits_10way_1shot": digits,
+        "episodes": args.episodes, "way": args.way, "seed": args.seed, "framing": dict(FRAMING),
     }
+    if "conditions" in parts:
+        print(f"{model.version}: conditions, {args.way}-way 1-shot, {args.episodes} tasks each", flush=True)
+        result["conditions"] = run_conditions(model, evaluation.raw, args.way, args.episodes, args.seed,
+                                              conditions)
+    if "uneven" in parts:
+        result["uneven"] = {}
+        for way in (5, 20):
+            for heavy in heavies:
+                result["uneven"][f"{way}-way, one class of {heavy}"] = run_uneven(
+                    model, evaluation.images, way, heavy, args.episodes, args.seed)
+                print(f"  uneven {way}-way, one class of {heavy}: done", flush=True)
+    if "calibration" in parts:
+        result["within_alphabet_5way"] = run_within_alphabet(model, evaluation, args.episodes, args.seed)
+        result["calibration"] = {"5-way 1-shot within one alphabet": result["within_alphabet_5way"]["ece"]}
+        if "plain" in result.get("conditions", {}):
+            result["calibration"][f"{args.way}-way 1-shot"] = result["conditions"]["plain"]["ece"]
+    if "digits" in parts:
+        result["digits_10way_1shot"] = run_digits(model, args.episodes, args.seed)
+    result["seconds"] = round(time.perf_counter() - started, 1)
     name = f"robustness-{result['date']}-{model.version}{'-quick' if args.quick else ''}.json"
     path = Path(args.out) if args.out else REPO / "bench" / "results" / name
     write_result(result, path, markdown(result))
@@ -327,22 +356,28 @@ def markdown(result: dict[str, Any]) -> str:
     def pct(x: float) -> str:
         return f"{100 * x:.2f}"
 
-    lines = [f"`{result['command']}` on {result['model_version']} ({result['episodes']} tasks a setting)",
-             "", f"| condition ({result['way']}-way 1-shot) | accuracy | 95% CI | ECE "
-             "| support images as their own label | tasks warned |", "|---|---|---|---|---|---|"]
-    for name, row in result["conditions"].items():
+    lines = [f"`{result['command']}` on {result['model_version']} ({result['episodes']} tasks a setting)"]
+    if "conditions" in result:
+        lines += ["", f"| condition ({result['way']}-way 1-shot) | accuracy | 95% CI | ECE "
+                  "| support images as their own label | tasks warned |", "|---|---|---|---|---|---|"]
+    for name, row in result.get("conditions", {}).items():
         lines.append(f"| {name} | {pct(row['accuracy'])} | ± {pct(row['ci95'])} | {row['ece']:.3f} "
                      f"| {pct(row['support_self'])} | {pct(row['tasks_warned'])} |")
-    lines += ["", "| uneven support set | one-shot classes, balanced | one-shot classes, uneven "
-              "| heavy class |", "|---|---|---|---|"]
-    for name, row in result["uneven"].items():
+    if "uneven" in result:
+        lines += ["", "| uneven support set | one-shot classes, balanced | one-shot classes, uneven "
+                  "| heavy class |", "|---|---|---|---|"]
+    for name, row in result.get("uneven", {}).items():
         lines.append(f"| {name} | {pct(row['balanced_one_shot']['accuracy'])} "
                      f"| {pct(row['uneven_one_shot']['accuracy'])} | {pct(row['heavy_class_accuracy'])} |")
-    within, digits = result["within_alphabet_5way"], result["digits_10way_1shot"]
-    lines += ["", f"5-way 1-shot within one alphabet: {pct(within['accuracy'])} ± {pct(within['ci95'])}, "
-              f"ECE {within['ece']:.3f}",
-              f"scikit-learn digits, 10-way 1-shot: {pct(digits['accuracy'])} ± {pct(digits['ci95'])}, "
-              f"ECE {digits['ece']:.3f}"]
+    lines.append("")
+    if "within_alphabet_5way" in result:
+        within = result["within_alphabet_5way"]
+        lines.append(f"5-way 1-shot within one alphabet: {pct(within['accuracy'])} ± {pct(within['ci95'])}, "
+                     f"ECE {within['ece']:.3f}")
+    if "digits_10way_1shot" in result:
+        digits = result["digits_10way_1shot"]
+        lines.append(f"scikit-learn digits, 10-way 1-shot: {pct(digits['accuracy'])} "
+                     f"± {pct(digits['ci95'])}, ECE {digits['ece']:.3f}")
     return "\n".join(lines)
 
 

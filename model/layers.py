@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -232,7 +233,12 @@ class CoordinateLSTM(nn.Module):
     def forward(self, grad_features: Tensor) -> Tensor:
         """(T, n_coords, 2) preprocessed gradient sequence -> (n_coords,) fast weights."""
         if _needs_autograd(self, grad_features):
-            _, (h_last, _) = self.lstm(grad_features)
+            # On a GPU, PyTorch's own LSTM kernels, not cuDNN's: over the 1.2 million coordinates of
+            # 8 episodes (5 steps, hidden 20) cuDNN's forward and backward took 102 ms on an H200,
+            # PyTorch's 12.5 (a scratch timing); the training mix at 8 episodes a step went from 29
+            # to 40 episodes/s (bench/results/train-throughput-2026-12-04-nvidia-h200*.json).
+            with torch.backends.cudnn.flags(enabled=False) if grad_features.is_cuda else nullcontext():
+                _, (h_last, _) = self.lstm(grad_features)
             return self.out(h_last[-1]).squeeze(-1)
         lstm = self.lstm
         w_in, w_hidden = lstm.weight_ih_l0.T, lstm.weight_hh_l0.T

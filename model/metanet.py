@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -238,10 +238,7 @@ class MetaNet(nn.Module):
             h1 = F.relu(h @ self.b_fc.T)
             logits = h1 @ self.b_out.T
         else:
-            fast_convs, fast_fc, fast_out = W_fast[:-2], W_fast[-2], W_fast[-1]
-            h = conv_trunk_per_sample(x, self.b_convs, fast_convs)
-            h1 = F.relu(h @ self.b_fc.T) + F.relu(torch.einsum("noc,nc->no", fast_fc, h))
-            logits = h1 @ self.b_out.T + torch.einsum("nko,no->nk", fast_out, h1)
+            logits = b_with_fast_weights(x, self.b_params(), W_fast)
         return logits if n_way is None else _mask_classes(logits, n_way)
 
     # ------------------------------------------------------------------------ meta information
@@ -484,7 +481,7 @@ class MetaNet(nn.Module):
 
     def batched_episode_loss(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, n_way: int,
-        generator: np.random.Generator, *, bf16: bool = False,
+        generator: np.random.Generator, *, bf16: bool = False, read: BatchedRead | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Algorithm 1 step 4 for B episodes of one shape in one pass, with no loop over them: each
         episode's summed query cross-entropy and its number of correct queries, both of shape (B,).
@@ -503,6 +500,7 @@ class MetaNet(nn.Module):
                 as `episode_loss` would for each in turn.
             bf16: bfloat16 autocast for the conv trunks and b's query path; the meta information
                 (the gradients, their preprocessing, m and d) and the attention stay float32.
+            read: step 3 for the batch, `read_batched` (the default) or a compiled version of it.
         """
         n_tasks, n_support = support_y.shape
         # Each episode's chunks as episode_loss draws them: a permutation split into T runs.
@@ -520,7 +518,8 @@ class MetaNet(nn.Module):
         M = self._example_fast_weights(grads_b).view(n_tasks, n_support, -1)
         counts = F.one_hot(support_y, n_way).sum(1)  # (B, n_way)
         bias = -torch.log(counts.gather(1, support_y).to(M.dtype))  # as TaskMemory.attention_bias
-        logits = self._read_batched(support_x, query_x, Q_fast, M, bias, n_way, bf16)
+        logits = (read or read_batched)(support_x, query_x, Q_fast, M, bias, self.u_path_params(),
+                                        self.b_params(), n_way, bf16)
         losses = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction="none")
         correct = (logits.argmax(-1) == query_y).sum(1)
         return losses.view(n_tasks, -1).sum(1), correct
@@ -535,30 +534,6 @@ class MetaNet(nn.Module):
         conv = self.d_conv(seq[:, :, :n_conv].reshape(steps, -1, 2)).view(n_tasks, -1)
         fc = self.d_fc(seq[:, :, n_conv:].reshape(steps, -1, 2)).view(n_tasks, -1)
         return self._unflatten(torch.cat([conv, fc], dim=1) * self.u_gain, self.u_path_params())
-
-    def _read_batched(
-        self, support_x: Tensor, query_x: Tensor, Q_fast: Sequence[Tensor], M: Tensor, attention_bias: Tensor,
-        n_way: int, bf16: bool,
-    ) -> Tensor:
-        """Algorithm 1 step 3 for B episodes: logits (B, n_query, max_way) of their queries.
-
-        Args:
-            support_x: (B, n_support, 1, S, S); query_x: (B, n_query, 1, S, S).
-            Q_fast: each episode's Q*, one tensor per layer, of shape (B, *shape).
-            M: (B, n_support, P); attention_bias: (B, n_support).
-        """
-        n_tasks, n_support = support_x.shape[:2]
-        with torch.autocast(support_x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            h = conv_trunk_per_task(torch.cat([support_x, query_x], dim=1), self.u_convs, Q_fast[:-1])
-            r_all = h @ self.u_fc.T + torch.einsum("bnc,boc->bno", h, Q_fast[-1])  # (B, n_s + n_q, rep)
-        r_all = F.normalize(r_all.to(M.dtype), dim=-1, eps=1e-8)  # the attention in the model's dtype
-        R, r = r_all[:, :n_support], r_all[:, n_support:]
-        scores = torch.bmm(r, R.transpose(1, 2)) + attention_bias[:, None]  # (B, n_query, n_support)
-        W_fast_flat = torch.bmm(torch.softmax(scores, dim=-1), M)  # (B, n_query, P): W* per query
-        W_fast = self._unflatten(W_fast_flat.flatten(0, 1), self.b_params())
-        with torch.autocast(support_x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = self.b(query_x.flatten(0, 1), W_fast, n_way)
-        return logits.to(M.dtype).view(n_tasks, query_x.shape[1], -1)
 
     # -------------------------------------------------------------------------------- guards
 
@@ -648,6 +623,49 @@ def chunk_means(member: Tensor, y: Tensor) -> Tensor:
     same = (y[..., :, None] == y[..., None, :]).to(member.dtype)  # (..., n, n)
     weights = member / same.sum(-1)[..., None, :]
     return weights / weights.sum(-1, keepdim=True)
+
+
+def b_with_fast_weights(x: Tensor, W: Sequence[Tensor], W_fast: Sequence[Tensor]) -> Tensor:
+    """b's logits (n, max_way), unmasked, for images x (n, 1, S, S) with slow weights W (b's seven
+    layers) and per-image fast weights W_fast, each of shape (n, *w.shape)."""
+    fast_convs, fast_fc, fast_out = W_fast[:-2], W_fast[-2], W_fast[-1]
+    h = conv_trunk_per_sample(x, W[:-2], fast_convs)
+    h1 = F.relu(h @ W[-2].T) + F.relu(torch.einsum("noc,nc->no", fast_fc, h))
+    return h1 @ W[-1].T + torch.einsum("nko,no->nk", fast_out, h1)
+
+
+def read_batched(
+    support_x: Tensor, query_x: Tensor, Q_fast: Sequence[Tensor], M: Tensor, attention_bias: Tensor,
+    Q: Sequence[Tensor], W: Sequence[Tensor], n_way: int, bf16: bool,
+) -> Tensor:
+    """Algorithm 1 step 3 for B episodes (`MetaNet.batched_episode_loss`): logits (B, n_query,
+    max_way) of their queries. A function of tensors alone, so torch.compile takes it whole
+    (`TrainConfig.compile`).
+
+    Args:
+        support_x: (B, n_support, 1, S, S); query_x: (B, n_query, 1, S, S).
+        Q_fast: each episode's Q*, one tensor per layer of u's path, of shape (B, *shape).
+        M: (B, n_support, P); attention_bias: (B, n_support).
+        Q, W: the slow weights of u's path and of b.
+        bf16: bfloat16 autocast of u's trunk and b; the attention and W* stay in M's dtype.
+    """
+    n_tasks, n_support = support_x.shape[:2]
+    with torch.autocast(support_x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        h = conv_trunk_per_task(torch.cat([support_x, query_x], dim=1), Q[:-1], Q_fast[:-1])
+        r_all = h @ Q[-1].T + torch.einsum("bnc,boc->bno", h, Q_fast[-1])  # (B, n_s + n_q, rep)
+    r_all = F.normalize(r_all.to(M.dtype), dim=-1, eps=1e-8)
+    R, r = r_all[:, :n_support], r_all[:, n_support:]
+    scores = torch.bmm(r, R.transpose(1, 2)) + attention_bias[:, None]  # (B, n_query, n_support)
+    W_fast_flat = torch.bmm(torch.softmax(scores, dim=-1), M)  # (B, n_query, P): W* per query
+    W_fast = MetaNet._unflatten(W_fast_flat.flatten(0, 1), W)
+    with torch.autocast(support_x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = _mask_classes(b_with_fast_weights(query_x.flatten(0, 1), W, W_fast), n_way)
+    return logits.to(M.dtype).view(n_tasks, query_x.shape[1], -1)
+
+
+# (support_x, query_x, Q_fast, M, attention_bias, Q, W, n_way, bf16) -> logits: `read_batched`'s type
+BatchedRead = Callable[[Tensor, Tensor, Sequence[Tensor], Tensor, Tensor, Sequence[Tensor], Sequence[Tensor],
+                        int, bool], Tensor]
 
 
 def _mask_classes(logits: Tensor, n_way: int) -> Tensor:

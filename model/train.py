@@ -25,7 +25,7 @@ from model.checkpoint import WEIGHTS_FILE, _atomic, load_model, save_weights
 from model.config import TrainConfig
 from model.data import EpisodeSampler, OmniglotSplit, load_split, train_val_split
 from model.evaluate import evaluate
-from model.metanet import MetaNet
+from model.metanet import MetaNet, read_batched
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 # (support_x, support_y, query_x, query_y, n_way, generator) -> (losses, correct), each (B,)
@@ -85,11 +85,10 @@ def is_batched(cfg: TrainConfig) -> bool:
 
 def batched_loss_fn(model: MetaNet, cfg: TrainConfig) -> BatchedLoss:
     """`model.batched_episode_loss` with the config's bf16 and, with cfg.compile, its query read
-    (`MetaNet._read_batched`, u with each episode's Q*, the attention, W* and b) compiled by
+    (`model.metanet.read_batched`: u with each episode's Q*, the attention, W* and b) compiled by
     torch.compile; the rest runs eagerly."""
-    if cfg.compile:
-        model._read_batched = torch.compile(model._read_batched)  # type: ignore[method-assign]
-    return functools.partial(model.batched_episode_loss, bf16=cfg.bf16)
+    read = torch.compile(read_batched) if cfg.compile else read_batched
+    return functools.partial(model.batched_episode_loss, bf16=cfg.bf16, read=read)
 
 
 class Step(NamedTuple):

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
+from api_tests.harness import descendants, parent_of, wait_ready
 from api_tests.helpers import REPO
-from bench.harness import descendants, parent_of, wait_ready
 
 TORCH_VERSION = "2.13.0"  # the Dockerfile's default TORCH_VERSION
 WHEELS_IN_CONTEXT = REPO / "docker" / "wheels"  # the Dockerfile's default WHEELS_DIR

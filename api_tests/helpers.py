@@ -15,16 +15,16 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
-from bench.harness import REPO as REPO  # re-exported: the tests' way to the repository
-from bench.harness import ServiceProcess, parse_metrics
-from bench.harness import free_port as free_port
+from api_tests.harness import REPO as REPO  # re-exported: the tests' way to the repository
+from api_tests.harness import ServiceProcess, parse_metrics
+from api_tests.harness import free_port as free_port
 
 KiB = 1024
 
 
 class Server(ServiceProcess):
     """`python -m service` on a free port with its own data directory and settings; hermetic (see
-    bench.harness.ServiceProcess), logging at info, one server process unless `processes` is given
+    api_tests.harness.ServiceProcess), logging at info, one server process unless `processes` is given
     (api_tests/test_processes.py covers several)."""
 
     def __init__(self, data_dir: Path, **settings: Any) -> None:

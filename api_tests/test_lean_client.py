@@ -1,4 +1,4 @@
-"""bench.harness.LeanClient, the serving benchmark's load-generating client, against the real
+"""api_tests.harness.LeanClient, the serving benchmark's load-generating client, against the real
 server: it must read exactly what httpx reads (statuses, headers, bodies), keep its connection
 alive across requests, and recover from a connection the other side closed.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from api_tests.harness import LeanClient, free_port
 from api_tests.helpers import GLYPHS, Server, png, registered, running
-from bench.harness import LeanClient, free_port
 
 NEVER = "0123456789abcdef0123456789abcdef"  # a task id no one has
 

@@ -1,4 +1,4 @@
-"""Overload mode (METANET_OVERLOAD_DEMAND, METANET_OVERLOAD_FORWARD_FACTOR; service/batcher.py)
+"""Overload mode (METANET_OVERLOAD_DEMAND, METANET_OVERLOAD_FORWARD_FACTOR; service/inference/batcher.py)
 and the keep-alive that outlives a Retry-After, against a real server.
 
 A crowd of clients that never wait pushes one server process past its demand bound: it says so on

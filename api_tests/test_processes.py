@@ -1,4 +1,4 @@
-"""Several server processes on one port (METANET_PROCESSES, service/supervisor.py), started for
+"""Several server processes on one port (METANET_PROCESSES, service/process/supervisor.py), started for
 real: one task store, one rate limit, one /metrics, whichever process a connection reaches; a
 process that dies is replaced; SIGTERM, a failed start and a taken port end them all.
 
@@ -21,8 +21,8 @@ import httpx
 import numpy as np
 import pytest
 
+from api_tests.harness import descendants, parent_of
 from api_tests.helpers import QUERIES, REPO, Server, as_matrix, assert_error, examples, metrics, png, running
-from bench.harness import descendants, parent_of
 
 FRESH = 24  # requests on fresh connections: all 24 reach one of 2 processes with p = 2 ** -23
 

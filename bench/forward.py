@@ -15,7 +15,7 @@ written in place, stays in both), so both versions of
 the whole `MetaNet.classify` run in this process on the same task and queries: a 20-way one-shot
 Omniglot task, registered by the shipped weights. Each round times every version and batch size in
 turn (best of `--repeats` calls), so a slow minute of this shared machine hits both (glibc's heap
-kept as the service keeps it, `service.heap.retain`); the table
+kept as the service keeps it, `service.inference.heap.retain`); the table
 gives each one's best round, the ratio of old to new time, and the largest difference between
 their probabilities. With onnx, the query path is exported by each version (`metanet
 export-onnx`'s graph) and run by onnxruntime on one thread the same way. The pooling alone is
@@ -47,7 +47,7 @@ from bench.serving import WAY, omniglot_ink  # noqa: E402
 from model import layers, metanet  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.data import frame_drawings  # noqa: E402
-from service import heap  # noqa: E402
+from service.inference import heap  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 VERSIONS = ("this code", "before")

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.harness import LeanClient, ServiceProcess, descendants, parse_metrics  # noqa: E402
+from api_tests.harness import LeanClient, ServiceProcess, descendants, parse_metrics  # noqa: E402
 from bench.serving import WAY, as_png, omniglot_ink, percentile  # noqa: E402
 
 

@@ -8,7 +8,7 @@ a closed-loop HTTP load from a separate process, for each backend; a JSON record
 latency, registration latency (5-way 1-shot, 20-way 5-shot) and a plain 5-layer conv net's forward
 images/s as a hardware reference. (b) `python -m service` on a free port with a fresh data directory,
 one 20-way 1-shot Omniglot task registered from 105x105 PNGs, then `concurrency` workers in a
-spawned process (uvloop, one keep-alive connection each: bench.harness.LeanClient, or
+spawned process (uvloop, one keep-alive connection each: api_tests.harness.LeanClient, or
 httpx.AsyncClient with --client httpx) post classify requests back to back (1- and 32-image bodies,
 encoded once) for --seconds after --warmup; a worker refused with 429 waits out its Retry-After.
 Then, per request size, an overload phase at 10x the saturating concurrency: once with such
@@ -54,7 +54,8 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `model` for the in-process half (torch is imported only there), `bench`
-from bench.harness import LeanClient, ServiceProcess, git_commit, write_result  # noqa: E402
+from api_tests.harness import LeanClient, ServiceProcess  # noqa: E402
+from bench.harness import git_commit, write_result  # noqa: E402
 
 # The service's settings this bench can set (--batch-max-images ... METANET_BATCH_MAX_IMAGES).
 SERVICE_SETTINGS = ("batch_max_images", "batch_max_wait_ms", "batch_linger_ms", "max_pending",
@@ -220,7 +221,7 @@ def in_process(args: argparse.Namespace, ink: np.ndarray,
 
     # What one thread decodes: the service's path for a query image (base64 PNG -> ink -> model
     # input), which runs on the model thread on a CPU and in worker threads on a GPU.
-    from service.images import ImageLimits, model_inputs
+    from service.inference.intake import ImageLimits, model_inputs
 
     limits = ImageLimits(max_bytes=1 << 24, max_pixels=1 << 24)
     pngs = [as_png(ink[c, d]) for d in range(1, ink.shape[1]) for c in range(WAY)]
@@ -673,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
                         "ceilings measured just before and after each phase")
     parser.add_argument("--timeout", type=float, default=60, help="seconds before a request is an error")
     parser.add_argument("--client", choices=("lean", "httpx"), default="lean",
-                        help="the load generator's HTTP client: bench.harness.LeanClient (default) or "
+                        help="the load generator's HTTP client: api_tests.harness.LeanClient (default) or "
                         "httpx.AsyncClient (the client of the runs before session 6)")
     omniglot = os.environ.get("METANET_OMNIGLOT_DIR") or REPO.parent / "shared" / "data" / "omniglot"
     parser.add_argument("--data-dir", type=Path, default=Path(omniglot), help="omniglot_evaluation.npz's")

@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.harness import ServiceProcess  # noqa: E402  (run as a script: the repository first on the path)
+from api_tests.harness import ServiceProcess  # noqa: E402  (run as a script: the repository first on the path)
 
 CLASSIFY_PER_TASK = 5  # as in use: a task is registered once and classified against many times
 

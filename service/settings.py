@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     # on time, only the counts above.
     max_queue_wait_ms: float = Field(5.0, ge=0)
     max_queue_wait_factor: float = Field(2.0, ge=0)
-    # Overload (service/batcher.py): when a server process's demand — requests queued or running,
+    # Overload (service/inference/batcher.py): when a server process's demand — requests queued or running,
     # plus the clients it refused that are still waiting out their Retry-After — passes
     # `overload_demand`, its forwards shrink to at most `overload_forward_factor` times the
     # compute of their oldest request, and only what runs in the next forward (and not behind a
@@ -111,10 +111,10 @@ class Settings(BaseSettings):
     heap_trim_idle_s: float = Field(1.0, ge=0)
     # Freed heap glibc keeps for the next forward instead of returning it to the OS at once (MB;
     # allocations up to 32 MB come from the heap); the idle trim above still returns it. 0 =
-    # glibc's defaults, under which every large forward faulted in fresh pages (see service/heap.py).
+    # glibc's defaults, under which every large forward faulted in fresh pages (see service/inference/heap.py).
     heap_retain_mb: int = Field(256, ge=0, le=65536)
     # A torch forward on the CPU of fewer query images than this runs on one intra-op thread:
-    # waking torch's sleeping thread team (OMP_WAIT_POLICY=PASSIVE, see service/__init__.py) at
+    # waking torch's sleeping thread team (OMP_WAIT_POLICY=PASSIVE, see service/inference/__init__.py) at
     # each of a forward's parallel regions costs more than a small batch gains from a second core
     # (`python bench/omp_wait.py`). 0 = always the whole team.
     one_thread_below_images: int = Field(8, ge=0)
@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     # registration runs alone with all of them. 0 = by device: 2 on a CPU with 2 or more threads
     # (see "Query throughput" in the README), else 1.
     model_workers: int = Field(0, ge=0, le=64)
-    # Server processes on one port (service/supervisor.py), each with its own event
+    # Server processes on one port (service/process/supervisor.py), each with its own event
     # loop, model workers and cache of task memories, all sharing the task store, the rate limits
     # and /metrics; the CPU threads are split between them. 0 = by device: 2 on a CPU with 2 or
     # more cores (a process's event loop and model threads take turns at one GIL; two processes of
@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(20, ge=1)
 
     # Seconds an idle keep-alive connection stays open. Longer than the longest Retry-After of a
-    # full model queue (10 s, service/batcher.py; a rate limit's may be longer), so a client that
+    # full model queue (10 s, service/inference/batcher.py; a rate limit's may be longer), so a client that
     # waits one out comes back on its connection rather than racing the server's close (uvicorn's
     # default is 5 s). A proxy in front must drop its idle upstream connections sooner
     # (docker/nginx.conf: 10 s; lower it there if you set this to 10 or less).

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from service.routes import probes
+from service.http.routes import probes
 from service.settings import Settings
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.batcher import RETRY_AFTER_MAX_S
+from service.inference.batcher import RETRY_AFTER_MAX_S
 from service.settings import Settings
 
 BAD = [

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -313,3 +316,12 @@ def test_broken_greyscale_pngs_are_invalid_and_name_the_fault(damage: str) -> No
     }[damage]
     with pytest.raises(InvalidImage, match=r"not a decodable PNG \(.+\)"):
         decode(broken, LIMITS)
+
+
+def test_image_intake_and_the_canonical_transform_import_without_torch() -> None:
+    """Decoding processes import the intake alone: the model's transform must not pull in torch."""
+    code = ("import sys, model.transform, service.inference.intake, service.inference.decoding; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m == 'model.metanet'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

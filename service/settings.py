@@ -111,7 +111,8 @@ class Settings(BaseSettings):
     heap_trim_idle_s: float = Field(1.0, ge=0)
     # Freed heap glibc keeps for the next forward instead of returning it to the OS at once (MB;
     # allocations up to 32 MB come from the heap); the idle trim above still returns it. 0 =
-    # glibc's defaults, under which every large forward faulted in fresh pages (see service/inference/heap.py).
+    # glibc's defaults, under which every large forward faulted in fresh pages
+    # (service/inference/heap.py).
     heap_retain_mb: int = Field(256, ge=0, le=65536)
     # A torch forward on the CPU of fewer query images than this runs on one intra-op thread:
     # waking torch's sleeping thread team (OMP_WAIT_POLICY=PASSIVE, see service/inference/__init__.py) at

@@ -90,6 +90,8 @@ def allowed_methods(request: Request) -> str:
             routes += included.routes
         elif route.matches(request.scope)[0] is not Match.NONE:
             methods |= getattr(route, "methods", None) or set()
+    if "GET" in methods:
+        methods.add("HEAD")  # service/http/head.py
     return ", ".join(sorted(methods))
 
 

@@ -14,7 +14,9 @@ from starlette.exceptions import HTTPException
 
 from service.errors import ServiceError
 from service.http.demo import demo
+from service.http.docs import docs
 from service.http.errors import handle_error
+from service.http.head import HeadAsGet
 from service.http.openapi import document
 from service.http.request_log import RequestLogMiddleware
 from service.http.routes import probes, v1
@@ -49,14 +51,18 @@ def create_app(settings: Settings | None = None, buckets: SharedBuckets | None =
                 await loading
             await runtime.stop()
 
-    app = FastAPI(title="MetaNet few-shot classification", version="1", lifespan=lifespan)
+    # /docs and /redoc come from service/http/docs.py, from local files rather than a CDN.
+    app = FastAPI(title="MetaNet few-shot classification", version="1", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     app.include_router(v1)
     app.include_router(probes)
     app.include_router(v2)  # the Open Inference Protocol (KServe v2 / Triton HTTP)
     app.include_router(demo)
+    app.include_router(docs)
     for exc_type in (ServiceError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
+    app.add_middleware(HeadAsGet)  # innermost: the others see the request as HEAD
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
     app.add_middleware(RequestLogMiddleware)  # outermost: its line and X-Request-ID cover everything
     document(app, settings)

@@ -88,6 +88,6 @@ def test_a_405_lists_every_method_served_at_that_path(tmp_path) -> None:
         assert response.status_code == 405 and response.json()["error"]["type"] == "method_not_allowed"
         return response.headers["allow"]
 
-    assert asyncio.run(allow("PUT", "/v1/tasks")) == "GET, POST"
-    assert asyncio.run(allow("POST", "/v1/tasks/abc")) == "DELETE, GET"
-    assert asyncio.run(allow("DELETE", "/metrics")) == "GET"
+    assert asyncio.run(allow("PUT", "/v1/tasks")) == "GET, HEAD, POST"
+    assert asyncio.run(allow("POST", "/v1/tasks/abc")) == "DELETE, GET, HEAD"
+    assert asyncio.run(allow("DELETE", "/metrics")) == "GET, HEAD"

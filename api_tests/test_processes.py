@@ -8,6 +8,7 @@ Each request here goes on a connection of its own, so the kernel spreads them ov
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -93,6 +94,12 @@ def test_two_processes_serve_one_port_and_say_ready_only_when_both_are(two: Serv
     assert fresh(two, "GET", "/readyz").status_code == 200
     with two.client() as client:
         assert metrics(client)["metanet_server_processes"] == 2
+
+
+def test_the_supervisor_says_once_where_the_service_listens(two: Server) -> None:
+    lines = [json.loads(line)["message"] for line in two.log_path.read_text().splitlines()
+             if "listening on" in line]
+    assert lines == [f"MetaNet service listening on {two.url} (docs at /docs, demo at /), 2 server processes"]
 
 
 def test_a_task_registered_through_one_process_classifies_alike_through_any(two: Server) -> None:

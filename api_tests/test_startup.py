@@ -1,5 +1,5 @@
-"""Startup: weights that cannot be loaded safely stop the server with a clear message and status 1;
-weights are never unpickled."""
+"""Startup: the server says where it listens; weights that cannot be loaded safely stop it with a
+clear message and status 1; weights are never unpickled."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ import pickle
 from pathlib import Path
 
 from api_tests.helpers import REPO, Server
+
+
+def test_the_server_says_where_it_listens_in_a_line_a_person_reads(server: Server) -> None:
+    lines = [json.loads(line)["message"] for line in server.log_path.read_text().splitlines()
+             if "listening on" in line and '"logger": "service"' in line]
+    assert lines == [f"MetaNet service listening on {server.url} (docs at /docs, demo at /)"]
 
 
 def test_server_with_a_missing_checkpoint_exits_1_naming_the_file(tmp_data: Path, tmp_path: Path) -> None:

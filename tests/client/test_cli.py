@@ -165,3 +165,21 @@ def test_min_confidence_must_be_a_probability(value: str, capsys: pytest.Capture
     assert exited.value.code == EXIT_USAGE and "--min-confidence" in capsys.readouterr().err
     args = build_parser().parse_args(["classify", "T", "x.png", "--min-confidence", "0.5"])
     assert args.min_confidence == 0.5
+
+
+@pytest.mark.parametrize("argv", [
+    ["--json", "classify", "T", "q.png"], ["classify", "T", "q.png", "--json"],
+    ["--json", "tasks", "ls"], ["tasks", "ls", "--json"], ["--json", "evaluate"], ["evaluate", "--json"],
+])
+def test_json_goes_before_or_after_the_command(argv: list[str]) -> None:
+    assert build_parser().parse_args(argv).json is True
+
+
+@pytest.mark.parametrize("argv", [["classify", "T", "q.png"], ["tasks", "get", "T"], ["evaluate"]])
+def test_without_json_a_command_prints_tables(argv: list[str]) -> None:
+    assert build_parser().parse_args(argv).json is False
+
+
+def test_connection_options_given_before_the_command_are_not_reset_after_it() -> None:
+    args = build_parser().parse_args(["--url", "http://h:1", "--json", "tasks", "get", "T", "--timeout", "5"])
+    assert (args.url, args.timeout, args.json) == ("http://h:1", 5.0, True)

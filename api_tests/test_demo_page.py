@@ -118,6 +118,8 @@ def test_draw_two_classes_register_and_classify_a_drawn_query(
 ) -> None:
     page.goto(server.url + "/")
     page.wait_for_selector("body[data-ready=true]")
+    assert page.locator("#results").is_hidden()  # no empty result headings before a query
+    assert not page.get_by_text("Top-k predictions").is_visible()
     cards = page.locator(".class-card")
     assert cards.count() == 2
     # Three drawings a class: two kept with "Add example", the last left on the pad (the page sends it).
@@ -146,6 +148,41 @@ def test_draw_two_classes_register_and_classify_a_drawn_query(
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     record_property("screenshot", str(SCREENSHOT))
     print(f"demo page screenshot: {SCREENSHOT}")
+    assert problems == []
+
+
+@pytest.mark.browser
+def test_register_again_keeps_one_task_reusing_it_while_the_support_set_is_the_same(
+    page: Any, server: Server, client: httpx.Client, problems: list[str]
+) -> None:
+    def task_ids() -> set[str]:
+        return {task["task_id"] for task in client.get("/v1/tasks", params={"limit": 200}).json()["data"]}
+
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    cards = page.locator(".class-card")
+    for card, glyph in zip((cards.nth(0), cards.nth(1)), ("bar", "circle"), strict=True):
+        card.locator(".class-name").fill(glyph)
+        draw(page, card.locator("canvas"), glyph)
+        card.locator(".add-example").click()
+    before = task_ids()
+    page.click("#register")
+    page.wait_for_selector("#task[data-task-id]")
+    first = page.get_attribute("#task", "data-task-id")
+    assert task_ids() == before | {first}
+
+    page.click("#register")  # nothing changed: the same task, nothing stored
+    page.locator("#task").filter(has_text="already holds this support set").wait_for()
+    assert page.get_attribute("#task", "data-task-id") == first and task_ids() == before | {first}
+
+    draw(page, cards.nth(0).locator("canvas"), "bar", (8, 0))  # one more example: a new task replaces it
+    cards.nth(0).locator(".add-example").click()
+    page.click("#register")
+    page.locator("#task").filter(has_text="2-way (bar: 2, circle: 1)").wait_for()
+    second = page.get_attribute("#task", "data-task-id")
+    assert second != first
+    page.wait_for_timeout(500)  # the delete of the replaced task is not awaited by the page
+    assert task_ids() == before | {second}
     assert problems == []
 
 
@@ -185,3 +222,17 @@ def test_the_page_and_its_files_are_served_from_this_origin_only(client: httpx.C
         assert "://" not in response.text
     assert client.get("/static/../settings.py").status_code == 404
     assert client.get("/static/nope.js").json()["error"]["type"] == "not_found"
+
+
+def test_the_page_answers_head_as_get(client: httpx.Client) -> None:
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        head, get = client.head(path), client.get(path)
+        assert head.status_code == get.status_code == 200 and head.content == b""
+        assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_hidden_wins_over_display_and_the_status_line_keeps_words_whole(client: httpx.Client) -> None:
+    css = client.get("/static/style.css").text
+    assert re.search(r"\[hidden\]\s*\{\s*display:\s*none\s*!important", css)
+    status = re.search(r"\.status\s*\{([^}]*)\}", css)
+    assert status is not None and "anywhere" not in status.group(1) and "break-all" not in css

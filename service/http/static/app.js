@@ -117,7 +117,7 @@ async function api(method, path, body) {
 // ----------------------------------------------------------------------------- support set
 
 const classes = []; // {card, pad, examples: [dataURL]}
-let registered = null; // {task, support: [{label, image}]}
+let registered = null; // {task, support: [{label, image}], key}: the page's one task on the server
 
 function addClass(name) {
   const card = $("#class-template").content.firstElementChild.cloneNode(true);
@@ -180,19 +180,31 @@ async function register() {
   if (new Set(names).size !== names.length) return say(status, "Give each class its own name.", true);
   const empty = classes.filter((entry) => !entry.examples.length && !entry.pad.inked);
   if (empty.length) return say(status, "Draw or upload at least one example for every class.", true);
+  // The same support set again: the task registered for it serves as it is.
+  const key = JSON.stringify(support);
+  if (registered?.key === key) {
+    return say(status, `Task ${registered.task.task_id} already holds this support set: ${describe(registered.task)}.`);
+  }
   say(status, "Registering…");
   try {
     const task = await api("POST", "/v1/tasks", { name: "demo", examples: support });
-    registered = { task, support };
-    const shots = Object.entries(task.shots).map(([label, n]) => `${label}: ${n}`).join(", ");
-    say(status, `Registered task ${task.task_id}: ${task.n_way}-way (${shots}).`);
+    const replaced = registered;
+    registered = { task, support, key };
+    say(status, `Registered task ${task.task_id}: ${describe(task)}.`);
     status.dataset.taskId = task.task_id;
     showWarnings(task.warnings ?? []);
     $("#classify").disabled = false;
+    // The page keeps one task on the server: the one this support set replaced goes.
+    if (replaced) api("DELETE", `/v1/tasks/${replaced.task.task_id}`).catch(() => {});
   } catch (error) {
     showWarnings([]);
     say(status, `Could not register: ${error.message}`, true);
   }
+}
+
+function describe(task) {
+  const shots = Object.entries(task.shots).map(([label, n]) => `${label}: ${n}`).join(", ");
+  return `${task.n_way}-way (${shots})`;
 }
 
 // What the model found wrong with the support set: the task is registered all the same.

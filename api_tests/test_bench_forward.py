@@ -1,5 +1,5 @@
-"""bench/forward.py at a toy size: this code and the formulation it replaced timed on both backends,
-their probabilities compared, the record and table; nonsense arguments refused with the reason."""
+"""bench/forward.py at a toy size: the forward timed on both backends, the record and table;
+nonsense arguments refused with the reason."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def forward_bench(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=600)
 
 
-def test_a_small_forward_run_times_both_versions_on_both_backends(tmp_path: Path) -> None:
+def test_a_small_forward_run_times_each_batch_on_both_backends(tmp_path: Path) -> None:
     out = tmp_path / "forward.json"
     run = forward_bench("--rounds", "2", "--repeats", "1", "--batches", "1,3", "--out", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -26,15 +26,9 @@ def test_a_small_forward_run_times_both_versions_on_both_backends(tmp_path: Path
     assert [(r["backend"], r["batch"]) for r in record["rows"]] == [
         ("torch", 1), ("torch", 3), ("onnx", 1), ("onnx", 3)]
     for row in record["rows"]:
-        assert all(len(rounds) == 2 for rounds in row["rounds_ms"].values())
-        ms = row["ms"]
-        assert ms["this code"] > 0 and ms["before"] > 0
-        assert row["before_over_this"] == pytest.approx(ms["before"] / ms["this code"], abs=2e-3)
-        # The same model either way: probabilities agree to float32 rounding.
-        assert row["max_abs_prob_diff"] < 1e-5
-    assert [row["input"][-1] for row in record["pooling"]] == [28, 14, 7, 4, 2]
-    assert all(row["us"]["this code"] > 0 and row["us"]["before"] > 0 for row in record["pooling"])
-    assert "| torch | 3 |" in run.stdout and "| 16x64x28x28 |" in run.stdout and f"wrote {out}" in run.stdout
+        assert len(row["rounds_ms"]) == 2 and row["ms"] == min(row["rounds_ms"]) > 0
+        assert row["images_per_s"] == pytest.approx(1e3 * row["batch"] / row["ms"], rel=1e-2)
+    assert "| torch | 3 |" in run.stdout and f"wrote {out}" in run.stdout
 
 
 @pytest.mark.parametrize(("args", "named"), [

@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 4): the in-process ceiling of the query path, then the real service under
+"""Serving benchmark: the in-process ceiling of the query path, then the real service under
 a closed-loop HTTP load from a separate process, for each backend; a JSON record and a table.
 
     python bench/serving.py                                   # the recorded run (both backends)
@@ -12,14 +12,14 @@ spawned process (uvloop, one keep-alive connection each: api_tests.harness.LeanC
 httpx.AsyncClient with --client httpx) post classify requests back to back (1- and 32-image bodies,
 encoded once) for --seconds after --warmup; a worker refused with 429 waits out its Retry-After.
 Then, per request size, an overload phase at 10x the saturating concurrency: once with such
-workers (judged against the bar), once with workers that retry at once (reported). Between the
+workers (judged against the threshold), once with workers that retry at once (reported). Between the
 phases, with the service idle, the in-process ceiling is measured again,
 and each phase's ratio is also taken to the mean of the ceilings just before and after it (each
 the best of the same contenders as the start's: the best single call, and one-thread calls side by
 side at each size): the judged one, since on this shared machine the ceiling moves with the hour by
-more than the bars' margins (--no-ceiling-beside judges by the ceiling of the start).
+more than the thresholds' margins (--no-ceiling-beside judges by the ceiling of the start).
 (c) JSON under bench/results/serving-<date>-<device>.json and a markdown table, with each target's
-measured value, bar and PASS/FAIL; the exit status is 1 when a target fails.
+measured value, threshold and PASS/FAIL; the exit status is 1 when a target fails.
 """
 
 from __future__ import annotations
@@ -413,7 +413,7 @@ def serve_backend(backend: str, args: argparse.Namespace, ink: np.ndarray, ceili
     """The load phases against one backend's service. With `again`, the in-process ceiling is also
     measured between the phases (the service idle), and each phase gets the mean of the ceilings
     just before and just after it: on a shared machine the hour moves the ceiling by more than the
-    bars' margins, so the judged ratio is the one to the ceiling of the same minutes."""
+    thresholds' margins, so the judged ratio is the one to the ceiling of the same minutes."""
     server = start_server(backend, args, tmp)
     beside: list[float] = []  # ceilings measured between phases, in order
     out: dict[str, Any] = {"settings": server.settings, "rows": []}
@@ -467,7 +467,7 @@ def serve_backend(backend: str, args: argparse.Namespace, ink: np.ndarray, ceili
         if args.overload_concurrency != 0:
             # Per request size: "unloaded" is concurrency 1; "saturating" the least concurrency
             # within 10% of the best throughput; overload is 10x that many clients. Twice: clients
-            # that wait the Retry-After of a 429 (the bar), then clients that retry at once (how a
+            # that wait the Retry-After of a 429 (the threshold), then clients that retry at once (how a
             # crowd that ignores it fares: every request, admitted or not, queues for the event
             # loop, so by Little's law latency is clients / requests per second).
             out["overload"] = []
@@ -491,12 +491,12 @@ def serve_backend(backend: str, args: argparse.Namespace, ink: np.ndarray, ceili
 
 # ----------------------------------------------------------------------------------------- report
 
-def shown(exact: float | None, places: int, bar: float) -> float | None:
-    """`exact` rounded to `places`, or to as many more as it takes to stay on its side of `bar`."""
+def shown(exact: float | None, places: int, threshold: float) -> float | None:
+    """`exact` rounded to `places`, or to as many more as it takes to stay on its side of `threshold`."""
     if exact is None or not math.isfinite(exact):
         return exact
     def side(x: float) -> int:
-        return (x > bar) - (x < bar)
+        return (x > threshold) - (x < threshold)
 
     value = round(exact, places)
     while side(value) != side(exact) and places < 9:
@@ -508,15 +508,15 @@ def shown(exact: float | None, places: int, bar: float) -> float | None:
 def targets(inproc: dict[str, Any], service: dict[str, Any]) -> list[dict[str, Any]]:
     found = []
 
-    def target(name: str, backend: str, value: float | None, bar: str, passed: bool | None) -> None:
-        found.append({"target": name, "backend": backend, "value": value, "bar": bar,
+    def target(name: str, backend: str, value: float | None, threshold: str, passed: bool | None) -> None:
+        found.append({"target": name, "backend": backend, "value": value, "threshold": threshold,
                       "result": ("NOT MEASURED" if value is None else "REPORTED") if passed is None
                       else "PASS" if passed else "FAIL"})
 
     for backend, run in service.items():
         rows = {(r["images_per_request"], r["concurrency"]): r for r in run.get("rows", [])}
         ceiling = inproc["backends"].get(backend, {}).get("ceiling_images_per_s")
-        for size, bar in ((32, 0.85), (1, 0.60)):
+        for size, threshold in ((32, 0.85), (1, 0.60)):
             row = rows.get((size, 32), {})
             # Judged unrounded: 0.5997 is not 0.60 (the record keeps 3 places).
             if "ceilings_beside" in row:  # to the ceiling beside it, if measured
@@ -525,7 +525,8 @@ def targets(inproc: dict[str, Any], service: dict[str, Any]) -> list[dict[str, A
                 exact = row["images_per_s"] / ceiling if row and ceiling else None
             start = f"; to the ceiling at the start {row['ratio']}" if "ceilings_beside" in row else ""
             target(f"{size}-image requests at concurrency 32 / in-process ceiling", backend,
-                   shown(exact, 3, bar), f">= {bar:.2f}{start}", None if exact is None else exact >= bar)
+                   shown(exact, 3, threshold), f">= {threshold:.2f}{start}",
+                   None if exact is None else exact >= threshold)
         single = inproc["backends"].get(backend, {}).get("single_query_ms", {}).get("p50")
         p99 = rows[1, 1]["p99_ms"] if (1, 1) in rows else None
         limit = 2 * single + 5 if single is not None else None
@@ -543,7 +544,7 @@ def targets(inproc: dict[str, Any], service: dict[str, Any]) -> list[dict[str, A
             target(f"overload ({who}): 429s, no 5xx or errors", backend,
                    f"{over['n_429']} x 429, {over['n_5xx']} x 5xx, {over['n_errors'] - over['n_5xx']} other",
                    "429 > 0, 5xx = errors = 0", over["n_429"] > 0 and over["n_errors"] == 0)
-            # The latency bar is for clients that honour Retry-After; for a crowd that ignores it
+            # The latency threshold is for clients that honour Retry-After; for a crowd that ignores it
             # the ratio is reported, not judged (see serve_backend).
             exact = over["p99_ms"] / over["unloaded_p99_ms"] if over["unloaded_p99_ms"] else math.inf
             target(f"overload ({who}): p99 of admitted / unloaded (concurrency 1) p99", backend,
@@ -586,9 +587,9 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["", f"Registration (p50, torch): {reg}. Plain 5-layer conv net: "
               f"{conv['ceiling_images_per_s']:.1f} images/s at batch {conv['best_batch']}. Query decoding: "
               f"{ip['decode']['ms_per_image']} ms per image on one thread.", "",
-              "| target | backend | measured | bar | result |", "|---|---|---|---|---|"]
-    lines += [f"| {t['target']} | {t['backend']} | {'-' if t['value'] is None else t['value']} | {t['bar']} "
-              f"| {t['result']} |"
+              "| target | backend | measured | threshold | result |", "|---|---|---|---|---|"]
+    lines += [f"| {t['target']} | {t['backend']} | {'-' if t['value'] is None else t['value']} "
+              f"| {t['threshold']} | {t['result']} |"
               for t in r["targets"]]
     return "\n".join(lines) + "\n"
 
@@ -675,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60, help="seconds before a request is an error")
     parser.add_argument("--client", choices=("lean", "httpx"), default="lean",
                         help="the load generator's HTTP client: api_tests.harness.LeanClient (default) or "
-                        "httpx.AsyncClient (the client of the runs before session 6)")
+                        "httpx.AsyncClient (slower: it takes CPU from the server)")
     omniglot = os.environ.get("METANET_OMNIGLOT_DIR") or REPO.parent / "shared" / "data" / "omniglot"
     parser.add_argument("--data-dir", type=Path, default=Path(omniglot), help="omniglot_evaluation.npz's")
     parser.add_argument("--seed", type=int, default=2017)

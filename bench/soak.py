@@ -191,8 +191,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         # come while one of its registrations runs (up to seconds here) would get 429s; overload
         # mode refuses classify requests while a registration runs once a process's demand passes
         # its bound, and the soak's clients, which send again at once instead of waiting out the
-        # Retry-After, stay counted as demand for that long (since session 18 a crowd's
-        # Retry-After is longer: README, "Retry-After under overload").
+        # Retry-After, stay counted as demand for that long (and a crowd's Retry-After grows with it).
         server = ServiceProcess(Path(tmp) / "data", Path(args.server_log or Path(tmp) / "server.log"),
                                 {"max_queue_wait_ms": 0, "max_queue_wait_factor": 0,
                                  "overload_forward_factor": 0},

@@ -88,9 +88,9 @@ def per_sample_conv3x3(h: Tensor, w: Tensor) -> Tensor:
     Two ways to the same values: `grouped_conv3x3` and `columns_conv3x3`. On a CPU without
     autograd the grouped one is the faster where the maps have several channels and are 7x7 or
     larger (oneDNN's grouped kernel), and for a single image (a plain convolution); the columns are
-    the faster on the first layer's one channel and on the 4x4 and 2x2 maps (one thread, `python
-    bench/per_sample_conv.py`). Autograd, an ONNX export (whose Conv fixes `group` in the graph)
-    and other devices take the columns.
+    the faster on the first layer's one channel and on the 4x4 and 2x2 maps (one thread:
+    docs/performance.md, "b's per-image convolutions"). Autograd, an ONNX export (whose Conv fixes
+    `group` in the graph) and other devices take the columns.
     """
     return grouped_conv3x3(h, w) if takes_grouped(h, w) else columns_conv3x3(h, w)
 

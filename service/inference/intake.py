@@ -180,8 +180,8 @@ def _decode_file(data: bytes, limits: ImageLimits) -> np.ndarray:
 
 def _grey_png(data: bytes, limits: ImageLimits) -> np.ndarray | None:
     """An 8-bit greyscale PNG without transparency (drawings, scans) decoded by libspng: the
-    same uint8 grey levels as Pillow's, in less time (`python bench/decode.py` times a query
-    image's whole path with either decoder).
+    same uint8 grey levels as Pillow's, in less than half the time (docs/performance.md,
+    "Decoding PNGs with libspng").
     None for any other file, which Pillow decodes: colour, alpha, 16 bits, a `tRNS` chunk
     anywhere (perhaps only in compressed bytes: Pillow then decodes it all the same), no pyspng,
     and 1, 2 or 4 bits a pixel, whose expansion to 8 bits libspng does no faster than Pillow."""

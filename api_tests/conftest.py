@@ -1,4 +1,4 @@
-"""One real server for the session (smallish limits so the limits can be hit), and a client."""
+"""One real server for the whole test run (smallish limits so the limits can be hit), and a client."""
 
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ def test_no_decoding_process_outlives_the_server(tmp_path: Path) -> None:
         pids = decoders(server)
         assert len(pids) == 2
     finally:
-        assert server.stop() == -signal.SIGTERM  # a clean stop re-raises the signal (service.process.server.serve)
+        assert server.stop() == -signal.SIGTERM  # a clean stop re-raises the signal (process.server.serve)
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)

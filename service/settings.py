@@ -62,17 +62,15 @@ class Settings(BaseSettings):
     # queued images, requests get 429 with Retry-After rather than an ever longer wait.
     # Every forward holds at most `batch_max_images`: a larger request runs in near-equal parts
     # (side by side on several model workers). 0 = by device: on a CPU, per thread of a worker, 32
-    # images on torch and 16 on onnx (the best one-thread forwards side by side measured on 2
-    # cores: README, "Query throughput"), on a GPU 256 (a forward there is launch-bound: many
-    # requests should share one).
+    # images on torch and 16 on onnx (the one-thread forwards that carry the most side by side),
+    # on a GPU 256 (a forward there is launch-bound: many requests should share one).
     batch_max_images: int = Field(0, ge=0)
     batch_max_wait_ms: float = Field(0.0, ge=0)
     # Clients that call in a loop come back in a burst just after their forward answers them: a
     # free model whose next forward is not full waits up to `batch_linger_ms` after the last
     # forward ended for the clients it answered (and only those, so a lone client never waits;
-    # never in overload mode), so they share a forward rather than split into two half-size ones
-    # (32 one-image clients on 2 CPU cores: forwards of about 14 images instead of 8, README
-    # "Query throughput"). 0 = never.
+    # never in overload mode), so they share a forward rather than split into two half-size ones.
+    # 0 = never.
     batch_linger_ms: float = Field(4.0, ge=0, le=1000)
     max_pending: int = Field(
         64, ge=1, description="model requests (registrations, classify) queued or running before more get 429"
@@ -86,8 +84,8 @@ class Settings(BaseSettings):
     # on time, only the counts above.
     max_queue_wait_ms: float = Field(5.0, ge=0)
     max_queue_wait_factor: float = Field(2.0, ge=0)
-    # Overload (service/inference/batcher.py): when a server process's demand — requests queued or running,
-    # plus the clients it refused that are still waiting out their Retry-After — passes
+    # Overload (service/inference/batcher.py): when a server process's demand — requests queued or
+    # running, plus the clients it refused that are still waiting out their Retry-After — passes
     # `overload_demand`, its forwards shrink to at most `overload_forward_factor` times the
     # compute of their oldest request, and only what runs in the next forward (and not behind a
     # registration) is admitted (where that forward would hold only the request's own images, as
@@ -96,10 +94,9 @@ class Settings(BaseSettings):
     # carries fewer images than with full forwards. overload_demand 0 = by device: one and a half
     # times as many one-image requests as one round of forwards holds (1.5 x batch_max_images x
     # model workers, with batch_max_images at 0 counted as 16 a thread on a CPU and 256 on a GPU:
-    # 24 a process on 2 CPU cores, 384 on a GPU). The kernel's hash splits clients between
-    # processes: at 32 clients one of two holds more than 24 about once in 500 tries, at 80 one
-    # holds 24 or fewer about once in 2,200 (and 32 or fewer, the bound of twice a round, about
-    # once in 11: README, Query throughput). overload_forward_factor 0 = no overload mode.
+    # 24 a process on 2 CPU cores, 384 on a GPU), so that the kernel's hash, which splits clients
+    # between processes, seldom puts one of two processes past it at 32 clients and seldom under it
+    # at 80. overload_forward_factor 0 = no overload mode.
     overload_demand: int = Field(0, ge=0)
     overload_forward_factor: float = Field(1.25, ge=0, allow_inf_nan=False)
     # A request's deadline: this, or less with the header X-Request-Timeout-Ms; work still queued
@@ -115,21 +112,20 @@ class Settings(BaseSettings):
     # (service/inference/heap.py).
     heap_retain_mb: int = Field(256, ge=0, le=65536)
     # A torch forward on the CPU of fewer query images than this runs on one intra-op thread:
-    # waking torch's sleeping thread team (OMP_WAIT_POLICY=PASSIVE, see service/inference/__init__.py) at
-    # each of a forward's parallel regions costs more than a small batch gains from a second core
-    # (`python bench/omp_wait.py`). 0 = always the whole team.
+    # waking torch's sleeping thread team (OMP_WAIT_POLICY=PASSIVE, service/inference/__init__.py)
+    # at each of a forward's parallel regions costs more than a small batch gains from a second
+    # core (docs/performance.md, "OpenMP wait policy"). 0 = always the whole team.
     one_thread_below_images: int = Field(8, ge=0)
     # Model worker threads. With more than one, classify batches run side by side, each on its
     # share of the CPU threads (one each when workers = cores: no thread team to wake), and a
     # registration runs alone with all of them. 0 = by device: 2 on a CPU with 2 or more threads
-    # (see "Query throughput" in the README), else 1.
+    # (two one-thread forwards side by side carry more than one two-thread forward), else 1.
     model_workers: int = Field(0, ge=0, le=64)
     # Server processes on one port (service/process/supervisor.py), each with its own event
     # loop, model workers and cache of task memories, all sharing the task store, the rate limits
     # and /metrics; the CPU threads are split between them. 0 = by device: 2 on a CPU with 2 or
-    # more cores (a process's event loop and model threads take turns at one GIL; two processes of
-    # one worker each carried about a third more 1-image requests than one process of two: README, "Query
-    # throughput"), 1 on a GPU (one process batches all requests on the one device).
+    # more cores (a process's event loop and model threads take turns at one GIL, which processes
+    # do not share), 1 on a GPU (one process batches all requests on the one device).
     processes: int = Field(0, ge=0, le=64)
     # Where query images are decoded: "model-thread" (just before their forward, one request after
     # another), "workers" (a thread pool, requests in parallel, all under the process's one GIL) or

@@ -40,9 +40,8 @@ then waits for at most the rest of one small forward before its own, so it keeps
 unloaded latency, at the cost of the throughput that larger forwards would have given. Where its
 forward would hold only its own images (the cost line leaves no room for more: one-image requests
 on a CPU, or requests of a whole forward), it is admitted only if it starts at once: queued behind
-a running forward it would wait that out for nothing, as no one else's images share its own (on
-2 CPU cores that wait doubled the admitted requests' median latency and carried about 2% more
-of them: README, "Query throughput"). A refused client is told to wait out the work ahead and,
+a running forward it would wait that out for nothing, as no one else's images share its own. A
+refused client is told to wait out the work ahead and,
 in overload mode, the crowd refused before it (`_retry_after`).
 """
 
@@ -62,7 +61,7 @@ from typing import Any, Generic, TypeVar
 
 from service.errors import ClientDisconnected, DeadlineExceeded, NotReady, Overloaded
 
-log = logging.getLogger("service.batcher")
+log = logging.getLogger("service.inference.batcher")
 # The longest Retry-After of a refusal: under Settings.keep_alive_s, so a client that waits one out
 # finds its keep-alive connection still open.
 RETRY_AFTER_MAX_S = 10
@@ -420,9 +419,9 @@ class Batcher(Generic[P, R]):
         That time is the work ahead, and in overload mode also the crowd's: the clients refused
         before this one and still waiting out their Retry-After come back first, and serving each
         of them once takes about one request's compute (`_request_images`, the mean request). Told
-        to come back after the work ahead alone, a crowd many forwards deep came back in bursts to
-        be refused again, and each burst's refusals held up the event loop that answers the
-        admitted requests (README, Query throughput: "Retry-After under overload")."""
+        to come back after the work ahead alone, a crowd many forwards deep comes back all at once
+        to be refused again, and those refusals hold up the event loop that answers the admitted
+        requests."""
         if not self.cost.known:
             ahead = 1.0
         else:

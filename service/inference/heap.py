@@ -11,11 +11,9 @@ im2col columns, per-query fast weights) must not go back to the OS after every c
 forward pays for fresh zeroed pages again. `retain(mb)` has glibc serve allocations of up to 32 MB
 from the heap (M_MMAP_THRESHOLD) and keep up to `mb` MB of freed heap (M_TRIM_THRESHOLD) until the
 idle `trim()`. Setting them also turns off glibc's own threshold adjustment, which adapts to some
-allocation orders and not others. Session 6, 32 clients of 32-image requests for 6-8 s: with
-glibc's defaults 13,000 to 16,000 page faults per request in 3 of 4 runs (62 in the fourth) and
-19 to 20 requests/s; with both thresholds set under 60 in 6 of 6 runs and 22.6 to 25 requests/s.
-Either setting alone did not help (12,000 faults with the mmap threshold alone, 54,000 with the
-trim threshold alone, which leaves every allocation over 128 KB to mmap).
+allocation orders and not others. Both are needed: the mmap threshold alone still returns the
+heap's top after each forward, and the trim threshold alone leaves every allocation over 128 KB
+to mmap.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ import functools
 import logging
 from collections.abc import Callable
 
-log = logging.getLogger("service.heap")
+log = logging.getLogger("service.inference.heap")
 
 
 @functools.cache

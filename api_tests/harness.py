@@ -172,7 +172,7 @@ class LeanClient:
     """One keep-alive HTTP/1.1 connection over asyncio streams, for load generators.
 
     httpx spends about a millisecond of CPU on each request, CPU that a server sharing the
-    machine's cores then lacks (docs/performance.md, "The load generator"). This client writes each
+    machine's cores then lacks. This client writes each
     request in one piece and reads the status line, the headers and a Content-Length or chunked
     body, nothing more. Plain http only; it reconnects after an error or a `Connection: close`.
     """

@@ -1,12 +1,11 @@
 """Dependencies of the route handlers, as `Annotated` aliases.
 
 The dependency functions are `async def` although none awaits: FastAPI runs a plain `def`
-dependency in its thread pool, a thread hop per dependency per request (they added up to a good
-share of the per-request CPU under load). Each takes the request itself, not another dependency:
-FastAPI solves a dependency's own dependencies recursively on every request, and the nesting of
-the classify route's (tasks, owner and deadline, each on the runtime) cost some 40 us a request
-of the event loop's time, a fifth of the framework's share. `runtime_of` and `owner_of` are their
-plain versions for code outside dependency injection."""
+dependency in its thread pool, a thread hop per dependency per request. Each takes the request
+itself, not another dependency: FastAPI solves a dependency's own dependencies again on every
+request, event-loop time that the classify routes feel (docs/performance.md, "The HTTP layer's
+cost per request"). `runtime_of` and `owner_of` are their plain versions for code outside
+dependency injection."""
 
 from __future__ import annotations
 
@@ -167,9 +166,9 @@ class LeanRoute(AdmittedRoute):
     JSON. Other endpoints get FastAPI's handler. The OpenAPI document still comes from the
     endpoint's signature.
 
-    Why: on the classify routes, FastAPI's handler (dependency solving, validating the returned
-    model again) was about a third of the event loop's time per one-image request; the loop's time
-    is a fifth of the server's CPU per request at concurrency 32 on 2 cores."""
+    Why: on the classify routes FastAPI's handler (dependency solving, validating the returned
+    model again) is a large share of the event loop's time per one-image request, time the model
+    threads wait for under load (docs/performance.md, "The HTTP layer's cost per request")."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         fastapis = super().get_route_handler()

@@ -379,7 +379,7 @@ def serving_shape(settings: Settings, device: torch.device, team: int) -> tuple[
     share them; a registration still runs on the whole team). On a CPU, one-thread forwards side by
     side on two workers carry more than one two-thread forward, and a one-thread torch forward of 32
     images costs less an image than one of 16 (onnxruntime's best are 8 to 16); on a GPU, one
-    worker and forwards of up to 256 (docs/performance.md, "Model workers and forward sizes")."""
+    worker and forwards of up to 256."""
     cpu = device.type == "cpu"
     share = max(1, team // max(1, settings.processes)) if cpu else team
     workers = settings.model_workers or (min(2, share) if cpu else 1)

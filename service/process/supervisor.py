@@ -1,8 +1,8 @@
 """Several server processes on one port (Settings.processes > 1).
 
 Within one process the event loop and the model threads share one GIL: every torch op of a forward
-hands it back and forth with the loop's Python, and on 2 cores about a fifth of the CPU went idle
-waiting for it (docs/performance.md, "Server processes"). Processes share nothing of that: the
+hands it back and forth with the loop's Python, and under load part of the CPU goes idle waiting
+for it. Processes share nothing of that: the
 supervisor reserves the port, starts `processes` copies of the service (spawned: each loads the
 model itself), each listening on that port with a socket of its own (SO_REUSEPORT), and the kernel
 spreads new connections over the listening ones by a hash of the client's address and port (one

@@ -25,7 +25,7 @@ def test_the_quick_run_measures_every_condition_uneven_set_calibration_and_digit
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert list(result["conditions"]) == [
-        "plain", "inverted polarity", "small in the frame (40%)", "off-centre (half size, corner)",
+        "plain", "inverted polarity", "small in the frame (40%)", "off-centre (half size in a corner)",
         "thick pen", "thin pen", "turned up to 15 degrees", "sent at 28x28", "mixed"]
     for row in result["conditions"].values():
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["ece"] <= 1 and 0 <= row["support_self"] <= 1

@@ -123,7 +123,7 @@ def sent_at_28(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 CONDITIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "plain": plain, "inverted polarity": inverted, "small in the frame (40%)": small,
-    "off-centre (half size, corner)": off_centre, "thick pen": thick_pen, "thin pen": thin_pen,
+    "off-centre (half size in a corner)": off_centre, "thick pen": thick_pen, "thin pen": thin_pen,
     "turned up to 15 degrees": turned, "sent at 28x28": sent_at_28,
 }
 

@@ -16,7 +16,7 @@
 #   WHEELS_DIR       a directory of the build context; when it holds wheels, everything is installed
 #                    from them with --no-index and the build needs no network (docker/wheels/README.md)
 #
-# Settings are METANET_* environment variables (README, "Configuration"): the image sets
+# Settings are METANET_* environment variables (docs/operations.md, "Settings"): the image sets
 # METANET_HOST=0.0.0.0, METANET_PORT=8000 and METANET_DATA_DIR=/data; pass others with `-e`
 # (API keys: METANET_API_KEYS, or METANET_API_KEYS_FILE naming a mounted file).
 

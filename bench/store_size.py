@@ -9,11 +9,11 @@ Writes `--tasks` synthetic tasks of each size (`WAYxSHOT`: the support set as th
 service's own stores, `RedisTaskStore` and `SqliteTaskStore`, one `add` a task as a registration
 does. Redis: the growth of `used_memory` (INFO memory) and, when the append-only file is on, of
 `aof_current_size` (INFO persistence), divided by the tasks; by default on a redis-server of its own
-with compose's command line (`--appendonly yes --appendfsync always`), on a free port, in a temporary
-directory. The tasks of one size are deleted before the next size is written; in a Redis given with
-`--redis-url` they have an owner of their own, and anything else written there meanwhile is counted
-too. SQLite: the growth of a new database file (after its close folds the write-ahead log in),
-divided by the tasks.
+with compose's command line (`--appendonly yes --appendfsync always`) and no automatic rewrite of
+the file, on a free port, in a temporary directory. The tasks of one size are deleted before the
+next size is written; in a Redis given with `--redis-url` they have an owner of their own, and
+anything else written there meanwhile is counted too. SQLite: the growth of a new database file
+(after its close folds the write-ahead log in), divided by the tasks.
 Writes bench/results/store-size-<date>.json and prints a markdown table.
 """
 
@@ -69,16 +69,23 @@ def synthetic_task(
     return info, support
 
 
-async def measure_redis(url: str, sizes: list[tuple[int, int]], n_tasks: int, seed: int) -> dict[str, Any]:
+async def measure_redis(
+    url: str, sizes: list[tuple[int, int]], n_tasks: int, seed: int, own: bool
+) -> dict[str, Any]:
     store, client = RedisTaskStore(url), redis.Redis.from_url(url)  # the client reads INFO
     await store.open()
+    if own:
+        # Redis rewrites the append-only file once it has doubled (past 64 MB), which would shrink
+        # it mid-count: what is measured is what a task adds to the file between rewrites.
+        await client.config_set("auto-aof-rewrite-percentage", 0)
     owner = "store-size-" + secrets.token_hex(8)  # apart from any other task in a Redis of yours
     rng = np.random.default_rng(seed)
 
-    async def readings() -> tuple[int, int | None]:
+    async def readings() -> tuple[int, int | None, int]:
         memory, persistence = await client.info("memory"), await client.info("persistence")
         aof = persistence.get("aof_current_size") if persistence.get("aof_enabled") else None
-        return int(memory["used_memory"]), None if aof is None else int(aof)
+        rewrites = int(persistence["aof_rewrites"]) + int(persistence["aof_rewrite_in_progress"])
+        return int(memory["used_memory"]), None if aof is None else int(aof), rewrites
 
     rows, written = {}, []
     try:
@@ -88,16 +95,17 @@ async def measure_redis(url: str, sizes: list[tuple[int, int]], n_tasks: int, se
             info, support = synthetic_task(owner, n_way, n_shot, rng)
             await store.add(info, support)
             await store.delete(owner, info.task_id)
-            memory_before, aof_before = await readings()
+            memory_before, aof_before, rewrites_before = await readings()
             for _ in range(n_tasks):
                 info, support = synthetic_task(owner, n_way, n_shot, rng)
                 await store.add(info, support)
                 written.append(info.task_id)
-            memory_after, aof_after = await readings()
+            memory_after, aof_after, rewrites_after = await readings()
+            counted = None not in (aof_before, aof_after) and rewrites_before == rewrites_after
             rows[f"{n_way}x{n_shot}"] = {
                 "used_memory_bytes_per_task": round((memory_after - memory_before) / n_tasks, 1),
-                "aof_bytes_per_task": None if aof_before is None or aof_after is None
-                else round((aof_after - aof_before) / n_tasks, 1),
+                # None: no append-only file, or Redis rewrote it meanwhile
+                "aof_bytes_per_task": round((aof_after - aof_before) / n_tasks, 1) if counted else None,
             }
             while written:
                 await store.delete(owner, written.pop())
@@ -156,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"{exc.msg}; or give --redis-url")
             url = redis_server.start().url
         try:
-            redis_part = asyncio.run(measure_redis(url, sizes, args.tasks, args.seed))
+            own = redis_server is not None
+            redis_part = asyncio.run(measure_redis(url, sizes, args.tasks, args.seed, own))
         finally:
             if redis_server is not None:
                 redis_server.stop()

@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": " ".join(["python", "bench/store_size.py", *words]),
               "date": str(dt.date.today()), "git_commit": git_commit(),
               "redis": "given by --redis-url" if args.redis_url else
-                       "started here with compose's command line (appendonly yes, appendfsync always)",
+                       "started here with compose's command line (appendonly yes, appendfsync always),"
+                       " no automatic rewrite of the append-only file",
               "redis_version": redis_part["redis_version"], "sqlite_version": sqlite_part["sqlite_version"],
               "tasks_per_size": args.tasks, "rows": rows}
 

@@ -9,8 +9,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
-from api_tests.helpers import QUERIES, assert_error, examples, png
+from api_tests.helpers import QUERIES, assert_error, b64, encode, examples, png
 
 CLEAN = ("circle", "cross", "triangle")
 
@@ -41,6 +42,36 @@ def test_an_image_of_the_support_set_is_more_similar_to_it_than_one_unlike_it(cl
     same, bar, scribble = (p["support_similarity"] for p in body["predictions"])
     assert same == pytest.approx(1.0, abs=1e-4)  # the support example itself
     assert same > bar and same > scribble
+
+
+def photos() -> list[str]:
+    """scikit-learn's two sample photographs (a temple, a flower), whole and a crop of each, as JPEG."""
+    from sklearn.datasets import load_sample_image
+
+    images = []
+    for name in ("china.jpg", "flower.jpg"):
+        pixels = load_sample_image(name)  # (427, 640, 3) uint8
+        for part in (pixels, pixels[100:300, 200:400]):
+            images.append(b64(encode(Image.fromarray(np.ascontiguousarray(part)).resize((320, 213)), "JPEG")))
+    return images
+
+
+def test_a_photo_gets_a_label_and_a_confidence_and_on_average_less_similarity_than_a_drawing(
+    client: httpx.Client, sentinel
+) -> None:
+    task = sentinel.tasks[0]  # circle, cross, triangle, as drawn by `glyph`
+    drawings = [png(kind, stroke=stroke, size=size, shift=(4, -3))
+                for kind in task["labels"] for stroke, size in ((5, 105), (8, 80))]
+    body = client.post(f"/v1/tasks/{task['task_id']}/classify",
+                       json={"images": drawings + photos()}).json()
+    drawn, photographed = body["predictions"][:len(drawings)], body["predictions"][len(drawings):]
+    # Probabilities sum to 1 over the task's labels: a photo gets one of them, with a confidence.
+    for prediction in photographed:
+        assert prediction["label"] in task["labels"] and 1 / 3 <= prediction["confidence"] <= 1
+    assert [p["label"] for p in drawn] == [kind for kind in task["labels"] for _ in range(2)]
+    # Lower on average, not one by one: a thin or odd drawing can score below a photo.
+    assert np.mean([p["support_similarity"] for p in photographed]) < np.mean(
+        [p["support_similarity"] for p in drawn])
 
 
 # ---------------------------------------------------------------------------- min_confidence

@@ -20,7 +20,7 @@ from api_tests.helpers import GLYPHS, Server, examples, metrics, png, running
 KINDS = list(GLYPHS)
 QUERY = [png(KINDS[0], shift=(2, -1), stroke=5)]
 CROWD = 40
-RETRY_AFTER_MAX_S = 10  # the longest Retry-After of a full model queue (README, Configuration)
+RETRY_AFTER_MAX_S = 10  # the longest Retry-After of a full model queue (docs/operations.md, Overload)
 
 
 @pytest.fixture(scope="module")

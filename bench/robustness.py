@@ -139,7 +139,7 @@ def mixed(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-FRAMING = {"box": 20, "centre": "box"}  # canonical's framing; --box and --centre compare others
+FRAMING = {"box": 20, "centre": "mass"}  # canonical's framing; --box and --centre compare others
 
 
 def framed(greys: np.ndarray) -> np.ndarray:
@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="which conditions to run, comma-separated (default: all)")
     parser.add_argument("--box", type=int, default=20,
                         help="framing: the glyph box's side in the 28-pixel input, to compare framings (20)")
-    parser.add_argument("--centre", choices=("box", "mass"), default="box",
-                        help="framing: centre the glyph by its box or by its ink's mass (box)")
+    parser.add_argument("--centre", choices=("box", "mass"), default="mass",
+                        help="framing: centre the glyph by its ink's mass or by its box (mass)")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     conditions = [c for c in args.conditions.split(",") if c]

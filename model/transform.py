@@ -7,18 +7,19 @@ image, where the glyph sits in it, how large it is drawn and which polarity it h
 1. `ink_maps`: grey levels of either polarity -> ink = 1 on background 0 (the paper is the median
    of the image's border; the ink is stretched to the darkest, or brightest, stroke).
 2. `frame`: the glyph's bounding box (pixels of at least `INK_THRESHOLD` of the image's strongest
-   ink) is scaled, aspect ratio
-   kept, so its longer side spans `BOX` of the `size` pixels of the output, and centred in it by the
-   box's centre; each output pixel is the area mean of the source pixels it covers (exact box
-   filtering, so thin strokes survive a large reduction and a small glyph is enlarged without
-   holes). Nothing of the source is cropped but what lies beyond the output's margin.
+   ink) is scaled, aspect ratio kept, so its longer side spans `BOX` of the `size` pixels of the
+   output, and the glyph is centred in it by its ink's centre of mass; each output pixel is the
+   area mean of the source pixels it covers (exact box filtering, so thin strokes survive a large
+   reduction and a small glyph is enlarged without holes). Nothing of the source is cropped but
+   what falls beyond the output's edge.
 
-Why these choices (measured with `python bench/robustness.py`, see docs/model.md):
-- `BOX = 20` of 28: Omniglot's glyphs span a median 72 of their 105 pixels (0.69 of the frame),
-  which the old frame-filling shrink mapped to 19 pixels, so weights trained on it transfer; the
-  4-pixel margin keeps strokes off the edge, where the 3x3 convolutions see padding.
-- Centred by the box rather than by the ink's mass: a box centre never moves a glyph out of the
-  frame, and it is one stable number, where a stroke's weight would pull a glyph to one side.
+Why these choices (docs/model.md, "Input framing", has the figures and the commands):
+- `BOX = 20` of 28: Omniglot's glyphs span a median 72 of their 105 pixels, which weights trained
+  without this framing saw as about 19 pixels; a box of 20 served those weights best (16 and 24
+  did worse) and leaves a margin that keeps strokes off the edge, where the convolutions see
+  padding.
+- Centred by the ink's mass rather than the box's middle: a little better in the same
+  comparison, as for MNIST's framing.
 - No stroke-width normalisation: the pen is left as drawn and training varies it (model.augment).
 
 Works on numpy arrays (the service, which keeps torch off its request threads) and on torch
@@ -37,17 +38,17 @@ BOX = 20
 INK_THRESHOLD = 0.5
 
 
-def canonical(greys: np.ndarray, size: int = SIZE, box: int = BOX, centre: str = "box") -> np.ndarray:
+def canonical(greys: np.ndarray, size: int = SIZE, box: int = BOX, centre: str = "mass") -> np.ndarray:
     """Grey levels (n, H, W) of either polarity -> model inputs (n, size, size) float32."""
     return frame(ink_maps(greys), size, box, centre)
 
 
-def frame(ink: Any, size: int = SIZE, box: int = BOX, centre: str = "box") -> Any:
+def frame(ink: Any, size: int = SIZE, box: int = BOX, centre: str = "mass") -> Any:
     """Ink maps (n, H, W) in [0, 1], numpy or torch -> (n, size, size) of the same kind.
 
-    Blank images (no ink at the threshold) come back all background. `centre` "mass" centres the
-    glyph by its ink's centre of mass instead of its box's centre (the alternative the robustness
-    benchmark compares, `--centre mass`).
+    Blank images (no ink at the threshold) come back all background. `centre` "box" centres the
+    glyph by its bounding box instead of its ink's centre of mass (the alternative the robustness
+    benchmark compares, `--centre box`).
     """
     if centre not in ("box", "mass"):
         raise ValueError(f"centre must be 'box' or 'mass', got {centre!r}")

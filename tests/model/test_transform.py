@@ -107,11 +107,11 @@ def test_frame_refuses_what_is_not_an_array():
         frame([[0.0]])
 
 
-def test_centring_by_mass_puts_the_inks_centre_of_mass_in_the_middle():
+def test_the_inks_centre_of_mass_lands_in_the_middle_where_the_boxs_would_not():
     ink = np.zeros((1, 60, 60), dtype=np.float32)
     ink[0, 10:50, 10:14] = 1.0  # a heavy bar on the left
     ink[0, 29:31, 14:40] = 1.0  # a thin arm to the right: the box's centre is at column 25
-    by_box, by_mass = frame(ink)[0], frame(ink, centre="mass")[0]
+    by_box, by_mass = frame(ink, centre="box")[0], frame(ink)[0]
     columns = np.arange(28) + 0.5
     assert abs((by_box.sum(0) * columns).sum() / by_box.sum() - 14) > 2
     assert (by_mass.sum(0) * columns).sum() / by_mass.sum() == pytest.approx(14, abs=0.1)

@@ -162,7 +162,8 @@ def test_the_representation_loss_head_applies_a_relu_only_with_aux_relu(tiny_spl
     for i in range(3):
         want = _u_gradient_by_hand(model, ep.support_x[i], int(ep.support_y[i]), 3, relu=aux_relu)
         other = _u_gradient_by_hand(model, ep.support_x[i], int(ep.support_y[i]), 3, relu=not aux_relu)
-        torch.testing.assert_close(grads_u[i], want, rtol=1e-4, atol=1e-7)
+        # float32 sums in another order: an absolute slack of 1e-5 of the gradient's largest entry
+        torch.testing.assert_close(grads_u[i], want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
         assert not torch.allclose(grads_u[i], other, rtol=1e-3, atol=1e-7)
 
 

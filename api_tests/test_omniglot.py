@@ -21,8 +21,8 @@ from api_tests.helpers import b64, encode
 
 N_TASKS, WAY, QUERIES_PER_CLASS, BATCH = 10, 20, 5, 50
 MIN_ACCURACY = 0.90
-MIN_FRAMED_ACCURACY = 0.85  # a glyph at 40% of its frame, centred or in a corner
-MIN_UNEVEN_ACCURACY = 0.88  # 5-way: the one-shot classes beside a class of 3 examples
+MIN_FRAMED_ACCURACY = 0.88  # a glyph at 40% of its frame, centred or in a corner
+MIN_UNEVEN_ACCURACY = 0.93  # 5-way: the one-shot classes beside a class of 3 examples
 
 
 def evaluation_ink() -> np.ndarray:

@@ -700,5 +700,6 @@ def _rows(requests: Sequence[int], bounds: Sequence[int], device: torch.device) 
 
 
 def _cosine(r: Tensor, R: Tensor) -> Tensor:
-    """(n, d) x (N, d) -> (n, N) cosine similarities."""
-    return F.normalize(r, dim=-1, eps=1e-8) @ F.normalize(R, dim=-1, eps=1e-8).T
+    """(n, d) x (N, d) -> (n, N) cosine similarities, clamped to [-1, 1] (float32 rounding puts a
+    vector's cosine to itself a few ulps past 1)."""
+    return (F.normalize(r, dim=-1, eps=1e-8) @ F.normalize(R, dim=-1, eps=1e-8).T).clamp(-1.0, 1.0)

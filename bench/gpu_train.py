@@ -16,7 +16,8 @@ Phases, in order, each inside the limit (--limit-minutes, from the start of this
    checkpoint, never written to) or, with --from-scratch, a new run of the named preset
    (model.config.PRESETS); validations keep the best weights in best/;
 4. `metanet evaluate` at each --eval-ways, one-shot, --eval-episodes (seed 0, 5 queries a class,
-   the evaluation alphabets), on best/, fewer episodes if the time left needs it (the record says);
+   the evaluation alphabets, or the 423 test characters for a run on the 1,200 / 423 split:
+   `--preset paper-1200`), on best/, fewer episodes if the time left needs it (the record says);
 5. the archive, in --out (default $OUT): run.tar.gz (last/: weights, Adam and RNG state, which
    `metanet train --resume` continues; best/; history.jsonl; train_config.json; curve.png),
    gpu-train-<date>-<device>.json (device, recipe, timings, training state, evaluations),
@@ -50,7 +51,7 @@ sys.path.insert(0, str(REPO))
 from bench import train_throughput  # noqa: E402  (run as a script: the repository first)
 from model.checkpoint import load_model  # noqa: E402
 from model.config import PRESETS, TrainConfig  # noqa: E402
-from model.data import EpisodeSampler, OmniglotSplit, load_split, train_val_split  # noqa: E402
+from model.data import EpisodeSampler, OmniglotSplit, scoring_split, training_splits  # noqa: E402
 from model.evaluate import evaluate  # noqa: E402
 from model.metanet import MetaNet  # noqa: E402
 from model.train import augment_of, batched_loss_fn, is_batched, train, train_step  # noqa: E402
@@ -236,13 +237,13 @@ def run_evaluations(args: argparse.Namespace, weights: Path, deadline: float) ->
     """One-shot accuracy of `weights` at each --eval-ways, as `metanet evaluate --seed 0` gives it,
     over as many of --eval-episodes as the time left allows (the first 10 time an episode)."""
     model = load_model(weights, args.device)
-    test = load_split(args.data_dir, "evaluation", model.config.image_size)
+    test = scoring_split(args.data_dir, args.split, model.config.image_size)
     results = []
     for i, way in enumerate(args.eval_way_list):
         share = (deadline - time.monotonic()) / (len(args.eval_way_list) - i)
         if way > min(model.max_way, len(test.images)):
             results.append({"way": way, "shot": 1, "skipped": f"above the weights' max_way {model.max_way} "
-                            f"or the {len(test.images)} evaluation characters"})
+                            f"or the {len(test.images)} test characters"})
             continue
         if share < EVAL_SHARE_MIN_SECONDS:
             results.append({"way": way, "shot": 1, "skipped": "out of time"})
@@ -306,7 +307,8 @@ def _main(args: argparse.Namespace, started: float, deadline: float) -> int:
         record["first_step"] = json.loads((run / "last" / "state.json").read_text())["step"]
         record["start"] = f"resumed from {args.resume_from} at step {record['first_step']}"
     cfg = recipe(args, run)
-    splits = train_val_split(load_split(args.data_dir, "background", cfg.model.image_size))
+    args.split = record["split"] = cfg.split
+    splits = training_splits(args.data_dir, cfg.split, cfg.model.image_size)
     t = phase_done("load", t)
     cfg, record["probe_notes"] = probe(cfg, splits[0], args.device)
     t = phase_done("probe", t)

@@ -6,6 +6,7 @@ episode sampler (uneven shots and augmentation included).
 from __future__ import annotations
 
 import io
+import json
 import os
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,12 @@ from model.transform import frame
 
 DATA_DIR_ENV = "METANET_OMNIGLOT_DIR"
 SPLITS = ("background", "evaluation")
+# How training and testing divide Omniglot: "background" trains on the background set less the
+# validation alphabets (`train_val_split`) and tests on the evaluation set; "1200" is the split of
+# the paper's headline figures, 1,200 characters to train and validate on and 423 to test on
+# (`paper_split`).
+TRAINING_SPLITS = ("background", "1200")
+PAPER_SPLIT_FILE = Path(__file__).resolve().parent / "splits" / "omniglot-1200-423.json"
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,20 @@ class OmniglotSplit:
         mask = mask if keep else ~mask
         raw = None if self.raw is None else self.raw[mask]
         return OmniglotSplit(self.images[mask], self.alphabet[mask], self.character[mask], raw)
+
+    def select_characters(self, names: set[tuple[str, str]], keep: bool = True) -> OmniglotSplit:
+        """The characters named (alphabet, character), in this split's order (keep=False: the others)."""
+        mask = np.array([(a, c) in names for a, c in zip(self.alphabet, self.character, strict=True)], bool)
+        mask = mask if keep else ~mask
+        raw = None if self.raw is None else self.raw[mask]
+        return OmniglotSplit(self.images[mask], self.alphabet[mask], self.character[mask], raw)
+
+    @staticmethod
+    def concatenate(first: OmniglotSplit, second: OmniglotSplit) -> OmniglotSplit:
+        raw = None if first.raw is None or second.raw is None else np.concatenate([first.raw, second.raw])
+        return OmniglotSplit(np.concatenate([first.images, second.images]),
+                             np.concatenate([first.alphabet, second.alphabet]),
+                             np.concatenate([first.character, second.character]), raw)
 
     @property
     def alphabets(self) -> list[str]:
@@ -152,6 +173,46 @@ def train_val_split(
     step = max(1, len(names) // max(1, n_val))
     val = set(names[step - 1 :: step][:n_val]) if n_val > 0 else set()
     return background.select_alphabets(val, keep=False), background.select_alphabets(val)
+
+
+def paper_split(data_dir: str | os.PathLike[str] | None, size: int = 28) -> dict[str, OmniglotSplit]:
+    """Omniglot's 1,200 / 423 character split (Vinyals et al., 2016; the lists, with their source,
+    in `PAPER_SPLIT_FILE`): {"train": 1,028 characters, "val": 172, "test": 423} of the background
+    and evaluation sets together."""
+    listed = json.loads(PAPER_SPLIT_FILE.read_text())
+    names = {part: {(a, c) for a, chars in listed[part].items() for c in chars} for part in ("val", "test")}
+    every = OmniglotSplit.concatenate(load_split(data_dir, "background", size),
+                                      load_split(data_dir, "evaluation", size))
+    found = {(a, c) for a, c in zip(every.alphabet, every.character, strict=True)}
+    missing = (names["val"] | names["test"]) - found
+    if missing:
+        raise FileNotFoundError(f"the 1,200 / 423 split names {len(missing)} characters the data set lacks, "
+                                f"e.g. {'/'.join(sorted(missing)[0])}")
+    return {"train": every.select_characters(names["val"] | names["test"], keep=False),
+            "val": every.select_characters(names["val"]), "test": every.select_characters(names["test"])}
+
+
+def training_splits(
+    data_dir: str | os.PathLike[str] | None, split: str = "background", size: int = 28
+) -> tuple[OmniglotSplit, OmniglotSplit]:
+    """(train, validation) characters of one of `TRAINING_SPLITS`."""
+    if split == "background":
+        return train_val_split(load_split(data_dir, "background", size))
+    if split == "1200":
+        parts = paper_split(data_dir, size)
+        return parts["train"], parts["val"]
+    raise ValueError(f"split must be one of {TRAINING_SPLITS}, got {split!r}")
+
+
+def scoring_split(
+    data_dir: str | os.PathLike[str] | None, split: str = "background", size: int = 28
+) -> OmniglotSplit:
+    """The characters a model trained on `split` is scored on: the evaluation set, or the 423."""
+    if split == "background":
+        return load_split(data_dir, "evaluation", size)
+    if split == "1200":
+        return paper_split(data_dir, size)["test"]
+    raise ValueError(f"split must be one of {TRAINING_SPLITS}, got {split!r}")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from model.augment import Augment
 from model.checkpoint import WEIGHTS_FILE, _atomic, load_model, save_weights
 from model.config import TrainConfig
-from model.data import EpisodeSampler, OmniglotSplit, load_split, train_val_split
+from model.data import EpisodeSampler, OmniglotSplit, training_splits
 from model.evaluate import evaluate
 from model.metanet import MetaNet, read_batched
 
@@ -155,7 +155,7 @@ def train(
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     augment = augment_of(cfg)  # built before the data is read: bad settings are refused at once
-    train_split, val_split = splits or train_val_split(load_split(data_dir, "background"))
+    train_split, val_split = splits or training_splits(data_dir, cfg.split)
     sampler = EpisodeSampler(train_split, rotate=cfg.rotate, device=device, augment=augment)
 
     model = MetaNet(cfg.model).to(device)
@@ -166,7 +166,8 @@ def train(
         before = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
         if before.lr != cfg.lr:  # a new rate asked for: it starts now
             state.lr, state.improved_step = cfg.lr, state.step
-        if (before.val_ways, before.val_episodes) != (cfg.val_ways, cfg.val_episodes):
+        validation = ("val_ways", "val_episodes", "split")
+        if any(getattr(before, k) != getattr(cfg, k) for k in validation):
             state.best_val, state.improved_step = -1.0, state.step  # scores no longer compare
     else:
         (run / "history.jsonl").write_text("")

@@ -56,3 +56,14 @@ def test_train_config_defaults_follow_the_authors_recipe():
     cfg = TrainConfig()
     assert (cfg.lr, cfg.betas, cfg.grad_clip) == (1e-3, (0.9, 0.999), 10.0)
     assert cfg.model == MetaNetConfig() and cfg.model.n_chunks == 5
+
+
+def test_train_config_names_its_characters_split_and_the_1200_preset_trains_as_the_paper():
+    from model.config import PRESETS
+
+    assert TrainConfig().split == "background"
+    with pytest.raises(ValueError, match="split must be 'background' or '1200'"):
+        TrainConfig(split="evaluation")
+    paper, on_1200 = PRESETS["paper"], PRESETS["paper-1200"]
+    assert on_1200.split == "1200" and (on_1200.augment_prob, on_1200.uneven_prob) == (0.0, 0.0)
+    assert (on_1200.lr, on_1200.lr_patience, on_1200.model) == (paper.lr, paper.lr_patience, paper.model)

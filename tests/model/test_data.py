@@ -5,6 +5,8 @@ synthetic drawings built here.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,10 @@ from model.data import (
     OmniglotSplit,
     frame_drawings,
     load_split,
+    paper_split,
+    scoring_split,
     train_val_split,
+    training_splits,
 )
 from model.transform import frame
 from tests.model.omniglot_fixtures import (
@@ -261,3 +266,33 @@ def test_the_plain_drawings_of_an_augmenting_sampler_are_the_framed_ones(drawn_s
     torch.testing.assert_close(ep.support_x, plain.support_x, atol=1e-5, rtol=0)  # torch vs numpy
     torch.testing.assert_close(frame(torch.from_numpy(drawn_split.raw[0, :2]).float()),
                                torch.from_numpy(drawn_split.images[0, :2]), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- the 1,200 / 423 split
+
+
+def test_the_1200_423_split_refuses_a_data_set_without_its_characters(layouts, tmp_path, drawings):
+    alphabets, characters = layout_names(N_ALPHABETS, CHARS_PER_ALPHABET)
+    for split in ("background", "evaluation"):
+        write_npz(tmp_path / f"omniglot_{split}.npz", drawings, alphabets, characters)
+    with pytest.raises(FileNotFoundError, match="names 595 characters the data set lacks"):
+        paper_split(tmp_path)
+    with pytest.raises(ValueError, match="split must be one of"):
+        training_splits(tmp_path, "1623")
+
+
+def test_the_1200_423_split_of_the_real_data_set_trains_on_1028_validates_on_172_tests_on_423():
+    if not os.environ.get(DATA_DIR_ENV):
+        pytest.fail(f"set {DATA_DIR_ENV} to the Omniglot directory")
+    parts = paper_split(None)
+    names = {k: set(zip(v.alphabet.tolist(), v.character.tolist(), strict=True)) for k, v in parts.items()}
+    assert [len(names[k]) for k in ("train", "val", "test")] == [1028, 172, 423]
+    assert len(names["train"] | names["val"] | names["test"]) == 1623  # disjoint, all of Omniglot
+    assert parts["val"].alphabets == ["Armenian", "Bengali", "Early_Aramaic", "Hebrew",
+                                      "Mkhedruli_(Georgian)"]
+    assert ("Gurmukhi", "character42") in names["test"] and ("Gurmukhi", "character41") in names["train"]
+    assert parts["test"].raw is not None and parts["test"].images.shape[1:] == (20, 28, 28)
+    train, val = training_splits(None, "1200")
+    assert np.array_equal(train.character, parts["train"].character) and np.array_equal(val.alphabet,
+                                                                                      parts["val"].alphabet)
+    assert np.array_equal(scoring_split(None, "1200").images, parts["test"].images)

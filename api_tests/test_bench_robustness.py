@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from api_tests.helpers import REPO
@@ -44,7 +45,34 @@ def test_the_quick_run_measures_every_condition_uneven_set_calibration_and_digit
 @pytest.mark.parametrize(("args", "named"), [
     (["--episodes", "1"], "--episodes must be at least 2"),
     (["--way", "51"], "--way must be 2 to 50"),
+    (["--stroke", "bold"], "--stroke: invalid choice"),
 ])
 def test_nonsense_arguments_are_refused_with_the_reason(args: list[str], named: str, tmp_path: Path) -> None:
     run = robustness(*args, "--out", str(tmp_path / "never.json"))
     assert run.returncode == 2 and named in run.stderr
+
+
+def l_shape(side: int, stroke: int) -> np.ndarray:
+    """An L of the given stroke width, 2/3 of a side x side frame long, ink = 1."""
+    ink = np.zeros((side, side), np.float32)
+    top, left, length = side // 10, side // 5, 2 * side // 3
+    ink[top : top + length, left : left + stroke] = 1
+    ink[top + length - stroke : top + length, left : left + length] = 1
+    return ink
+
+
+def test_stroke_normalisation_erodes_a_wide_pen_to_omniglots_width_and_leaves_a_thin_one(monkeypatch) -> None:
+    from bench import robustness as bench
+
+    monkeypatch.setattr(bench, "STROKE_TO_EXTENT", [0.1])  # Omniglot's median is about 0.105
+    wide, thin = l_shape(105, 12), l_shape(105, 3)
+    width_before, extent, _ = bench._stroke(wide.astype(bool))
+    width_after, _, _ = bench._stroke(bench.thinned_to_omniglot(wide)[0].astype(bool))
+    assert width_before > 1.5 * 0.1 * extent and width_after <= 0.1 * extent + 2
+    np.testing.assert_array_equal(bench.thinned_to_omniglot(thin)[0], thin)
+    # A glyph sent small is enlarged to Omniglot's size first, then eroded the same way.
+    small = bench.thinned_to_omniglot(l_shape(32, 4))[0]
+    assert small.shape == (96, 96)
+    width_before, extent, _ = bench._stroke(l_shape(96, 12).astype(bool))  # the L enlarged 3 times
+    width_after, _, _ = bench._stroke(small.astype(bool))
+    assert width_before > 1.5 * 0.1 * extent and width_after <= 0.1 * extent + 2

@@ -68,7 +68,7 @@ def test_a_task_goes_through_its_life_cycle(metanet: MetaNetClient, support_file
             break
     assert paged == every
 
-    # Two shots, as every other label has: with one shot against three, a shifted bar reads as a circle.
+    # A new label with two shots, as every other label has.
     more = [("bar", glyph("bar")), ("bar", glyph("bar", shift=(4, 4)))]
     grown = metanet.add_examples(task.task_id, more)
     assert grown.labels == (*SHAPES, "bar") and grown.n_examples == 8 and grown.shots["bar"] == 2

@@ -60,6 +60,17 @@ def classify_all(client: httpx.Client, task_id: str, images: list[str]) -> list[
     return labels
 
 
+def answers(client: httpx.Client, name: str, support: list[tuple[str, str]], queries: list[str]) -> list[str]:
+    """Register a task of (label, png) examples, classify the query PNGs, delete it: the labels."""
+    response = client.post("/v1/tasks", json={
+        "name": name, "examples": [{"label": label, "image": png} for label, png in support]})
+    assert response.status_code == 201, response.text
+    task_id = response.json()["task_id"]
+    predicted = classify_all(client, task_id, queries)
+    assert client.delete(f"/v1/tasks/{task_id}").status_code == 204
+    return predicted
+
+
 def one_shot_accuracy(client: httpx.Client, to_png, seed: int, n_tasks: int = N_TASKS) -> float:
     """20-way one-shot tasks registered and queried through the API, every image made by to_png."""
     ink = evaluation_ink()
@@ -69,17 +80,12 @@ def one_shot_accuracy(client: httpx.Client, to_png, seed: int, n_tasks: int = N_
         chars = rng.choice(len(ink), size=WAY, replace=False)
         drawings = np.stack([rng.permutation(ink.shape[1])[: 1 + QUERIES_PER_CLASS] for _ in chars])
         labels = [f"char-{c}" for c in chars]
-        support = [{"label": label, "image": to_png(ink[c, d[0]])}
-                   for label, c, d in zip(labels, chars, drawings, strict=True)]
-        response = client.post("/v1/tasks", json={"name": f"omniglot-{t}", "examples": support})
-        assert response.status_code == 201, response.text
-        task_id = response.json()["task_id"]
+        support = [(label, to_png(ink[c, d[0]])) for label, c, d in zip(labels, chars, drawings, strict=True)]
         truth = [label for label, d in zip(labels, drawings, strict=True) for _ in d[1:]]
         queries = [to_png(ink[c, j]) for c, d in zip(chars, drawings, strict=True) for j in d[1:]]
-        predicted = classify_all(client, task_id, queries)
+        predicted = answers(client, f"omniglot-{t}", support, queries)
         correct += sum(p == label for p, label in zip(predicted, truth, strict=True))
         total += len(truth)
-        assert client.delete(f"/v1/tasks/{task_id}").status_code == 204
     return correct / total
 
 
@@ -115,21 +121,17 @@ def test_a_class_with_more_examples_does_not_take_the_other_classes_answers(clie
         chars = rng.choice(len(ink), size=way, replace=False)
         drawings = [rng.permutation(ink.shape[1]) for _ in chars]
         labels = [f"char-{c}" for c in chars]
-        support = [{"label": labels[k], "image": as_png(ink[c, j])}
+        support = [(labels[k], as_png(ink[c, j]))
                    for k, (c, d) in enumerate(zip(chars, drawings, strict=True))
                    for j in d[: heavy if k == 0 else 1]]
-        response = client.post("/v1/tasks", json={"name": f"uneven-{t}", "examples": support})
-        assert response.status_code == 201, response.text
-        task_id = response.json()["task_id"]
         # queries of the one-shot classes only: the drawings after the heavy class's examples
         truth = [labels[k] for k in range(1, way) for _ in range(queries)]
         images = [as_png(ink[chars[k], j])
                   for k in range(1, way) for j in drawings[k][heavy : heavy + queries]]
-        predicted = classify_all(client, task_id, images)
+        predicted = answers(client, f"uneven-{t}", support, images)
         correct += sum(p == label for p, label in zip(predicted, truth, strict=True))
         to_heavy += sum(p == labels[0] for p in predicted)
         total += len(truth)
-        assert client.delete(f"/v1/tasks/{task_id}").status_code == 204
     accuracy, heavy_share = correct / total, to_heavy / total
     print(f"\n5-way, one class of {heavy}: one-shot classes' accuracy {accuracy:.3f}, "
           f"answered as the heavy class {heavy_share:.3f}")

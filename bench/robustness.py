@@ -3,6 +3,7 @@
     python bench/robustness.py                          # the full run (about an hour on 2 cores)
     python bench/robustness.py --quick                  # a smoke run of every part (a minute)
     python bench/robustness.py --weights DIR --episodes 300 --out FILE.json
+    python bench/robustness.py --parts conditions,digits --stroke normalised   # another framing
 
 Every image goes through `model.transform.canonical`, the transform the service applies to what
 it receives, as 8-bit grey images a client would send (dark ink on light paper unless a condition
@@ -21,6 +22,9 @@ says otherwise). Parts, each on the same seeded episodes for every setting it co
   (`MetaNet.check_support`): false alarms, since Omniglot's support sets are sound.
 - digits: 10-way 1-shot on scikit-learn's 8x8 handwritten digits, upscaled to 32x32 as a user
   would send them (light ink on dark), one support image a digit and 10 queries.
+
+`--box`, `--centre` and `--stroke` measure framings other than canonical's on the same tasks:
+docs/model.md's "Input framing" chose canonical's with them.
 
 Writes bench/results/robustness-<date>-<model version>.json (or --out) and prints a table.
 """
@@ -47,7 +51,7 @@ from model.calibrate import TaskKind, expected_calibration_error, sample_task  #
 from model.checkpoint import load_model  # noqa: E402
 from model.data import load_split  # noqa: E402
 from model.metanet import MetaNet  # noqa: E402
-from model.transform import canonical  # noqa: E402
+from model.transform import canonical, frame, ink_maps  # noqa: E402
 
 QUERIES = 5  # queries per class of an Omniglot task
 PARTS = ("conditions", "uneven", "calibration", "digits")
@@ -139,11 +143,56 @@ def mixed(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-FRAMING = {"box": 20, "centre": "mass"}  # canonical's framing; --box and --centre compare others
+# canonical's framing; --box, --centre and --stroke compare others
+FRAMING: dict[str, Any] = {"box": 20, "centre": "mass", "stroke": "as drawn"}
 
 
 def framed(greys: np.ndarray) -> np.ndarray:
+    if FRAMING["stroke"] == "normalised":
+        return np.stack([frame(thinned_to_omniglot(ink), box=FRAMING["box"], centre=FRAMING["centre"])[0]
+                         for ink in ink_maps(greys)])
     return canonical(greys, box=FRAMING["box"], centre=FRAMING["centre"])
+
+
+# --stroke normalised: the alternative to leaving the pen as drawn. Strokes wider, for the glyph's
+# size, than Omniglot's median are eroded to it (a glyph under OMNIGLOT_EXTENT pixels is first
+# enlarged to about that, so an erosion by whole pixels is fine enough). Width is 4 x the mean
+# distance of an ink pixel to the paper (a flat stroke of width w: w / 4).
+OMNIGLOT_EXTENT = 72  # a drawing's median longer side in Omniglot's 105x105 frame
+STROKE_TO_EXTENT: list[float] = []  # Omniglot's median width / longer side, measured at start
+
+
+def _stroke(mask: np.ndarray) -> tuple[float, int, np.ndarray]:
+    """(stroke width, longer side, distance to the paper) of a glyph's ink mask."""
+    from scipy import ndimage
+
+    rows, cols = np.nonzero(mask)
+    distance = ndimage.distance_transform_edt(mask)
+    return 4 * float(distance[mask].mean()), int(max(np.ptp(rows), np.ptp(cols)) + 1), distance
+
+
+def measure_omniglot_stroke(raw: np.ndarray, seed: int, n: int = 1500) -> float:
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for c, d in zip(rng.integers(0, raw.shape[0], n), rng.integers(0, raw.shape[1], n), strict=True):
+        width, extent, _ = _stroke(raw[c, d].astype(bool))
+        ratios.append(width / extent)
+    return float(np.median(ratios))
+
+
+def thinned_to_omniglot(ink: np.ndarray) -> np.ndarray:
+    """One ink map (H, W) -> (1, H', W') binary ink, its strokes no wider than Omniglot's."""
+    mask = ink >= 0.5 * ink.max()
+    if not mask.any():
+        return ink[None]
+    _, extent, _ = _stroke(mask)
+    scale = max(1, round(OMNIGLOT_EXTENT / extent))
+    if scale > 1:
+        big = Image.fromarray(ink).resize((ink.shape[1] * scale, ink.shape[0] * scale), Image.BILINEAR)
+        mask = np.asarray(big) >= 0.5 * ink.max()
+    width, extent, distance = _stroke(mask)
+    excess = int((width - STROKE_TO_EXTENT[0] * extent) // 2)
+    return (mask & (distance > excess) if excess >= 1 else mask)[None].astype(np.float32)
 
 
 def model_inputs(condition: str, ink: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -300,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="framing: the glyph box's side in the 28-pixel input, to compare framings (20)")
     parser.add_argument("--centre", choices=("box", "mass"), default="mass",
                         help="framing: centre the glyph by its ink's mass or by its box (mass)")
+    parser.add_argument("--stroke", choices=("as drawn", "normalised"), default="as drawn",
+                        help="framing: leave strokes as drawn, or erode those wider than Omniglot's "
+                             "to its width (as drawn)")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     conditions = [c for c in args.conditions.split(",") if c]
@@ -309,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--conditions takes some of {', '.join([*CONDITIONS, 'mixed'])}")
     if not 4 <= args.box <= 28:
         parser.error("--box must be 4 to 28")
-    FRAMING.update(box=args.box, centre=args.centre)
+    FRAMING.update(box=args.box, centre=args.centre, stroke=args.stroke)
     heavies = (2, 3, 5)
     if args.quick:
         args.episodes, args.way, heavies = 2, 5, (3,)
@@ -321,10 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.weights)
     evaluation = load_split(args.data_dir, "evaluation")
     assert evaluation.raw is not None
+    if args.stroke == "normalised":
+        STROKE_TO_EXTENT[:] = [measure_omniglot_stroke(evaluation.raw, args.seed)]
+        FRAMING["stroke_to_extent"] = round(STROKE_TO_EXTENT[0], 4)
     command = "python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result: dict[str, Any] = {
         "command": command.strip(), "commit": git_commit(), "model_version": model.version,
-        "temperature": float(model.temperature), "date": dt.date.today().isoformat(),
+        "temperatures": {str(w): round(float(model.temperature[w]), 4) for w in sorted({args.way, 5, 10})},
+        "date": dt.date.today().isoformat(),
         "episodes": args.episodes, "way": args.way, "seed": args.seed, "framing": dict(FRAMING),
     }
     if "conditions" in parts:

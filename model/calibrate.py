@@ -1,12 +1,18 @@
-"""Calibrated confidence: a temperature for the query softmax, fitted on held-out alphabets.
+"""Calibrated confidence: temperatures for the query softmax, fitted on held-out alphabets.
 
 A few-shot model's softmax is not a probability until it is calibrated: trained to put its answer
 first, MetaNet says 0.999 on answers that are right nine times in ten. Temperature scaling (Guo et
-al., ICML 2017) divides the logits by one number T > 1 fitted to minimise the negative
-log-likelihood of held-out queries; the ranking, hence every answer, is unchanged. The tasks it is
-fitted on are a mix of the kinds users register (`FIT_TASKS`), drawn from the validation alphabets
-(never trained on, never evaluated on), and T is saved with the weights (`MetaNet.temperature`), so
-every probability that leaves the model, on torch or onnxruntime, is calibrated.
+al., ICML 2017) divides the logits by a number T fitted to minimise the negative log-likelihood of
+held-out queries; the ranking, hence every answer, is unchanged.
+
+How sharp the logits are depends on how many classes a task has: fitted alone, T runs from about 6
+on 2-way tasks to 0.8 on 50-way ones, so one T for every task leaves 50-way answers reading 0.6
+where they are right 0.8 of the time. T is therefore fitted per class count, on a mix of the kinds
+of task users register (`FIT_TASKS`: 2 to 50 classes, one and five shots, within one alphabet,
+uneven), and interpolated between the fitted counts (`fit_temperatures`). The tasks are drawn
+from the validation alphabets (never trained on, never evaluated on) and the table is saved with
+the weights (`MetaNet.temperature`, indexed by class count), so every probability that leaves the
+model, on torch or onnxruntime, is calibrated.
 
 The expected calibration error (ECE) is the gap between confidence and accuracy, averaged over 10
 equal-width confidence bins weighted by their share of the answers.
@@ -36,13 +42,23 @@ class TaskKind:
     within_alphabet: bool = False
     heavy: int = 0
 
+    @property
+    def examples(self) -> int:
+        return self.shot * self.way + (self.heavy - self.shot if self.heavy else 0)
+
 
 FIT_TASKS = (
+    TaskKind("2-way 1-shot", 2),
     TaskKind("5-way 1-shot", 5),
-    TaskKind("20-way 1-shot", 20),
     TaskKind("5-way 1-shot within one alphabet", 5, within_alphabet=True),
-    TaskKind("20-way 5-shot", 20, shot=5),
+    TaskKind("5-way 5-shot", 5, shot=5),
+    TaskKind("10-way 1-shot", 10),
     TaskKind("10-way 1-shot, one class of 3", 10, heavy=3),
+    TaskKind("20-way 1-shot", 20),
+    TaskKind("20-way 5-shot", 20, shot=5),
+    TaskKind("30-way 1-shot", 30),
+    TaskKind("50-way 1-shot", 50),
+    TaskKind("50-way 2-shot", 50, shot=2),
 )
 
 
@@ -51,16 +67,25 @@ PAD = -1e4  # the log-probability of classes a task does not have (a query's own
 
 @dataclass(frozen=True)
 class Answers:
-    """Queries' log-probabilities at temperature 1, padded to max_way with PAD, and their classes."""
+    """Queries' log-probabilities at temperature 1, padded to max_way with PAD, their classes and
+    their tasks' class counts."""
 
     log_probs: Tensor  # (n, max_way)
     labels: Tensor  # (n,)
     kinds: np.ndarray  # (n,) the TaskKind name of each query
+    ways: Tensor  # (n,) the number of classes of each query's task
 
-    def confidence_and_correct(self, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    def confidence_and_correct(self, temperature: float | Tensor = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """At one temperature, or at a table of them indexed by class count (`fit_temperatures`)."""
+        if isinstance(temperature, Tensor):
+            temperature = temperature[self.ways][:, None]
         probs = torch.softmax(self.log_probs / temperature, dim=1)
         confidence, predicted = probs.max(dim=1)
         return confidence.numpy(), (predicted == self.labels).numpy()
+
+    def of_way(self, way: int) -> Answers:
+        rows = self.ways == way
+        return Answers(self.log_probs[rows], self.labels[rows], self.kinds[rows.numpy()], self.ways[rows])
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
@@ -100,7 +125,7 @@ def collect_answers(
     rng = np.random.default_rng(seed)
     saved = model.temperature.clone()
     model.temperature.fill_(1.0)
-    log_probs, labels, names = [], [], []
+    log_probs, labels, names, ways = [], [], [], []
     try:
         for kind in kinds:
             for _ in range(episodes):
@@ -112,9 +137,10 @@ def collect_answers(
                 log_probs.append(padded)
                 labels.append(qy.cpu())  # register numbers classes by first appearance: c0, c1, ...
                 names += [kind.name] * len(qx)
+                ways.append(torch.full((len(qx),), memory.n_way))
     finally:
         model.temperature.copy_(saved)
-    return Answers(torch.cat(log_probs), torch.cat(labels), np.array(names))
+    return Answers(torch.cat(log_probs), torch.cat(labels), np.array(names), torch.cat(ways))
 
 
 def fit_temperature(answers: Answers) -> float:
@@ -137,8 +163,20 @@ def fit_temperature(answers: Answers) -> float:
     return 1.0 / ((low + high) / 2)
 
 
-def calibration_report(answers: Answers, temperature: float) -> dict[str, dict[str, float]]:
-    """Per kind of task (and "all"): accuracy, mean confidence and ECE at the given temperature."""
+def fit_temperatures(answers: Answers, max_way: int) -> Tensor:
+    """A temperature for every number of classes 0..max_way, shape (max_way + 1,): fitted at each
+    class count the answers hold (all kinds of task of that count together), linear in the log of
+    the class count between them and constant beyond the smallest and the largest."""
+    ways = sorted(set(answers.ways.tolist()))
+    fitted = [fit_temperature(answers.of_way(way)) for way in ways]
+    log_counts = np.log(np.maximum(np.arange(max_way + 1), 1))  # 0 and 1 classes: no task has them
+    table = np.interp(log_counts, np.log(ways), fitted)
+    return torch.tensor(table, dtype=torch.float32)
+
+
+def calibration_report(answers: Answers, temperature: float | Tensor) -> dict[str, dict[str, float]]:
+    """Per kind of task (and "all"): accuracy, mean confidence and ECE at the given temperature
+    (one, or a table indexed by class count)."""
     confidence, correct = answers.confidence_and_correct(temperature)
     report = {}
     for name in [*dict.fromkeys(answers.kinds.tolist()), "all"]:

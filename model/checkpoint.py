@@ -61,8 +61,11 @@ def load_model(
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
     model = MetaNet(config)
-    # Weights saved before calibration existed answer with their raw softmax.
-    state.setdefault("temperature", torch.ones(()))
+    # Weights saved before calibration existed answer with their raw softmax; weights calibrated
+    # with one temperature for every task use it for every number of classes.
+    temperature = state.setdefault("temperature", torch.ones(()))
+    if temperature.ndim == 0:
+        state["temperature"] = temperature.expand(config.max_way + 1).clone()
     _check_state_matches(model, state, weights_path)
     model.load_state_dict(state)
     model.version = weights_version(weights_path)

@@ -28,6 +28,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="meta-train MetaNet on Omniglot background alphabets")
     p.add_argument("--data-dir", help="Omniglot directory (default: $METANET_OMNIGLOT_DIR)")
     p.add_argument("--run-dir", default="runs/metanet", help="checkpoints, history and curve go here")
+    p.add_argument("--split", choices=("background", "1200"),
+                   help="characters to train on: the background set less 4 validation alphabets "
+                        "(default), or the 1,200 of the 1,200 / 423 split")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last")
     p.add_argument("--episodes", type=int, help="total training episodes")
     p.add_argument("--max-seconds", type=float, help="stop (with a checkpoint) after this long")
@@ -69,7 +72,7 @@ def _train(args: argparse.Namespace) -> int:
         k: getattr(args, k)
         for k in ("episodes", "seed", "val_every", "val_episodes", "val_ways", "checkpoint_every", "min_way",
                   "max_train_way", "lr", "lr_patience", "multi_shot_prob", "uneven_prob",
-                  "augment_prob")
+                  "augment_prob", "split")
         if getattr(args, k) is not None
     }
     cfg = dataclasses.replace(cfg, **overrides)
@@ -96,6 +99,9 @@ def _add_evaluate(sub: argparse._SubParsersAction, output: argparse.ArgumentPars
     p.add_argument("--m-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="hold each task's M in this dtype between registering and classifying, as the "
                    "service does with METANET_M_DTYPE (default float32)")
+    p.add_argument("--test-set", choices=("evaluation", "423"), default="evaluation",
+                   help="score on the evaluation alphabets (default) or on the 423 test characters of "
+                        "the 1,200 / 423 split (weights trained with split 1200)")
     p.add_argument("--within-alphabet", action="store_true",
                    help="draw each task's classes from one alphabet (characters that look alike)")
     p.add_argument("--plot", metavar="PNG", help="evaluate the grid --ways x --shots (--episodes a point) "
@@ -117,19 +123,22 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from model.checkpoint import load_model
-    from model.data import load_split
+    from model.data import load_split, scoring_split
     from model.evaluate import M_DTYPES, evaluate
 
     if args.plot:
         _check_matplotlib()  # before the grid's minutes of work, not after
     model = load_model(args.weights, args.device)
-    split = load_split(args.data_dir, "evaluation", model.config.image_size)
+    if args.test_set == "423":
+        split = scoring_split(args.data_dir, "1200", model.config.image_size)
+    else:
+        split = load_split(args.data_dir, "evaluation", model.config.image_size)
     if args.plot:
         return _evaluate_grid(args, model, split)
     result = evaluate(model, split, way=args.way, shot=args.shot, episodes=args.episodes,
                       seed=args.seed, queries_per_class=args.queries, m_dtype=M_DTYPES[args.m_dtype],
                       progress=not args.json, within_alphabet=args.within_alphabet)
-    out = {**result.to_dict(), "model_version": model.version}
+    out = {**result.to_dict(), "model_version": model.version, "test_set": args.test_set}
     if args.json:
         print(json.dumps(out))
     else:
@@ -141,8 +150,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="fit the confidence temperature on the validation alphabets")
-    p.add_argument("--weights", required=True, help="weights directory: the temperature is saved into it")
+    p = sub.add_parser("calibrate", help="fit the confidence temperatures on the validation alphabets")
+    p.add_argument("--weights", required=True, help="weights directory: the temperatures are saved into it")
     p.add_argument("--data-dir", help="Omniglot directory (default: $METANET_OMNIGLOT_DIR)")
     p.add_argument("--episodes", type=int, default=200, help="tasks of each kind to fit on (200)")
     p.add_argument("--seed", type=int, default=0)
@@ -151,7 +160,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from model.calibrate import FIT_TASKS, calibration_report, collect_answers, fit_temperature
+    from model.calibrate import FIT_TASKS, calibration_report, collect_answers, fit_temperatures
     from model.checkpoint import load_model, save_weights
     from model.data import load_split, train_val_split
 
@@ -159,19 +168,26 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise ValueError("--episodes must be at least 1")
     model = load_model(args.weights, args.device)
     _, validation = train_val_split(load_split(args.data_dir, "background", model.config.image_size))
-    answers = collect_answers(model, validation, FIT_TASKS, episodes=args.episodes, seed=args.seed)
-    temperature = fit_temperature(answers)
-    before, after = calibration_report(answers, 1.0), calibration_report(answers, temperature)
-    model.temperature.fill_(temperature)
+    classes = len(validation.character)
+    kinds = [k for k in FIT_TASKS
+             if k.way <= min(model.max_way, classes) and k.examples <= model.config.max_examples]
+    if not kinds:
+        raise ValueError(f"the validation alphabets hold {classes} characters, too few to fit on")
+    answers = collect_answers(model, validation, kinds, episodes=args.episodes, seed=args.seed)
+    table = fit_temperatures(answers, model.config.max_way)
+    before, after = calibration_report(answers, 1.0), calibration_report(answers, table)
+    model.temperature.copy_(table)
+    fitted = {str(way): round(float(table[way]), 4) for way in sorted(set(answers.ways.tolist()))}
     meta = json.loads((Path(args.weights) / "config.json").read_text())
     meta.pop("model", None)
     meta["calibration"] = {
-        "temperature": temperature, "episodes_per_kind": args.episodes, "seed": args.seed,
+        "temperatures": fitted, "episodes_per_kind": args.episodes, "seed": args.seed,
         "alphabets": validation.alphabets, "ece_before": before, "ece_after": after,
     }
     save_weights(model, args.weights, extra=meta)
-    print(f"temperature {temperature:.3f}, fitted on {len(answers.labels)} queries of the validation "
-          f"alphabets ({', '.join(validation.alphabets)}); saved into {args.weights}")
+    print(f"temperatures by number of classes {fitted} (linear in its log between them), fitted on "
+          f"{len(answers.labels)} queries of the validation alphabets ({', '.join(validation.alphabets)}); "
+          f"saved into {args.weights}")
     for name in before:
         print(f"  {name}: accuracy {100 * after[name]['accuracy']:.1f}%, ECE {before[name]['ece']:.3f} "
               f"-> {after[name]['ece']:.3f}")

@@ -104,7 +104,7 @@ class TaskMemory:
 
 
 class ClassifyOutput(NamedTuple):
-    probs: Tensor  # (n_query, n_way), calibrated: softmax(logits / temperature)
+    probs: Tensor  # (n_query, n_way), calibrated: softmax(logits / temperature[n_way])
     attention: Tensor | None  # (n_query, n_support): the read of M (see TaskMemory.attention_bias)
     similarity: Tensor  # (n_query,): the best cosine of the query's r to the rows of R
 
@@ -151,9 +151,11 @@ class MetaNet(nn.Module):
         # their layer keeps a fast branch's activations on the scale of the slow branch's. (Our
         # choice: the paper and code leave the scale to the meta learner alone, which made the
         # untrained 5-layer fast branch overflow in our runs.)
-        # Calibration: query probabilities are softmax(logits / temperature); 1 until fitted on
-        # held-out alphabets (model.calibrate), then saved with the weights.
-        self.register_buffer("temperature", torch.ones(()))
+        # Calibration: a task of n classes answers softmax(logits / temperature[n]); 1 until
+        # fitted on held-out alphabets (model.calibrate), then saved with the weights. One value
+        # per class count: the logits sharpen as the class count falls (a fitted T runs from
+        # about 6 at 2 classes to 0.8 at 50), so one T for all leaves some counts miscalibrated.
+        self.register_buffer("temperature", torch.ones(cfg.max_way + 1))
         self.register_buffer("u_gain", self._gain_vector(self.u_path_params()), persistent=False)
         self.register_buffer("b_gain", self._gain_vector(self.b_params()), persistent=False)
         self.reset_parameters()
@@ -441,7 +443,8 @@ class MetaNet(nn.Module):
             memory = checked[js[0]][0]
             sizes = [bounds[j + 1] - bounds[j] for j in js]
             # unused heads dropped
-            probs = torch.softmax(logits[rows[t], : memory.n_way] / self.temperature, dim=1).split(sizes)
+            probs = torch.softmax(logits[rows[t], : memory.n_way] / self.temperature[memory.n_way],
+                                  dim=1).split(sizes)
             attention = attentions[t].split(sizes) if return_attention else (None,) * len(js)
             similarity = similarities[t].split(sizes)
             for j, p, a, s in zip(js, probs, attention, similarity, strict=True):

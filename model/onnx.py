@@ -46,7 +46,7 @@ class QueryPath(nn.Module):
         cosine = _cosine(r, R)
         attention = torch.softmax(cosine + attention_bias, dim=1)
         W_fast = model._unflatten(attention @ M, model.b_params())
-        logits = model.b(images, W_fast, None) / model.temperature
+        logits = model.b(images, W_fast, None) / model.temperature[n_way]
         keep = torch.arange(logits.shape[1], device=logits.device) < n_way
         probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=1)
         return probs, attention, cosine.amax(dim=1)

@@ -91,6 +91,18 @@ def test_load_model_refuses_weights_with_missing_or_extra_tensors(saved):
         load_model(saved)
 
 
+@pytest.mark.parametrize("saved_temperature", [None, 1.7])
+def test_weights_with_no_temperature_or_one_for_every_task_load_as_a_table_of_it(saved, saved_temperature):
+    state = load_file(str(saved / WEIGHTS_FILE))
+    del state["temperature"]
+    if saved_temperature is not None:
+        state["temperature"] = torch.tensor(saved_temperature)
+    save_file(state, str(saved / WEIGHTS_FILE))
+    loaded = load_model(saved)
+    expected = torch.full((loaded.config.max_way + 1,), saved_temperature or 1.0)
+    torch.testing.assert_close(loaded.temperature, expected)
+
+
 def test_load_model_refuses_weights_of_another_dtype(saved):
     state = {k: v.double() for k, v in load_file(str(saved / WEIGHTS_FILE)).items()}
     save_file(state, str(saved / WEIGHTS_FILE))

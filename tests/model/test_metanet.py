@@ -398,14 +398,16 @@ def test_even_classes_read_m_by_the_plain_softmax_of_the_cosines(model, support,
     torch.testing.assert_close(out.similarity, cosine.amax(dim=1))
 
 
-def test_probabilities_are_the_softmax_of_the_logits_over_the_temperature(model, support, queries):
+def test_probabilities_are_the_softmax_of_the_logits_over_the_temperature_of_their_class_count(
+    model, support, queries
+):
     memory = model.register(*support)
     with torch.inference_mode():
         logits, _ = model._read(queries, memory.Q_fast, memory.R, memory.M, memory.attention_bias,
                                 memory.n_way)
-    model.temperature.fill_(2.5)
+    model.temperature.copy_(torch.arange(model.config.max_way + 1) + 0.5)  # 3 classes: 3.5
     probs = model.classify(memory, queries).probs
-    torch.testing.assert_close(probs, torch.softmax(logits[:, :3] / 2.5, dim=1))
+    torch.testing.assert_close(probs, torch.softmax(logits[:, :3] / 3.5, dim=1))
 
 
 def test_a_support_image_as_its_own_query_has_similarity_one(model, support):

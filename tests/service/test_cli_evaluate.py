@@ -85,6 +85,12 @@ def test_evaluate_grid_json_says_which_dtype_m_was_held_in(tiny_setup, tmp_path,
     assert report["m_dtype"] == "float16" and [r["m_dtype"] for r in report["results"]] == ["float16"]
 
 
+def test_evaluate_on_the_423_test_characters_says_which_the_data_set_lacks(tiny_setup, capsys):
+    assert run(tiny_setup, "--way", "3", "--test-set", "423") == 2
+    err = capsys.readouterr().err
+    assert "the 1,200 / 423 split names 595 characters the data set lacks" in err and "Traceback" not in err
+
+
 def test_evaluate_refuses_an_unknown_m_dtype(tiny_setup, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(tiny_setup, "--m-dtype", "float64")

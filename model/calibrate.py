@@ -5,14 +5,14 @@ first, MetaNet says 0.999 on answers that are right nine times in ten. Temperatu
 al., ICML 2017) divides the logits by a number T fitted to minimise the negative log-likelihood of
 held-out queries; the ranking, hence every answer, is unchanged.
 
-How sharp the logits are depends on how many classes a task has: fitted alone, T runs from about 6
-on 2-way tasks to 0.8 on 50-way ones, so one T for every task leaves 50-way answers reading 0.6
-where they are right 0.8 of the time. T is therefore fitted per class count, on a mix of the kinds
-of task users register (`FIT_TASKS`: 2 to 50 classes, one and five shots, within one alphabet,
-uneven), and interpolated between the fitted counts (`fit_temperatures`). The tasks are drawn
-from the validation alphabets (never trained on, never evaluated on) and the table is saved with
-the weights (`MetaNet.temperature`, indexed by class count), so every probability that leaves the
-model, on torch or onnxruntime, is calibrated.
+How sharp the logits are depends on how many classes a task has: fitted alone, T runs from about 5
+on 2-way tasks to 0.7 on 50-way ones (docs/model.md, "Calibration"), so one T for every task
+leaves large tasks' answers less confident than they are right. T is therefore fitted per class
+count, on a mix of the kinds of task users register (`FIT_TASKS`: 2 to 50 classes, one and five
+shots, within one alphabet, uneven), and interpolated between the fitted counts
+(`fit_temperatures`). The tasks are drawn from the validation alphabets (never trained on, never
+evaluated on) and the table is saved with the weights (`MetaNet.temperature`, indexed by class
+count), so every probability that leaves the model, on torch or onnxruntime, is calibrated.
 
 The expected calibration error (ECE) is the gap between confidence and accuracy, averaged over 10
 equal-width confidence bins weighted by their share of the answers.

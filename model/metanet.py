@@ -154,7 +154,7 @@ class MetaNet(nn.Module):
         # Calibration: a task of n classes answers softmax(logits / temperature[n]); 1 until
         # fitted on held-out alphabets (model.calibrate), then saved with the weights. One value
         # per class count: the logits sharpen as the class count falls (a fitted T runs from
-        # about 6 at 2 classes to 0.8 at 50), so one T for all leaves some counts miscalibrated.
+        # about 5 at 2 classes to 0.7 at 50), so one T for all leaves some counts miscalibrated.
         self.register_buffer("temperature", torch.ones(cfg.max_way + 1))
         self.register_buffer("u_gain", self._gain_vector(self.u_path_params()), persistent=False)
         self.register_buffer("b_gain", self._gain_vector(self.b_params()), persistent=False)

@@ -162,13 +162,18 @@ OMNIGLOT_EXTENT = 72  # a drawing's median longer side in Omniglot's 105x105 fra
 STROKE_TO_EXTENT: list[float] = []  # Omniglot's median width / longer side, measured at start
 
 
+def _extent(mask: np.ndarray) -> int:
+    """The longer side of a glyph's ink mask, in pixels."""
+    rows, cols = np.nonzero(mask)
+    return int(max(np.ptp(rows), np.ptp(cols)) + 1)
+
+
 def _stroke(mask: np.ndarray) -> tuple[float, int, np.ndarray]:
     """(stroke width, longer side, distance to the paper) of a glyph's ink mask."""
     from scipy import ndimage
 
-    rows, cols = np.nonzero(mask)
     distance = ndimage.distance_transform_edt(mask)
-    return 4 * float(distance[mask].mean()), int(max(np.ptp(rows), np.ptp(cols)) + 1), distance
+    return 4 * float(distance[mask].mean()), _extent(mask), distance
 
 
 def measure_omniglot_stroke(raw: np.ndarray, seed: int, n: int = 1500) -> float:
@@ -185,8 +190,7 @@ def thinned_to_omniglot(ink: np.ndarray) -> np.ndarray:
     mask = ink >= 0.5 * ink.max()
     if not mask.any():
         return ink[None]
-    _, extent, _ = _stroke(mask)
-    scale = max(1, round(OMNIGLOT_EXTENT / extent))
+    scale = max(1, round(OMNIGLOT_EXTENT / _extent(mask)))
     if scale > 1:
         big = Image.fromarray(ink).resize((ink.shape[1] * scale, ink.shape[0] * scale), Image.BILINEAR)
         mask = np.asarray(big) >= 0.5 * ink.max()

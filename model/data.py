@@ -42,14 +42,14 @@ class OmniglotSplit:
     raw: np.ndarray | None = None
 
     def select_alphabets(self, names: set[str], keep: bool = True) -> OmniglotSplit:
-        mask = np.isin(self.alphabet, sorted(names))
-        mask = mask if keep else ~mask
-        raw = None if self.raw is None else self.raw[mask]
-        return OmniglotSplit(self.images[mask], self.alphabet[mask], self.character[mask], raw)
+        return self._rows(np.isin(self.alphabet, sorted(names)), keep)
 
     def select_characters(self, names: set[tuple[str, str]], keep: bool = True) -> OmniglotSplit:
         """The characters named (alphabet, character), in this split's order (keep=False: the others)."""
-        mask = np.array([(a, c) in names for a, c in zip(self.alphabet, self.character, strict=True)], bool)
+        pairs = zip(self.alphabet, self.character, strict=True)
+        return self._rows(np.array([pair in names for pair in pairs], bool), keep)
+
+    def _rows(self, mask: np.ndarray, keep: bool) -> OmniglotSplit:
         mask = mask if keep else ~mask
         raw = None if self.raw is None else self.raw[mask]
         return OmniglotSplit(self.images[mask], self.alphabet[mask], self.character[mask], raw)

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from model.config import TRAINING_SPLITS  # a plain module: no torch
+
 if TYPE_CHECKING:
     from model.data import OmniglotSplit
     from model.metanet import MetaNet
@@ -28,7 +30,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="meta-train MetaNet on Omniglot background alphabets")
     p.add_argument("--data-dir", help="Omniglot directory (default: $METANET_OMNIGLOT_DIR)")
     p.add_argument("--run-dir", default="runs/metanet", help="checkpoints, history and curve go here")
-    p.add_argument("--split", choices=("background", "1200"),
+    p.add_argument("--split", choices=TRAINING_SPLITS,
                    help="characters to train on: the background set less 4 validation alphabets "
                         "(default), or the 1,200 of the 1,200 / 423 split")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last")
@@ -51,6 +53,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="the share of episodes whose classes each draw their own number of shots")
     p.add_argument("--augment-prob", type=float,
                    help="the share of drawings augmented (pen, small turns and shifts, low resolution)")
+    p.add_argument("--augment-episode-pen", type=float,
+                   help="the share of episodes whose drawings all have one pen, thinner or thicker")
     p.add_argument("--channels", type=int, help="conv width (64 in the paper; smaller for smoke tests)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
@@ -72,7 +76,7 @@ def _train(args: argparse.Namespace) -> int:
         k: getattr(args, k)
         for k in ("episodes", "seed", "val_every", "val_episodes", "val_ways", "checkpoint_every", "min_way",
                   "max_train_way", "lr", "lr_patience", "multi_shot_prob", "uneven_prob",
-                  "augment_prob", "split")
+                  "augment_prob", "augment_episode_pen", "split")
         if getattr(args, k) is not None
     }
     cfg = dataclasses.replace(cfg, **overrides)

@@ -10,6 +10,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# How training and testing divide Omniglot (model.data): "background" trains on the background set
+# less the validation alphabets (`train_val_split`) and tests on the evaluation set; "1200" is the
+# split of the paper's headline figures, 1,200 characters to train and validate on and 423 to test
+# on (`paper_split`).
+TRAINING_SPLITS = ("background", "1200")
+
 
 @dataclass(frozen=True)
 class MetaNetConfig:
@@ -97,18 +103,21 @@ class TrainConfig:
     # Training-only augmentation (model.augment.Augment) of a share `augment_prob` of the drawings:
     # turns of up to augment_rotate degrees, shifts of up to augment_shift source pixels, pens from
     # one pixel thinner to augment_pen_max thicker, and a share augment_low_res drawn at a low
-    # resolution. 0 = none (the paper's recipe: the 90-degree turns only).
+    # resolution. 0 = none (the paper's recipe: the 90-degree turns only). In a share
+    # augment_episode_pen of the episodes every drawing has one pen (thinner or thicker), as a
+    # user's support set and queries do.
     augment_prob: float = 0.0
     augment_rotate: float = 15.0
     augment_shift: float = 4.0
     augment_pen_max: int = 3
     augment_low_res: float = 0.4
+    augment_episode_pen: float = 0.0
     val_every: int = 500
     val_episodes: int = 300
     val_ways: tuple[int, ...] = (20,)  # 1-shot validation settings; model selection uses their mean
     checkpoint_every: int = 250
     seed: int = 0
-    # The characters to train and validate on (model.data.TRAINING_SPLITS): "background", Omniglot's
+    # The characters to train and validate on, one of TRAINING_SPLITS: "background", Omniglot's
     # background set less 4 validation alphabets, or "1200", the 1,200 of the 1,200 / 423 split
     # (validating on its 172), for a figure beside the paper's headline; tested on the evaluation
     # set or the 423 (`model.data.scoring_split`).
@@ -131,8 +140,8 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.split not in ("background", "1200"):
-            raise ValueError(f"split must be 'background' or '1200', got {self.split!r}")
+        if self.split not in TRAINING_SPLITS:
+            raise ValueError(f"split must be one of {', '.join(TRAINING_SPLITS)}, got {self.split!r}")
         if isinstance(self.episodes_per_step, bool) or not isinstance(self.episodes_per_step, int) \
                 or self.episodes_per_step < 1:
             raise ValueError(f"episodes_per_step must be a positive int, got {self.episodes_per_step!r}")

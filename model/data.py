@@ -18,15 +18,11 @@ import torch
 from torch import Tensor
 
 from model.augment import Augment
+from model.config import TRAINING_SPLITS
 from model.transform import frame
 
 DATA_DIR_ENV = "METANET_OMNIGLOT_DIR"
 SPLITS = ("background", "evaluation")
-# How training and testing divide Omniglot: "background" trains on the background set less the
-# validation alphabets (`train_val_split`) and tests on the evaluation set; "1200" is the split of
-# the paper's headline figures, 1,200 characters to train and validate on and 423 to test on
-# (`paper_split`).
-TRAINING_SPLITS = ("background", "1200")
 PAPER_SPLIT_FILE = Path(__file__).resolve().parent / "splits" / "omniglot-1200-423.json"
 
 

@@ -62,7 +62,7 @@ def test_train_config_names_its_characters_split_and_the_1200_preset_trains_as_t
     from model.config import PRESETS
 
     assert TrainConfig().split == "background"
-    with pytest.raises(ValueError, match="split must be 'background' or '1200'"):
+    with pytest.raises(ValueError, match="split must be one of background, 1200, got"):
         TrainConfig(split="evaluation")
     paper, on_1200 = PRESETS["paper"], PRESETS["paper-1200"]
     assert on_1200.split == "1200" and (on_1200.augment_prob, on_1200.uneven_prob) == (0.0, 0.0)

@@ -4,7 +4,10 @@
 (Omniglot's 105x105) and then frames every drawing with `model.transform.frame`, so the networks
 learn what the framing cannot undo:
 
-- the pen: strokes eroded by one pixel or dilated by up to `pen_max` pixels (thin to thick pens);
+- the pen: strokes eroded by one pixel or dilated by up to `pen_max` pixels (thin to thick pens),
+  each drawing with its own, or, in a share `episode_pen` of the episodes, every drawing of the
+  episode with the same one: a user draws a whole support set and its queries with one pen, and
+  a thick pen makes glyphs harder to tell from each other, not only from thin-pen drawings;
 - a small turn (up to `rotate` degrees) and a shift of a few pixels (where strokes fall on the
   pixel grid);
 - the resolution: with probability `low_res`, the drawing's frame is first shrunk to one of
@@ -35,10 +38,11 @@ class Augment:
     shift: float = 4.0  # source pixels, on each axis
     pen_max: int = 3  # the widest dilation, in source pixels; -1 (erosion) is the thinnest pen
     low_res: float = 0.4  # of the augmented drawings, the share first shrunk to one of `sizes`
+    episode_pen: float = 0.0  # the share of episodes drawn with one pen throughout (not the plain one)
     sizes: tuple[int, ...] = (28, 20, 14, 10)
 
     def __post_init__(self) -> None:
-        for name in ("prob", "low_res"):
+        for name in ("prob", "low_res", "episode_pen"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"augment {name} is a probability, got {value!r}")
@@ -53,14 +57,21 @@ class Augment:
 
     @property
     def active(self) -> bool:
-        return self.prob > 0
+        return self.prob > 0 or self.episode_pen > 0
 
     def __call__(self, ink: Tensor, rng: np.random.Generator, size: int) -> Tensor:
         """Source drawings (n, H, W), ink = 1 on 0 -> framed model inputs (n, size, size)."""
         n = len(ink)
         ink = ink.float()
+        # (No draw at all without episode pens: a run without them keeps its random stream.)
+        one_pen = self.episode_pen > 0 and rng.random() < self.episode_pen
+        if one_pen:
+            pen = int(rng.choice([p for p in range(-1, self.pen_max + 1) if p != 0]))
+            ink = _pen(ink[:, None], np.full(n, pen))[:, 0]
         chosen = np.flatnonzero(rng.random(n) < self.prob)
         pens = rng.integers(-1, self.pen_max + 1, len(chosen))
+        if one_pen:
+            pens[:] = 0  # every drawing has the episode's pen already
         angles = np.deg2rad(rng.uniform(-self.rotate, self.rotate, len(chosen)))
         shifts = rng.uniform(-self.shift, self.shift, (len(chosen), 2))
         sides = np.where(rng.random(len(chosen)) < self.low_res, rng.choice(self.sizes, len(chosen)), 0)

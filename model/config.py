@@ -124,7 +124,7 @@ class TrainConfig:
     split: str = "background"
     # Episodes per optimizer step, all of one shape (n_way, shots, n_query), their loss computed in
     # one batched pass (`MetaNet.batched_episode_loss`) and averaged. 1 is the paper's one episode
-    # per update, run by `MetaNet.episode_loss` with the same random draws as before this existed.
+    # per update, run by `MetaNet.episode_loss`.
     # `episodes`, `val_every`, `checkpoint_every` and `lr_patience` count episodes, not steps.
     episodes_per_step: int = 1
     # bfloat16 autocast for u's and b's conv trunks and b's query path; the meta information (the
@@ -154,11 +154,11 @@ class TrainConfig:
         data = dict(data)
         data["model"] = MetaNetConfig.from_dict(data.get("model", {}))
         data["betas"] = tuple(data.get("betas", (0.9, 0.999)))
-        if "val_way" in data:  # runs saved before val_ways existed
+        if "val_way" in data:  # run directories that name one validation way
             data["val_ways"] = (data.pop("val_way"), data["model"].max_way)
         data["val_ways"] = tuple(data.get("val_ways", (20,)))
-        # Settings of earlier recipes that no longer exist: a step schedule and a jitter that
-        # moved the 28x28 inputs (the augmentation now works on the drawings before framing).
+        # Settings an older run directory may hold that no recipe uses: a step schedule, and a
+        # jitter of the 28x28 inputs (augmentation works on the drawings, before framing).
         for legacy in ("lr_halve_every", "lr_schedule_start", "jitter_shift", "jitter_rotate",
                        "jitter_scale", "jitter_prob"):
             data.pop(legacy, None)

@@ -163,8 +163,8 @@ def train_val_split(
     The evaluation alphabets are never seen in training or model selection.
     """
     names = background.alphabets
-    # Keep at least one alphabet to train on: with 4 or fewer alphabets (a small or test data set)
-    # every alphabet used to be held out, leaving an empty training split.
+    # Keep at least one alphabet to train on: a small or test data set may have no more alphabets
+    # than n_val_alphabets.
     n_val = min(n_val_alphabets, len(names) - 1)
     step = max(1, len(names) // max(1, n_val))
     val = set(names[step - 1 :: step][:n_val]) if n_val > 0 else set()

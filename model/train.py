@@ -136,7 +136,8 @@ def _window_means(window: list[Step]) -> tuple[float, float]:
 
 def augment_of(cfg: TrainConfig) -> Augment:
     return Augment(prob=cfg.augment_prob, rotate=cfg.augment_rotate, shift=cfg.augment_shift,
-                   pen_max=cfg.augment_pen_max, low_res=cfg.augment_low_res)
+                   pen_max=cfg.augment_pen_max, low_res=cfg.augment_low_res,
+                   episode_pen=cfg.augment_episode_pen)
 
 
 def train(

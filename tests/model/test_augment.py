@@ -51,7 +51,28 @@ def test_low_resolution_drawings_lose_detail(drawings):
     assert (coarse(drawings, np.random.default_rng(3), 28) - sharp).abs().mean() > 0.02
 
 
+def test_an_episode_pen_gives_every_drawing_of_the_episode_the_same_pen(drawings):
+    out = Augment(prob=0.0, episode_pen=1.0)(drawings, np.random.default_rng(4), 28)
+    assert not torch.allclose(out, frame(drawings.float()), atol=1e-6)  # never the plain pen
+    with_pen = {pen: frame(_pen(drawings[:, None].float(), np.full(len(drawings), pen))[:, 0])
+                for pen in (-1, 1, 2, 3)}
+    assert sum(torch.allclose(out, x, atol=1e-6) for x in with_pen.values()) == 1
+    # Over many episodes, every pen but the plain one comes up.
+    rng = np.random.default_rng(5)
+    firsts = [Augment(prob=0.0, episode_pen=1.0)(drawings[:1], rng, 28) for _ in range(40)]
+    seen = {pen for f in firsts for pen, x in with_pen.items() if torch.allclose(f, x[:1], atol=1e-6)}
+    assert seen == {-1, 1, 2, 3}
+
+
+def test_episode_pens_and_drawing_pens_combine(drawings):
+    augment = Augment(prob=1.0, episode_pen=0.5)
+    a = augment(drawings, np.random.default_rng(6), 28)
+    assert torch.equal(a, augment(drawings, np.random.default_rng(6), 28))
+    assert Augment(prob=0.0, episode_pen=0.5).active and not Augment(prob=0.0).active
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    ({"episode_pen": 1.2}, "augment episode_pen is a probability, got 1.2"),
     ({"prob": 1.5}, "augment prob is a probability, got 1.5"),
     ({"low_res": -0.1}, "augment low_res is a probability, got -0.1"),
     ({"rotate": float("nan")}, "augment rotate must be a finite number, 0 or more, got nan"),

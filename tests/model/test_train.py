@@ -217,12 +217,13 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_run(tmp_path):
         "--no-progress",
     ]
     out = cli("train", "--run-dir", str(run), "--episodes", "4", "--channels", "8", "--augment-prob", "0.25",
-              "--uneven-prob", "0.5", *common)
+              "--augment-episode-pen", "0.5", "--uneven-prob", "0.5", *common)
     assert json.loads(out.splitlines()[-1])["step"] == 4
     assert json.loads((run / "last" / STATE_FILE).read_text())["step"] == 4
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["model"]["channels"] == 8
-    assert (saved["augment_prob"], saved["uneven_prob"], saved["episodes_per_step"]) == (0.25, 0.5, 1)
+    assert (saved["augment_prob"], saved["augment_episode_pen"], saved["uneven_prob"]) == (0.25, 0.5, 0.5)
+    assert saved["episodes_per_step"] == 1
 
     # --resume reuses the run's saved config (8 channels) without being told again.
     out = cli("train", "--run-dir", str(run), "--resume", "--episodes", "6", *common)

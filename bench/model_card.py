@@ -3,8 +3,8 @@
     python bench/model_card.py [--weights DIR] [--episodes 1000] [--device cpu]
 
 Runs `metanet evaluate` for 5-way 1-shot, 5-way 5-shot, 20-way 1-shot, 20-way 5-shot and 50-way
-1-shot (evaluation alphabets, seed 0), writes bench/results/model-card-<date>-<device>-<episodes>ep.json
-and prints the model card's markdown table (docs/model.md).
+1-shot (evaluation alphabets, seed 0), writes
+bench/results/model-card-<date>-<model version>-<device>-<episodes>ep.json and prints the model card's markdown table (docs/model.md).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def main() -> int:
         print(json.dumps(result), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"model-card-{dt.date.today().isoformat()}-{args.device}-{args.episodes}ep.json"
+    version = rows[0]["model_version"] if rows else "none"
+    path = out / f"model-card-{dt.date.today().isoformat()}-{version}-{args.device}-{args.episodes}ep.json"
     path.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\nwrote {path}\n")
     print("| setting | accuracy (95% CI) | episodes | paper | command |")

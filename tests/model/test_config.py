@@ -65,5 +65,6 @@ def test_train_config_names_its_characters_split_and_the_1200_preset_trains_as_t
     with pytest.raises(ValueError, match="split must be one of background, 1200, got"):
         TrainConfig(split="evaluation")
     paper, on_1200 = PRESETS["paper"], PRESETS["paper-1200"]
-    assert on_1200.split == "1200" and (on_1200.augment_prob, on_1200.uneven_prob) == (0.0, 0.0)
+    assert on_1200.split == "1200"
+    assert (on_1200.augment_prob, on_1200.augment_episode_pen, on_1200.uneven_prob) == (0.0, 0.0, 0.0)
     assert (on_1200.lr, on_1200.lr_patience, on_1200.model) == (paper.lr, paper.lr_patience, paper.model)

@@ -4,7 +4,8 @@
 
 Runs `metanet evaluate` for 5-way 1-shot, 5-way 5-shot, 20-way 1-shot, 20-way 5-shot and 50-way
 1-shot (evaluation alphabets, seed 0), writes
-bench/results/model-card-<date>-<model version>-<device>-<episodes>ep.json and prints the model card's markdown table (docs/model.md).
+bench/results/model-card-<date>-<model version>-<device>-<episodes>ep.json and prints the model
+card's markdown table (docs/model.md).
 """
 
 from __future__ import annotations

@@ -55,6 +55,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="the share of drawings augmented (pen, small turns and shifts, low resolution)")
     p.add_argument("--augment-episode-pen", type=float,
                    help="the share of episodes whose drawings all have one pen, thinner or thicker")
+    p.add_argument("--average-decay", type=float,
+                   help="keep a moving average of the weights, moved (1 - this) of the way to them "
+                        "every episode (0.999: about the last 1,000 episodes; 0: none)")
     p.add_argument("--channels", type=int, help="conv width (64 in the paper; smaller for smoke tests)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
@@ -76,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
         k: getattr(args, k)
         for k in ("episodes", "seed", "val_every", "val_episodes", "val_ways", "checkpoint_every", "min_way",
                   "max_train_way", "lr", "lr_patience", "multi_shot_prob", "uneven_prob",
-                  "augment_prob", "augment_episode_pen", "split")
+                  "augment_prob", "augment_episode_pen", "average_decay", "split")
         if getattr(args, k) is not None
     }
     cfg = dataclasses.replace(cfg, **overrides)

@@ -112,6 +112,9 @@ class TrainConfig:
     augment_pen_max: int = 3
     augment_low_res: float = 0.4
     augment_episode_pen: float = 0.0
+    # An exponential moving average of the slow weights, moved (1 - average_decay) of the way to
+    # them every episode (0: none), validated beside them and written to the run's `average/`.
+    average_decay: float = 0.0
     val_every: int = 500
     val_episodes: int = 300
     val_ways: tuple[int, ...] = (20,)  # 1-shot validation settings; model selection uses their mean
@@ -142,6 +145,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.split not in TRAINING_SPLITS:
             raise ValueError(f"split must be one of {', '.join(TRAINING_SPLITS)}, got {self.split!r}")
+        if not 0 <= self.average_decay < 1:
+            raise ValueError(f"average_decay must be in [0, 1), got {self.average_decay!r}")
         if isinstance(self.episodes_per_step, bool) or not isinstance(self.episodes_per_step, int) \
                 or self.episodes_per_step < 1:
             raise ValueError(f"episodes_per_step must be a positive int, got {self.episodes_per_step!r}")

@@ -3,6 +3,12 @@
 A run directory holds `train_config.json`, `last/` (weights, Adam state, counters and RNG state,
 rewritten every `checkpoint_every` episodes), `best/` (weights with the best validation accuracy,
 loadable by `load_model`), `history.jsonl` and `curve.png`. `--resume` continues from `last/`.
+
+With `average_decay` the run also keeps an exponential moving average of the slow weights (in
+`last/average.safetensors`), validates it beside the weights themselves and writes it, loadable, to
+`average/` at every validation: at a constant rate the weights wander about a minimum, and their
+average sits nearer its centre than any one of them (Izmailov et al., 2018, "Averaging weights
+leads to wider optima and better generalization").
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from model.augment import Augment
 from model.checkpoint import WEIGHTS_FILE, _atomic, load_model, save_weights
@@ -27,6 +34,7 @@ from model.data import EpisodeSampler, OmniglotSplit, training_splits
 from model.evaluate import evaluate
 from model.metanet import MetaNet, read_batched
 
+AVERAGE_FILE = "average.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 # (support_x, support_y, query_x, query_y, n_way, generator) -> (losses, correct), each (B,)
 BatchedLoss = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -134,6 +142,16 @@ def _window_means(window: list[Step]) -> tuple[float, float]:
     return float(np.mean(loss)), float(np.mean(acc))
 
 
+def weight_average(model: MetaNet, cfg: TrainConfig) -> AveragedModel | None:
+    """The moving average of the model's weights that cfg.average_decay asks for (None at 0): each
+    optimizer step moves it (1 - decay ** episodes) of the way to the weights, so its memory is
+    counted in episodes whatever the episodes a step. Its first update copies the weights."""
+    if cfg.average_decay == 0:
+        return None
+    decay = cfg.average_decay ** cfg.episodes_per_step
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def augment_of(cfg: TrainConfig) -> Augment:
     return Augment(prob=cfg.augment_prob, rotate=cfg.augment_rotate, shift=cfg.augment_shift,
                    pen_max=cfg.augment_pen_max, low_res=cfg.augment_low_res,
@@ -173,6 +191,9 @@ def train(
     else:
         (run / "history.jsonl").write_text("")
     (run / "train_config.json").write_text(cfg.to_json())
+    average = weight_average(model, cfg)  # (a run that turns it on starts it from the weights)
+    if average is not None and resume and (run / "last" / AVERAGE_FILE).is_file():
+        _load_average(run / "last", average)
     rng = np.random.default_rng(cfg.seed)
     if state.rng_state is not None:
         rng.bit_generator.state = state.rng_state
@@ -191,6 +212,8 @@ def train(
             break
         step = train_step(model, optimizer, sampler, rng, cfg, state.lr, loss_fn)
         window.append(step)
+        if average is not None:
+            average.update_parameters(model)
         before, state.step = state.step, state.step + step.episodes
         if bar is not None:
             bar.update(step.episodes)
@@ -210,6 +233,10 @@ def train(
                 "val": val,
                 "seconds": state.seconds + time.monotonic() - started,
             }
+            if average is not None:
+                record["val_average"] = _validate(average.module, val_split, cfg)
+                save_weights(average.module, run / "average", extra={
+                    "trained_max_way": cfg.max_train_way, "step": state.step, "val": record["val_average"]})
             window.clear()
             with open(run / "history.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -220,8 +247,8 @@ def train(
             state.lr = next_learning_rate(cfg, state)
             plot_curve(run)
         if passed(before, state.step, cfg.checkpoint_every):
-            _save_last(run / "last", model, optimizer, state, rng, started)
-    _save_last(run / "last", model, optimizer, state, rng, started)
+            _save_last(run / "last", model, optimizer, state, rng, started, average)
+    _save_last(run / "last", model, optimizer, state, rng, started, average)
     if not (run / "best" / WEIGHTS_FILE).exists():
         save_weights(model, run / "best",
                      extra={"trained_max_way": cfg.max_train_way, "step": state.step, "val": None})
@@ -245,8 +272,12 @@ def _validate(model: MetaNet, val_split: OmniglotSplit, cfg: TrainConfig) -> dic
 
 
 def _save_last(directory: Path, model: MetaNet, optimizer: torch.optim.Optimizer, state: TrainState,
-               rng: np.random.Generator, started: float) -> None:
+               rng: np.random.Generator, started: float, average: AveragedModel | None = None) -> None:
     save_weights(model, directory)
+    if average is not None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in average.module.state_dict().items()}
+        tensors["n_averaged"] = average.n_averaged.detach().cpu().reshape(1)
+        _atomic(directory / AVERAGE_FILE, lambda tmp: save_file(tensors, str(tmp)))
     opt_state = optimizer.state_dict()
     tensors = {
         f"{idx}.{key}": (
@@ -284,6 +315,12 @@ def _load_last(directory: Path, model: MetaNet, optimizer: torch.optim.Optimizer
                       record.get("improved_step", record["step"]))
 
 
+def _load_average(directory: Path, average: AveragedModel) -> None:
+    tensors = load_file(str(directory / AVERAGE_FILE))
+    average.n_averaged.copy_(tensors.pop("n_averaged").reshape(()))
+    average.module.load_state_dict(tensors)
+
+
 def plot_curve(run: Path) -> None:
     """history.jsonl -> curve.png: training loss and accuracy, validation accuracy."""
     rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line]
@@ -302,6 +339,10 @@ def plot_curve(run: Path) -> None:
     measured = [r for r in rows if r.get("val_acc") is not None]
     ax_acc.plot([r["step"] for r in measured], [r["val_acc"] for r in measured], marker="o",
                 label="validation, mean of 1-shot settings")
+    averaged = [r for r in rows if r.get("val_average") is not None]
+    if averaged:
+        ax_acc.plot([r["step"] for r in averaged], [r["val_average"]["mean"] for r in averaged], marker=".",
+                    label="validation of the weights' moving average")
     ax_acc.set(xlabel="episode", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     ax_acc.legend(loc="lower right")
     fig.tight_layout()

@@ -17,9 +17,17 @@ import torch
 from safetensors.torch import load_file
 
 from model import MetaNet, TrainConfig
-from model.checkpoint import WEIGHTS_FILE
+from model.checkpoint import WEIGHTS_FILE, load_model
 from model.data import EpisodeSampler
-from model.train import STATE_FILE, TrainState, next_learning_rate, sample_episode_size, train
+from model.train import (
+    AVERAGE_FILE,
+    STATE_FILE,
+    TrainState,
+    next_learning_rate,
+    sample_episode_size,
+    train,
+    weight_average,
+)
 from tests.model.conftest import TINY
 from tests.model.omniglot_fixtures import write_omniglot_npz_dir
 
@@ -123,6 +131,58 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_pa
 
 
 
+def test_the_weight_average_starts_at_the_weights_and_forgets_them_per_episode():
+    torch.manual_seed(0)
+    model = MetaNet(TINY)
+    assert weight_average(model, TrainConfig(model=TINY)) is None  # average_decay 0: none kept
+    # 0.5 an episode at two episodes a step: a step keeps a quarter of the average.
+    average = weight_average(model, TrainConfig(model=TINY, average_decay=0.5, episodes_per_step=2))
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    average.update_parameters(model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    average.update_parameters(model)
+    averaged = average.module.state_dict()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(averaged[name], 0.25 * first[name] + 0.75 * param.detach(), msg=name)
+    assert not any(torch.equal(averaged[name], param) for name, param in model.named_parameters())
+
+
+def test_an_averaging_run_validates_saves_and_resumes_its_average_exactly(tmp_path, tiny_split):
+    splits = (tiny_split, tiny_split)
+
+    def averaging(episodes: int) -> TrainConfig:
+        return dataclasses.replace(_tiny_train_config(episodes), average_decay=0.7)
+
+    train(averaging(4), tmp_path / "straight", splits=splits, progress=False)
+    train(averaging(2), tmp_path / "resumed", splits=splits, progress=False)
+    train(averaging(4), tmp_path / "resumed", splits=splits, progress=False, resume=True)
+    _same_weights(tmp_path / "straight", tmp_path / "resumed")
+    straight = load_file(str(tmp_path / "straight" / "last" / AVERAGE_FILE))
+    resumed = load_file(str(tmp_path / "resumed" / "last" / AVERAGE_FILE))
+    assert int(resumed["n_averaged"]) == 4
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    weights = load_file(str(tmp_path / "resumed" / "last" / WEIGHTS_FILE))
+    assert any(not torch.equal(weights[name], resumed[name]) for name in weights)
+
+    history = [json.loads(line) for line in (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == [2, 4]
+    assert all(0.0 <= r["val_average"]["mean"] <= 1.0 for r in history)
+    saved = json.loads((tmp_path / "resumed" / "average" / "config.json").read_text())
+    assert saved["step"] == 4 and saved["val"] == history[-1]["val_average"]
+    loaded = load_model(tmp_path / "resumed" / "average").state_dict()
+    for name, tensor in loaded.items():
+        torch.testing.assert_close(tensor, resumed[name], rtol=0, atol=0, msg=name)
+
+
+def test_an_average_decay_outside_0_to_1_is_refused_by_name():
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="average_decay"):
+            TrainConfig(average_decay=bad)
+
+
 def _same_weights(a: Path, b: Path) -> None:
     first, second = load_file(str(a / "last" / WEIGHTS_FILE)), load_file(str(b / "last" / WEIGHTS_FILE))
     for name, tensor in first.items():
@@ -217,12 +277,13 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_run(tmp_path):
         "--no-progress",
     ]
     out = cli("train", "--run-dir", str(run), "--episodes", "4", "--channels", "8", "--augment-prob", "0.25",
-              "--augment-episode-pen", "0.5", "--uneven-prob", "0.5", *common)
+              "--augment-episode-pen", "0.5", "--uneven-prob", "0.5", "--average-decay", "0.9", *common)
     assert json.loads(out.splitlines()[-1])["step"] == 4
     assert json.loads((run / "last" / STATE_FILE).read_text())["step"] == 4
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["model"]["channels"] == 8
     assert (saved["augment_prob"], saved["augment_episode_pen"], saved["uneven_prob"]) == (0.25, 0.5, 0.5)
+    assert saved["average_decay"] == 0.9 and (run / "average" / WEIGHTS_FILE).is_file()
     assert saved["episodes_per_step"] == 1
 
     # --resume reuses the run's saved config (8 channels) without being told again.

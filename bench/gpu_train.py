@@ -14,12 +14,13 @@ Phases, in order, each inside the limit (--limit-minutes, from the start of this
 3. training (`model.train.train`, with --episodes-per-step and the options) for --minutes, or less
    if the limit needs it, on a copy of --resume-from (default runs/metanet: the committed
    checkpoint, never written to) or, with --from-scratch, a new run of the named preset
-   (model.config.PRESETS); validations keep the best weights in best/;
+   (model.config.PRESETS); validations keep the best weights in best/ (and, in a run with
+   average_decay, the weights' moving average in average/);
 4. `metanet evaluate` at each --eval-ways, one-shot, --eval-episodes (seed 0, 5 queries a class,
    the evaluation alphabets, or the 423 test characters for a run on the 1,200 / 423 split:
    `--preset paper-1200`), on best/, fewer episodes if the time left needs it (the record says);
 5. the archive, in --out (default $OUT): run.tar.gz (last/: weights, Adam and RNG state, which
-   `metanet train --resume` continues; best/; history.jsonl; train_config.json; curve.png),
+   `metanet train --resume` continues; best/; average/; history.jsonl; train_config.json; curve.png),
    gpu-train-<date>-<device>.json (device, recipe, timings, training state, evaluations),
    train-throughput-<date>-<device>.json and gpu-train.log (everything printed).
 
@@ -56,7 +57,7 @@ from model.evaluate import evaluate  # noqa: E402
 from model.metanet import MetaNet  # noqa: E402
 from model.train import augment_of, batched_loss_fn, is_batched, train, train_step  # noqa: E402
 
-ARCHIVED = ("last", "best", "history.jsonl", "train_config.json", "curve.png")
+ARCHIVED = ("last", "best", "average", "history.jsonl", "train_config.json", "curve.png")
 EVAL_SHARE_MIN_SECONDS = 5.0  # an evaluation given less than this is skipped, not started
 
 
@@ -298,7 +299,7 @@ def _main(args: argparse.Namespace, started: float, deadline: float) -> int:
     if args.from_scratch:
         record["first_step"], record["start"] = 0, f"from scratch, preset {args.preset}"
     else:
-        for name in ("last", "train_config.json", "history.jsonl", "best"):
+        for name in ("last", "train_config.json", "history.jsonl", "best", "average"):
             source = args.resume_from / name
             if source.is_dir():
                 shutil.copytree(source, run / name, ignore=shutil.ignore_patterns("*.tmp"))

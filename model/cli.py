@@ -40,7 +40,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--val-every", type=int)
     p.add_argument("--val-episodes", type=int)
-    p.add_argument("--val-ways", type=_ints, help="1-shot validation ways, comma-separated (default 20)")
+    p.add_argument("--val-ways", type=_ints, help="1-shot validation ways, comma-separated (default 5,20)")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--min-way", type=int, help="smallest n_way of a training episode")
     p.add_argument("--max-train-way", type=int, help="largest n_way of a training episode")

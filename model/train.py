@@ -336,13 +336,14 @@ def plot_curve(run: Path) -> None:
     ax_loss.plot(steps, [r["train_loss"] for r in rows])
     ax_loss.set(xlabel="episode", ylabel="query cross-entropy", title="training loss", yscale="log")
     ax_acc.plot(steps, [r["train_acc"] for r in rows], label="train (mixed way/shot)")
-    measured = [r for r in rows if r.get("val_acc") is not None]
-    ax_acc.plot([r["step"] for r in measured], [r["val_acc"] for r in measured], marker="o",
-                label="validation, mean of 1-shot settings")
-    averaged = [r for r in rows if r.get("val_average") is not None]
-    if averaged:
-        ax_acc.plot([r["step"] for r in averaged], [r["val_average"]["mean"] for r in averaged], marker=".",
-                    label="validation of the weights' moving average")
+    # One line per validation setting (a run may add one midway), and its weight average's.
+    for key, label in (("val", "validation"), ("val_average", "validation, weight average")):
+        settings = sorted({k for r in rows for k in (r.get(key) or {}) if k != "mean"},
+                          key=lambda k: int(k.split("-")[0]))
+        for setting in settings:
+            measured = [r for r in rows if setting in (r.get(key) or {})]
+            ax_acc.plot([r["step"] for r in measured], [r[key][setting] for r in measured],
+                        marker="o" if key == "val" else ".", label=f"{label}, {setting} 1-shot")
     ax_acc.set(xlabel="episode", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     ax_acc.legend(loc="lower right")
     fig.tight_layout()

@@ -278,6 +278,8 @@ def _save_last(directory: Path, model: MetaNet, optimizer: torch.optim.Optimizer
         tensors = {k: v.detach().cpu().contiguous() for k, v in average.module.state_dict().items()}
         tensors["n_averaged"] = average.n_averaged.detach().cpu().reshape(1)
         _atomic(directory / AVERAGE_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    else:  # a run that stops averaging drops its average: turned on again, it starts afresh
+        (directory / AVERAGE_FILE).unlink(missing_ok=True)
     opt_state = optimizer.state_dict()
     tensors = {
         f"{idx}.{key}": (

@@ -176,6 +176,10 @@ def test_an_averaging_run_validates_saves_and_resumes_its_average_exactly(tmp_pa
     for name, tensor in loaded.items():
         torch.testing.assert_close(tensor, resumed[name], rtol=0, atol=0, msg=name)
 
+    # Resumed without averaging, the run drops its average rather than keep a stale one.
+    train(_tiny_train_config(6), tmp_path / "resumed", splits=splits, progress=False, resume=True)
+    assert not (tmp_path / "resumed" / "last" / AVERAGE_FILE).exists()
+
 
 def test_an_average_decay_outside_0_to_1_is_refused_by_name():
     for bad in (1.0, -0.1, float("nan")):

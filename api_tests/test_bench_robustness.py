@@ -66,13 +66,36 @@ def test_stroke_normalisation_erodes_a_wide_pen_to_omniglots_width_and_leaves_a_
 
     monkeypatch.setattr(bench, "STROKE_TO_EXTENT", [0.1])  # Omniglot's median is about 0.105
     wide, thin = l_shape(105, 12), l_shape(105, 3)
-    width_before, extent, _ = bench._stroke(wide.astype(bool))
-    width_after, _, _ = bench._stroke(bench.thinned_to_omniglot(wide)[0].astype(bool))
+    width_before, extent, _ = bench.stroke(wide.astype(bool))
+    width_after, _, _ = bench.stroke(bench.thinned_to_omniglot(wide)[0].astype(bool))
     assert width_before > 1.5 * 0.1 * extent and width_after <= 0.1 * extent + 2
     np.testing.assert_array_equal(bench.thinned_to_omniglot(thin)[0], thin)
     # A glyph sent small is enlarged to Omniglot's size first, then eroded the same way.
     small = bench.thinned_to_omniglot(l_shape(32, 4))[0]
     assert small.shape == (96, 96)
-    width_before, extent, _ = bench._stroke(l_shape(96, 12).astype(bool))  # the L enlarged 3 times
-    width_after, _, _ = bench._stroke(small.astype(bool))
+    width_before, extent, _ = bench.stroke(l_shape(96, 12).astype(bool))  # the L enlarged 3 times
+    width_after, _, _ = bench.stroke(small.astype(bool))
     assert width_before > 1.5 * 0.1 * extent and width_after <= 0.1 * extent + 2
+
+
+def test_a_flat_strokes_width_is_measured_as_drawn() -> None:
+    from bench.robustness import stroke
+
+    width, extent, _ = stroke(l_shape(105, 12).astype(bool))
+    assert extent == 70 and 10 <= width <= 14
+
+
+@pytest.mark.slow
+def test_stroke_widths_grow_with_the_pen_and_place_the_digits_among_them(tmp_path: Path) -> None:
+    out = tmp_path / "widths.json"
+    run = subprocess.run([sys.executable, "bench/stroke_widths.py", "--drawings", "40", "--pens", "1,3,6",
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["width_over_longer_side"]
+    medians = [rows[name]["median"] for name in ("robustness: thin pen", "Omniglot as drawn", "training pen 1",
+                                                 "training pen 3", "training pen 6")]
+    assert medians == sorted(medians) and len(set(medians)) == len(medians)
+    # Coarse 8x8 digits have strokes wider than a 3-pixel pen makes Omniglot's, within a 6-pixel one.
+    assert rows["training pen 3"]["median"] < rows["scikit-learn digits (32x32)"]["median"]
+    assert rows["scikit-learn digits (32x32)"]["median"] < rows["training pen 6"]["median"]
+    assert "| scikit-learn digits (32x32) |" in run.stdout

@@ -168,7 +168,7 @@ def _extent(mask: np.ndarray) -> int:
     return int(max(np.ptp(rows), np.ptp(cols)) + 1)
 
 
-def _stroke(mask: np.ndarray) -> tuple[float, int, np.ndarray]:
+def stroke(mask: np.ndarray) -> tuple[float, int, np.ndarray]:
     """(stroke width, longer side, distance to the paper) of a glyph's ink mask."""
     from scipy import ndimage
 
@@ -180,7 +180,7 @@ def measure_omniglot_stroke(raw: np.ndarray, seed: int, n: int = 1500) -> float:
     rng = np.random.default_rng(seed)
     ratios = []
     for c, d in zip(rng.integers(0, raw.shape[0], n), rng.integers(0, raw.shape[1], n), strict=True):
-        width, extent, _ = _stroke(raw[c, d].astype(bool))
+        width, extent, _ = stroke(raw[c, d].astype(bool))
         ratios.append(width / extent)
     return float(np.median(ratios))
 
@@ -194,7 +194,7 @@ def thinned_to_omniglot(ink: np.ndarray) -> np.ndarray:
     if scale > 1:
         big = Image.fromarray(ink).resize((ink.shape[1] * scale, ink.shape[0] * scale), Image.BILINEAR)
         mask = np.asarray(big) >= 0.5 * ink.max()
-    width, extent, distance = _stroke(mask)
+    width, extent, distance = stroke(mask)
     excess = int((width - STROKE_TO_EXTENT[0] * extent) // 2)
     return (mask & (distance > excess) if excess >= 1 else mask)[None].astype(np.float32)
 

@@ -101,8 +101,13 @@ def _pen(x: Tensor, pens: np.ndarray) -> Tensor:
         if radius < 0:
             out[rows] = -F.max_pool2d(-x[rows], 3, stride=1, padding=1)
         else:
-            out[rows] = F.max_pool2d(x[rows], 2 * int(radius) + 1, stride=1, padding=int(radius))
+            out[rows] = dilate(x[rows], int(radius))
     return out
+
+
+def dilate(x: Tensor, radius: int) -> Tensor:
+    """Strokes of drawings (n, 1, H, W) widened by `radius` pixels each side (a square pen)."""
+    return F.max_pool2d(x, 2 * radius + 1, stride=1, padding=radius)
 
 
 def _turn_and_shift(x: Tensor, angles: np.ndarray, shifts: np.ndarray) -> Tensor:

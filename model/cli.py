@@ -53,6 +53,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="the share of episodes whose classes each draw their own number of shots")
     p.add_argument("--augment-prob", type=float,
                    help="the share of drawings augmented (pen, small turns and shifts, low resolution)")
+    p.add_argument("--augment-pen-max", type=int,
+                   help="the widest pen of the augmentation: strokes dilated by up to this many pixels "
+                        "of Omniglot's 105x105 frame")
     p.add_argument("--augment-episode-pen", type=float,
                    help="the share of episodes whose drawings all have one pen, thinner or thicker")
     p.add_argument("--average-decay", type=float,
@@ -79,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
         k: getattr(args, k)
         for k in ("episodes", "seed", "val_every", "val_episodes", "val_ways", "checkpoint_every", "min_way",
                   "max_train_way", "lr", "lr_patience", "multi_shot_prob", "uneven_prob",
-                  "augment_prob", "augment_episode_pen", "average_decay", "split")
+                  "augment_prob", "augment_pen_max", "augment_episode_pen", "average_decay", "split")
         if getattr(args, k) is not None
     }
     cfg = dataclasses.replace(cfg, **overrides)

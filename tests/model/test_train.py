@@ -281,12 +281,14 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_run(tmp_path):
         "--no-progress",
     ]
     out = cli("train", "--run-dir", str(run), "--episodes", "4", "--channels", "8", "--augment-prob", "0.25",
-              "--augment-episode-pen", "0.5", "--uneven-prob", "0.5", "--average-decay", "0.9", *common)
+              "--augment-pen-max", "6", "--augment-episode-pen", "0.5", "--uneven-prob", "0.5",
+              "--average-decay", "0.9", *common)
     assert json.loads(out.splitlines()[-1])["step"] == 4
     assert json.loads((run / "last" / STATE_FILE).read_text())["step"] == 4
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["model"]["channels"] == 8
     assert (saved["augment_prob"], saved["augment_episode_pen"], saved["uneven_prob"]) == (0.25, 0.5, 0.5)
+    assert saved["augment_pen_max"] == 6
     assert saved["average_decay"] == 0.9 and (run / "average" / WEIGHTS_FILE).is_file()
     assert saved["episodes_per_step"] == 1
 

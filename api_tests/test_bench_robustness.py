@@ -92,8 +92,9 @@ def test_stroke_widths_grow_with_the_pen_and_place_the_digits_among_them(tmp_pat
                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["width_over_longer_side"]
-    medians = [rows[name]["median"] for name in ("robustness: thin pen", "Omniglot as drawn", "training pen 1",
-                                                 "training pen 3", "training pen 6")]
+    names = ("robustness: thin pen", "Omniglot as drawn", "training pen 1", "training pen 3",
+             "training pen 6")
+    medians = [rows[name]["median"] for name in names]
     assert medians == sorted(medians) and len(set(medians)) == len(medians)
     # Coarse 8x8 digits have strokes wider than a 3-pixel pen makes Omniglot's, within a 6-pixel one.
     assert rows["training pen 3"]["median"] < rows["scikit-learn digits (32x32)"]["median"]

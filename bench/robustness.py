@@ -176,13 +176,15 @@ def stroke(mask: np.ndarray) -> tuple[float, int, np.ndarray]:
     return 4 * float(distance[mask].mean()), _extent(mask), distance
 
 
+def width_ratios(masks: np.ndarray) -> np.ndarray:
+    """Each binary glyph's stroke width over its longer side."""
+    return np.array([width / extent for width, extent, _ in map(stroke, masks.astype(bool))])
+
+
 def measure_omniglot_stroke(raw: np.ndarray, seed: int, n: int = 1500) -> float:
     rng = np.random.default_rng(seed)
-    ratios = []
-    for c, d in zip(rng.integers(0, raw.shape[0], n), rng.integers(0, raw.shape[1], n), strict=True):
-        width, extent, _ = stroke(raw[c, d].astype(bool))
-        ratios.append(width / extent)
-    return float(np.median(ratios))
+    chars, drawings = rng.integers(0, raw.shape[0], n), rng.integers(0, raw.shape[1], n)
+    return float(np.median(width_ratios(raw[chars, drawings])))
 
 
 def thinned_to_omniglot(ink: np.ndarray) -> np.ndarray:

@@ -26,18 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.harness import git_commit, write_result  # noqa: E402  (run as a script: the repository first)
-from bench.robustness import digit_images, stroke, thick_pen, thin_pen  # noqa: E402
+from bench.robustness import digit_images, thick_pen, thin_pen, width_ratios  # noqa: E402
 from model.augment import dilate  # noqa: E402
 from model.data import load_split  # noqa: E402
-
-
-def width_ratios(masks: np.ndarray) -> np.ndarray:
-    """Each binary glyph's stroke width over its longer side."""
-    out = []
-    for mask in masks.astype(bool):
-        width, extent, _ = stroke(mask)
-        out.append(width / extent)
-    return np.array(out)
 
 
 def summary(ratios: np.ndarray) -> dict[str, float]:

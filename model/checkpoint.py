@@ -47,7 +47,10 @@ def load_model(
     valid JSON, and tensors whose names, shapes or dtypes do not match the config.
     """
     directory = Path(path) if path is not None else SHIPPED_WEIGHTS
-    weights_path, config_path = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+    return _load(directory / WEIGHTS_FILE, directory / CONFIG_FILE).to(device).eval()
+
+
+def _load(weights_path: Path, config_path: Path, drop: tuple[str, ...] = ()) -> MetaNet:
     for required in (weights_path, config_path):
         if not required.is_file():
             raise CheckpointError(f"checkpoint file {required} is missing")
@@ -60,6 +63,8 @@ def load_model(
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
+    for name in drop:
+        state.pop(name, None)
     model = MetaNet(config)
     # Weights saved before calibration existed answer with their raw softmax; weights calibrated
     # with one temperature for every task use it for every number of classes.
@@ -76,7 +81,39 @@ def load_model(
                 f"{config_path}: trained_max_way must be an integer in [2, {config.max_way}], got {trained!r}"
             )
         model.max_way = trained
-    return model.to(device).eval()
+    return model
+
+
+def average_weights(
+    sources: list[str | os.PathLike[str]], directory: str | os.PathLike[str]
+) -> MetaNet:
+    """The element-wise mean of several weight sets of one architecture, written to `directory`.
+
+    A source is a weights directory, or a safetensors file beside a `config.json` (a training
+    run's `last/average.safetensors`, its moving average). Weights of one run average into a
+    model that sits nearer the centre of the minimum they wander about (Wortsman et al., 2022,
+    "model soups"). The confidence temperatures are reset to 1: calibrate the result.
+    """
+    if len(sources) < 2:
+        raise ValueError("averaging takes two weight sets or more")
+    config, states = None, []
+    for source in map(Path, sources):
+        weights_path = source if source.suffix == ".safetensors" else source / WEIGHTS_FILE
+        # A moving average's file also counts the steps it averaged, which no model holds.
+        model = _load(weights_path, weights_path.parent / CONFIG_FILE, drop=("n_averaged",))
+        if config is not None and model.config != config:
+            raise CheckpointError(f"{source} is a different architecture from {sources[0]}: "
+                                  f"{model.config.to_dict()} against {config.to_dict()}")
+        config = model.config
+        states.append((model.state_dict(), model.max_way))
+    averaged = MetaNet(config)
+    mean = {name: torch.stack([state[name] for state, _ in states]).mean(0) for name in states[0][0]}
+    mean["temperature"] = torch.ones_like(mean["temperature"])
+    averaged.load_state_dict(mean)
+    averaged.max_way = min(max_way for _, max_way in states)
+    save_weights(averaged, directory, extra={"trained_max_way": averaged.max_way,
+                                             "averaged_from": [str(s) for s in sources]})
+    return load_model(directory)
 
 
 def weights_version(weights_path: Path) -> str:

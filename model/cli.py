@@ -1,4 +1,4 @@
-"""The model's own commands, for `metanet`: train, evaluate, calibrate and export-onnx.
+"""The model's own commands, for `metanet`: train, evaluate, calibrate, average and export-onnx.
 
 Each imports what it needs when it runs, so the command line starts without torch.
 """
@@ -23,6 +23,7 @@ def add_model_commands(sub: argparse._SubParsersAction, output: argparse.Argumen
     _add_train(sub)
     _add_evaluate(sub, output)
     _add_calibrate(sub)
+    _add_average(sub)
     _add_export_onnx(sub)
 
 
@@ -44,6 +45,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--min-way", type=int, help="smallest n_way of a training episode")
     p.add_argument("--max-train-way", type=int, help="largest n_way of a training episode")
+    p.add_argument("--way-power", type=float,
+                   help="draw n_way with probability proportional to n_way ** -this (0: uniformly; "
+                        "1: 5-way episodes ten times as often as 50-way)")
     p.add_argument("--lr", type=float, help="Adam's learning rate (on --resume: the rate from now on)")
     p.add_argument("--lr-patience", type=int,
                    help="halve the rate when validation has not improved for this many episodes (0: never)")
@@ -81,7 +85,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {
         k: getattr(args, k)
         for k in ("episodes", "seed", "val_every", "val_episodes", "val_ways", "checkpoint_every", "min_way",
-                  "max_train_way", "lr", "lr_patience", "multi_shot_prob", "uneven_prob",
+                  "max_train_way", "way_power", "lr", "lr_patience", "multi_shot_prob", "uneven_prob",
                   "augment_prob", "augment_pen_max", "augment_episode_pen", "average_decay", "split")
         if getattr(args, k) is not None
     }
@@ -234,6 +238,27 @@ def _check_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install 'metanet-service[train]'") from None
+
+
+def _add_average(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "average", help="write the mean of several weight sets of one architecture (then calibrate it)",
+        description="Average weight sets element-wise into a new weights directory. A source is a "
+                    "weights directory or a safetensors file beside a config.json, such as a run's "
+                    "last/average.safetensors. The temperatures start at 1: run metanet calibrate next.",
+    )
+    p.add_argument("sources", nargs="+", help="weights directories or .safetensors files (two or more)")
+    p.add_argument("--out", required=True, help="weights directory to write")
+    p.set_defaults(func=_average)
+
+
+def _average(args: argparse.Namespace) -> int:
+    from model.checkpoint import average_weights
+
+    model = average_weights(args.sources, args.out)
+    print(f"wrote {args.out} ({model.version}), the mean of {len(args.sources)} weight sets; "
+          f"calibrate it with: metanet calibrate --weights {args.out}")
+    return 0
 
 
 def _add_export_onnx(sub: argparse._SubParsersAction) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,12 +87,16 @@ class TrainConfig:
     # in the authors' code), never below min_lr.
     lr_patience: int = 0
     min_lr: float = 1e-5
-    # Each episode draws n_way uniformly from [min_way, max_train_way] and, with probability
+    # Each episode draws n_way from [min_way, max_train_way] and, with probability
     # multi_shot_prob, n_shot uniformly from [2, max_shot] (else 1): one model serves every size.
+    # n_way is drawn with probability proportional to n_way ** -way_power: 0 draws it uniformly,
+    # where a 5..50 mix meets 5 classes in one episode of 46; 1 makes 5-way 10 times as likely as
+    # 50-way, for a model whose few-class answers swing between checkpoints.
     # Training must reach max_way: a model trained only up to 20-way answers at chance at 21-way
     # (the untrained slots of the softmax layer outvote the trained ones).
     min_way: int = 2
     max_train_way: int = 50
+    way_power: float = 0.0
     max_shot: int = 5
     multi_shot_prob: float = 0.3
     # The share of episodes whose classes each draw their own number of shots from [1, max_shot]:
@@ -148,6 +153,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.split not in TRAINING_SPLITS:
             raise ValueError(f"split must be one of {', '.join(TRAINING_SPLITS)}, got {self.split!r}")
+        if not (self.way_power >= 0 and math.isfinite(self.way_power)):
+            raise ValueError(f"way_power must be a finite number, 0 or more, got {self.way_power!r}")
         if not 0 <= self.average_decay < 1:
             raise ValueError(f"average_decay must be in [0, 1), got {self.average_decay!r}")
         if isinstance(self.episodes_per_step, bool) or not isinstance(self.episodes_per_step, int) \

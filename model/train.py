@@ -56,7 +56,11 @@ def sample_episode_size(
 ) -> tuple[int, int | list[int], int]:
     """(n_way, shots, n_query) for one training episode: a range of sizes serves every task.
     shots is one number for every class, or (uneven episodes) a list of one per class."""
-    n_way = int(rng.integers(cfg.min_way, cfg.max_train_way + 1))
+    if cfg.way_power == 0:
+        n_way = int(rng.integers(cfg.min_way, cfg.max_train_way + 1))
+    else:
+        ways, probabilities = way_weights(cfg)
+        n_way = int(rng.choice(ways, p=probabilities))
     # At most 60 support examples, as a 20-way 3-shot task: the cost of an episode grows with them.
     most = max(1, min(cfg.max_shot, cfg.model.max_examples // n_way, 60 // n_way))
     shots: int | list[int] = 1
@@ -67,6 +71,13 @@ def sample_episode_size(
     biggest = shots if isinstance(shots, int) else max(shots)
     n_query = max(1, min(cfg.query_per_class, cfg.max_queries // n_way, n_drawings - biggest))
     return n_way, shots, n_query
+
+
+def way_weights(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The training ways min_way..max_train_way and each one's probability, n_way ** -way_power."""
+    ways = np.arange(cfg.min_way, cfg.max_train_way + 1)
+    weights = ways.astype(float) ** -cfg.way_power
+    return ways, weights / weights.sum()
 
 
 def next_learning_rate(cfg: TrainConfig, state: TrainState) -> float:

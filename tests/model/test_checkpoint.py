@@ -7,13 +7,18 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, InvalidTaskError, MetaNet, MetaNetConfig
-from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, save_weights
+from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, average_weights, load_model, save_weights
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -195,3 +200,56 @@ def test_weights_trained_on_smaller_tasks_refuse_larger_ones(tmp_path, model):
 def test_load_model_refuses_a_trained_max_way_outside_the_heads(tmp_path, model, bad):
     with pytest.raises(CheckpointError, match="trained_max_way"):
         load_model(save_weights(model, tmp_path / "w", extra={"trained_max_way": bad}))
+
+
+def test_averaged_weights_are_the_element_wise_mean_at_temperature_one(tmp_path, model):
+    first = save_weights(model, tmp_path / "first")
+    other = MetaNet(model.config)
+    with torch.no_grad():
+        other.temperature.fill_(2.5)
+    # A run's moving average: a safetensors file beside a config.json, counting its steps.
+    (tmp_path / "run").mkdir()
+    save_weights(other, tmp_path / "run")
+    state = {**other.state_dict(), "n_averaged": torch.tensor(40)}
+    save_file(state, str(tmp_path / "run" / "average.safetensors"))
+
+    averaged = average_weights([first, tmp_path / "run" / "average.safetensors"], tmp_path / "mean")
+    assert averaged.config == model.config and averaged.version == load_model(tmp_path / "mean").version
+    for name, tensor in averaged.state_dict().items():
+        if name == "temperature":
+            assert torch.equal(tensor, torch.ones_like(tensor))
+        else:
+            torch.testing.assert_close(tensor, (model.state_dict()[name] + other.state_dict()[name]) / 2,
+                                       rtol=0, atol=0, msg=name)
+    meta = json.loads((tmp_path / "mean" / CONFIG_FILE).read_text())
+    assert meta["averaged_from"] == [str(first), str(tmp_path / "run" / "average.safetensors")]
+
+
+def test_averaging_refuses_other_architectures_a_lone_source_and_missing_files(tmp_path, model):
+    first = save_weights(model, tmp_path / "first")
+    wider = save_weights(MetaNet(MetaNetConfig(channels=16, rep_dim=8, hidden_dim=8, max_way=6,
+                                               max_examples=12)), tmp_path / "wider")
+    with pytest.raises(CheckpointError, match="wider is a different architecture"):
+        average_weights([first, wider], tmp_path / "out")
+    with pytest.raises(ValueError, match="two weight sets or more"):
+        average_weights([first], tmp_path / "out")
+    with pytest.raises(CheckpointError, match="nowhere.safetensors is missing"):
+        average_weights([first, tmp_path / "nowhere.safetensors"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_metanet_average_writes_the_mean_and_names_a_bad_source(tmp_path, model):
+    first = save_weights(model, tmp_path / "first")
+    second = save_weights(MetaNet(model.config), tmp_path / "second")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "service.cli", "average", *args], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    done = cli(str(first), str(second), "--out", str(tmp_path / "mean"))
+    assert done.returncode == 0, done.stderr
+    assert load_model(tmp_path / "mean").version in done.stdout and "metanet calibrate" in done.stdout
+    done = cli(str(first), str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad"))
+    assert done.returncode == 2 and not (tmp_path / "bad").exists()
+    assert f"metanet average: error: checkpoint file {tmp_path / 'nowhere' / WEIGHTS_FILE} is missing" \
+        in done.stderr

@@ -85,6 +85,29 @@ def test_sample_episode_size_stays_within_the_recipe():
     assert {s for _, s, _ in sizes} == set(range(1, cfg.max_shot + 1))
 
 
+def test_way_power_draws_few_class_episodes_as_often_as_n_way_to_its_power():
+    cfg = TrainConfig(min_way=5, max_train_way=50, way_power=1.0)
+    rng = np.random.default_rng(0)
+    ways = np.array([sample_episode_size(cfg, rng, n_drawings=20)[0] for _ in range(20_000)])
+    assert ways.min() == 5 and ways.max() == 50
+    # P(n) = (1 / n) / sum over 5..50 of 1 / m: 8.2% for 5 classes, 2.0% for 20, 0.8% for 50.
+    total = sum(1 / m for m in range(5, 51))
+    for way in (5, 20, 50):
+        expected = 1 / way / total
+        assert abs((ways == way).mean() - expected) < 4 * np.sqrt(expected / len(ways)), way
+    # 0 keeps the uniform draw, and the random stream, of a run that never set it.
+    uniform, default = TrainConfig(way_power=0.0), TrainConfig()
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    assert [sample_episode_size(uniform, a, 20) for _ in range(50)] == \
+        [sample_episode_size(default, b, 20) for _ in range(50)]
+
+
+def test_a_negative_or_infinite_way_power_is_refused_by_name():
+    for bad in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="way_power must be a finite number, 0 or more"):
+            TrainConfig(way_power=bad)
+
+
 def _tiny_train_config(episodes: int) -> TrainConfig:
     return TrainConfig(
         model=TINY,
@@ -282,13 +305,13 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_run(tmp_path):
     ]
     out = cli("train", "--run-dir", str(run), "--episodes", "4", "--channels", "8", "--augment-prob", "0.25",
               "--augment-pen-max", "6", "--augment-episode-pen", "0.5", "--uneven-prob", "0.5",
-              "--average-decay", "0.9", *common)
+              "--way-power", "1", "--average-decay", "0.9", *common)
     assert json.loads(out.splitlines()[-1])["step"] == 4
     assert json.loads((run / "last" / STATE_FILE).read_text())["step"] == 4
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["model"]["channels"] == 8
     assert (saved["augment_prob"], saved["augment_episode_pen"], saved["uneven_prob"]) == (0.25, 0.5, 0.5)
-    assert saved["augment_pen_max"] == 6
+    assert saved["augment_pen_max"] == 6 and saved["way_power"] == 1.0
     assert saved["average_decay"] == 0.9 and (run / "average" / WEIGHTS_FILE).is_file()
     assert saved["episodes_per_step"] == 1
 

@@ -100,3 +100,27 @@ def test_stroke_widths_grow_with_the_pen_and_place_the_digits_among_them(tmp_pat
     assert rows["training pen 3"]["median"] < rows["scikit-learn digits (32x32)"]["median"]
     assert rows["scikit-learn digits (32x32)"]["median"] < rows["training pen 6"]["median"]
     assert "| scikit-learn digits (32x32) |" in run.stdout
+
+
+@pytest.mark.parametrize("alphabets", ["evaluation", "validation"])
+def test_alphabets_picks_the_characters_the_tasks_are_drawn_from(alphabets: str, tmp_path: Path,
+                                                                 monkeypatch, capsys) -> None:
+    from bench import robustness as bench
+    from model.data import load_split, training_splits
+
+    expected = (training_splits(None)[1] if alphabets == "validation" else load_split(None, "evaluation")).raw
+    seen: list[np.ndarray] = []
+
+    def conditions(model, raw, way, episodes, seed, names):  # noqa: ANN001, ANN202  (the real signature)
+        seen.append(raw)
+        return {name: {"accuracy": 0.5, "ci95": 0.0, "ece": 0.0, "support_self": 1.0, "tasks_warned": 0.0}
+                for name in names}
+
+    monkeypatch.setattr(bench, "run_conditions", conditions)
+    out = tmp_path / "record.json"
+    assert bench.main(["--parts", "conditions", "--conditions", "plain", "--alphabets", alphabets,
+                       "--out", str(out)]) == 0
+    assert len(seen) == 1 and np.array_equal(seen[0], expected)
+    result = json.loads(out.read_text())
+    assert result["alphabets"] == alphabets
+    assert f"{alphabets} alphabets)" in capsys.readouterr().out

@@ -4,6 +4,7 @@
     python bench/robustness.py --quick                  # a smoke run of every part (a minute)
     python bench/robustness.py --weights DIR --episodes 300 --out FILE.json
     python bench/robustness.py --parts conditions,digits --stroke normalised   # another framing
+    python bench/robustness.py --weights DIR --alphabets validation   # to choose between weights
 
 Every image goes through `model.transform.canonical`, the transform the service applies to what
 it receives, as 8-bit grey images a client would send (dark ink on light paper unless a condition
@@ -24,7 +25,9 @@ says otherwise). Parts, each on the same seeded episodes for every setting it co
   would send them (light ink on dark), one support image a digit and 10 queries.
 
 `--box`, `--centre` and `--stroke` measure framings other than canonical's on the same tasks:
-docs/model.md's "Input framing" chose canonical's with them.
+docs/model.md's "Input framing" chose canonical's with them. `--alphabets validation` runs the
+Omniglot parts on the background alphabets training holds out for validation instead, so weights
+can be chosen without looking at the evaluation alphabets their figures are reported on.
 
 Writes bench/results/robustness-<date>-<model version>.json (or --out) and prints a table.
 """
@@ -49,7 +52,7 @@ sys.path.insert(0, str(REPO))
 from bench.harness import git_commit, write_result  # noqa: E402  (run as a script: the repository first)
 from model.calibrate import TaskKind, expected_calibration_error, sample_task  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
-from model.data import load_split  # noqa: E402
+from model.data import load_split, training_splits  # noqa: E402
 from model.metanet import MetaNet  # noqa: E402
 from model.transform import canonical, frame, ink_maps  # noqa: E402
 
@@ -345,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=300, help="tasks per setting (300)")
     parser.add_argument("--way", type=int, default=20, help="classes of the condition tasks (20)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--alphabets", choices=("evaluation", "validation"), default="evaluation",
+                        help="Omniglot alphabets the tasks draw from: the evaluation set, or the "
+                             "background alphabets held out for validation, to choose weights by "
+                             "(evaluation)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 2 tasks a setting, 5-way, one uneven setting a way")
     parser.add_argument("--out", help="result file (default bench/results/robustness-<date>-<version>.json)")
@@ -377,38 +384,41 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--way must be 2 to 50")
     started = time.perf_counter()
     model = load_model(args.weights)
-    evaluation = load_split(args.data_dir, "evaluation")
-    assert evaluation.raw is not None
+    omniglot = (training_splits(args.data_dir)[1] if args.alphabets == "validation"
+                else load_split(args.data_dir, "evaluation"))
+    assert omniglot.raw is not None
     if args.stroke == "normalised":
-        STROKE_TO_EXTENT[:] = [measure_omniglot_stroke(evaluation.raw, args.seed)]
+        STROKE_TO_EXTENT[:] = [measure_omniglot_stroke(omniglot.raw, args.seed)]
         FRAMING["stroke_to_extent"] = round(STROKE_TO_EXTENT[0], 4)
     command = "python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result: dict[str, Any] = {
         "command": command.strip(), "commit": git_commit(), "model_version": model.version,
         "temperatures": {str(w): round(float(model.temperature[w]), 4) for w in sorted({args.way, 5, 10})},
         "date": dt.date.today().isoformat(),
-        "episodes": args.episodes, "way": args.way, "seed": args.seed, "framing": dict(FRAMING),
+        "alphabets": args.alphabets, "episodes": args.episodes, "way": args.way, "seed": args.seed,
+        "framing": dict(FRAMING),
     }
     if "conditions" in parts:
         print(f"{model.version}: conditions, {args.way}-way 1-shot, {args.episodes} tasks each", flush=True)
-        result["conditions"] = run_conditions(model, evaluation.raw, args.way, args.episodes, args.seed,
+        result["conditions"] = run_conditions(model, omniglot.raw, args.way, args.episodes, args.seed,
                                               conditions)
     if "uneven" in parts:
         result["uneven"] = {}
         for way in (5, 20):
             for heavy in heavies:
                 result["uneven"][f"{way}-way, one class of {heavy}"] = run_uneven(
-                    model, evaluation.images, way, heavy, args.episodes, args.seed)
+                    model, omniglot.images, way, heavy, args.episodes, args.seed)
                 print(f"  uneven {way}-way, one class of {heavy}: done", flush=True)
     if "calibration" in parts:
-        result["within_alphabet_5way"] = run_within_alphabet(model, evaluation, args.episodes, args.seed)
+        result["within_alphabet_5way"] = run_within_alphabet(model, omniglot, args.episodes, args.seed)
         result["calibration"] = {"5-way 1-shot within one alphabet": result["within_alphabet_5way"]["ece"]}
         if "plain" in result.get("conditions", {}):
             result["calibration"][f"{args.way}-way 1-shot"] = result["conditions"]["plain"]["ece"]
     if "digits" in parts:
         result["digits_10way_1shot"] = run_digits(model, args.episodes, args.seed)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    name = f"robustness-{result['date']}-{model.version}{'-quick' if args.quick else ''}.json"
+    suffix = ("-validation" if args.alphabets == "validation" else "") + ("-quick" if args.quick else "")
+    name = f"robustness-{result['date']}-{model.version}{suffix}.json"
     path = Path(args.out) if args.out else REPO / "bench" / "results" / name
     write_result(result, path, markdown(result))
     return 0
@@ -418,7 +428,8 @@ def markdown(result: dict[str, Any]) -> str:
     def pct(x: float) -> str:
         return f"{100 * x:.2f}"
 
-    lines = [f"`{result['command']}` on {result['model_version']} ({result['episodes']} tasks a setting)"]
+    lines = [f"`{result['command']}` on {result['model_version']} ({result['episodes']} tasks a setting, "
+             f"{result['alphabets']} alphabets)"]
     if "conditions" in result:
         lines += ["", f"| condition ({result['way']}-way 1-shot) | accuracy | 95% CI | ECE "
                   "| support images as their own label | tasks warned |", "|---|---|---|---|---|---|"]

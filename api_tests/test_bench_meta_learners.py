@@ -30,10 +30,14 @@ def test_a_small_run_times_both_ways_of_m_and_d_and_the_whole_registration(tmp_p
         for name in ("m", "d"):
             assert r[name]["layers_ms"] > 0 and r[name]["blocks_ms"] > 0
             assert r[name]["max_abs_diff"] < 1e-5  # the same learner either way
+            training = r[f"{name}_training"]
+            assert training["layers_ms"] > 0 and training["blocks_ms"] > 0
+            assert training["max_rel_diff"] < 1e-4  # the same gradients either way, to float rounding
     # m sees every coordinate of b for each example; d every coordinate of u once.
     assert rows[1]["m"]["coordinates"] == 3 * rows[0]["m"]["coordinates"]
     assert rows[1]["d"]["coordinates"] == rows[0]["d"]["coordinates"]
     assert "| 3-way 2-shot | whole `register`, as served |" in run.stdout
+    assert "| 3-way 2-shot | d, training's forward and backward |" in run.stdout
     assert f"wrote {out}" in run.stdout
 
 

@@ -1,19 +1,23 @@
-"""Registration's meta learners both ways: the layers as training runs them, and the blocks of
-`COORDINATE_ROWS` coordinates that registration (no autograd) runs.
+"""The meta learners both ways: the layers under autograd over all coordinates at once, and the
+blocks of `COORDINATE_ROWS` coordinates that registration (no autograd) and training on a CPU run.
 
     python bench/meta_learners.py                           # 5-way 1-shot and 20-way 5-shot, 5 rounds
     python bench/meta_learners.py --rounds 1 --episodes 5x1 --out /tmp/m.json
 
-Registration spends most of its time in the meta learners: `m` (an MLP, 2 -> 20 -> 20 -> 1) on
+Registration and training spend most of their time in the meta learners: `m` (an MLP, 2 -> 20 -> 20 -> 1) on
 every coordinate of b's gradient for every support example, and `d` (an LSTM over the chunks'
 gradients) on every coordinate of u's. Over a whole task's coordinates at once their (coords, 20)
 activations went to memory and back between layers. This builds the inputs each learner gets for
 an Omniglot episode of the shipped model (`MetaNet._per_example_grads`, then the preprocessing),
-times each learner the training way (`net`, `nn.LSTM`) and the registration way (the module
+times each learner as layers (`net`, `nn.LSTM`) and the registration way (the module
 without autograd), best of `--repeats` calls per round and the best round, the two ways
 alternating so a slow minute of this shared machine hits both, with the largest difference
-between their outputs; and the whole `MetaNet.register` as served. Threads: torch's default (a
-registration runs on the whole team). Writes bench/results/meta-learners-<date>-cpu.json.
+between their outputs; then the same for training's forward and backward (a fixed gradient from
+above; autograd over every coordinate's activations against `_GradientsByBlock`, which recomputes
+a block at a time in the backward), with the largest difference between the parameters'
+gradients relative to the largest gradient; and the whole `MetaNet.register` as served.
+Threads: torch's default (a registration runs on the whole team). Writes
+bench/results/meta-learners-<date>-cpu.json.
 """
 
 from __future__ import annotations
@@ -87,6 +91,29 @@ def ways(model: MetaNet, name: str) -> dict[str, Callable[[torch.Tensor], torch.
     return {"layers": nn_lstm, "blocks": served_d}
 
 
+def training_ways(model: MetaNet, name: str) -> dict[str, Callable[[torch.Tensor, torch.Tensor], list]]:
+    """Forward and backward of the learner from a gradient on its output: autograd over the layers,
+    and the module as training runs it (by blocks on a CPU). Returns its parameters' gradients."""
+    modules = (model.m_conv, model.m_fc) if name == "m" else (model.d_conv, model.d_fc)
+    params = [p for module in modules for p in module.parameters()]
+
+    def backward(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], list]:
+        def run(feats: torch.Tensor, upstream: torch.Tensor) -> list:
+            with torch.enable_grad():
+                return list(torch.autograd.grad(fn(feats), params, upstream))
+        return run
+    return {way: backward(fn) for way, fn in ways(model, name).items()}
+
+
+def timed(fns: dict[str, Callable[..., object]], args: tuple, rounds: int, repeats: int) -> dict[str, float]:
+    """Best of `repeats` calls a round, best round, the ways alternating."""
+    times: dict[str, list[float]] = {way: [] for way in fns}
+    for _ in range(rounds):
+        for way, fn in fns.items():
+            times[way].append(best_ms(lambda fn=fn: fn(*args), repeats))
+    return {f"{way}_ms": round(min(t), 2) for way, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--episodes", default="5x1,20x5", help="WAYxSHOT, comma-separated")
@@ -118,14 +145,16 @@ def main(argv: list[str] | None = None) -> int:
             row: dict[str, object] = {"episode": f"{way}-way {shot}-shot"}
             for name, feats in inputs.items():
                 fns = ways(model, name)
-                times: dict[str, list[float]] = {way_name: [] for way_name in fns}
-                for _ in range(args.rounds):
-                    for way_name, fn in fns.items():
-                        times[way_name].append(best_ms(lambda fn=fn, f=feats: fn(f), args.repeats))
                 diff = (fns["layers"](feats) - fns["blocks"](feats)).abs().max().item()
                 row[name] = {"coordinates": int(feats[0].numel() // 2 if name == "d" else feats.numel() // 2),
-                             **{f"{k}_ms": round(min(t), 2) for k, t in times.items()},
-                             "max_abs_diff": diff}
+                             **timed(fns, (feats,), args.rounds, args.repeats), "max_abs_diff": diff}
+                train = training_ways(model, name)
+                upstream = torch.randn(fns["layers"](feats).shape, generator=torch.Generator().manual_seed(0))
+                grads = {way: fn(feats, upstream) for way, fn in train.items()}
+                scale = max(g.abs().max().item() for g in grads["layers"])
+                diff = max((a - b).abs().max().item() for a, b in zip(*grads.values(), strict=True)) / scale
+                row[f"{name}_training"] = {**timed(train, (feats, upstream), args.rounds, args.repeats),
+                                           "max_rel_diff": diff}
             register = functools.partial(model.register, support, labels)
             row["register_ms"] = round(min(best_ms(register, args.repeats) for _ in range(args.rounds)), 1)
         rows.append(row)
@@ -138,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
             ratio = v["layers_ms"] / v["blocks_ms"]
             lines.append(f"| {r['episode']} | {name} | {v['coordinates']:,} | {v['layers_ms']:.1f} | "
                          f"{v['blocks_ms']:.1f} | {ratio:.2f} | {v['max_abs_diff']:.1e} |")
+        for name in ("m", "d"):
+            v, t = r[name], r[f"{name}_training"]
+            assert isinstance(v, dict) and isinstance(t, dict)
+            ratio = t["layers_ms"] / t["blocks_ms"]
+            lines.append(f"| {r['episode']} | {name}, training's forward and backward | {v['coordinates']:,} "
+                         f"| {t['layers_ms']:.1f} | {t['blocks_ms']:.1f} | {ratio:.2f} "
+                         f"| {t['max_rel_diff']:.1e} (gradients, relative) |")
         lines.append(f"| {r['episode']} | whole `register`, as served | | | {r['register_ms']:.1f} | | |")
     result = {"command": " ".join(["python", "bench/meta_learners.py", *(argv or sys.argv[1:])]),
               "date": dt.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),

@@ -180,9 +180,10 @@ def preprocess_grad(g: Tensor, p: float) -> Tensor:
     return torch.stack([scale, sign], dim=-1)
 
 
-# Coordinates a meta learner takes at a time when no gradient flows (registration): its hidden
-# activations for them, (rows, 20) floats, stay in a core's cache. Over all of a task's coordinates
-# at once they went to memory and back between layers (`python bench/meta_learners.py`).
+# Coordinates a meta learner takes at a time when no gradient flows (registration) and in training's
+# backward on a CPU: its hidden activations for them, (rows, 20) floats, stay in a core's cache.
+# Over all of a task's coordinates at once they went to memory and back between layers
+# (`python bench/meta_learners.py`).
 COORDINATE_ROWS = 8192
 
 
@@ -190,11 +191,48 @@ def _needs_autograd(module: nn.Module, x: Tensor) -> bool:
     return x.requires_grad or (torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
 
 
+def _by_blocks_on_cpu(module: nn.Module, x: Tensor) -> bool:
+    """Train a meta learner by `_GradientsByBlock`: on a CPU, where the activations of a whole
+    episode's coordinates go to memory and back (a block at a time, `m`'s forward and backward
+    took 0.31 to 0.34 of their time and `d`'s 0.40 to 0.55, and an episode 0.46 to 0.61:
+    docs/performance.md), and only for inputs that are constants, as the meta information is
+    (first order: no gradient flows to it)."""
+    return x.device.type == "cpu" and not x.requires_grad and torch.is_grad_enabled() and any(
+        p.requires_grad for p in module.parameters())
+
+
+class _GradientsByBlock(torch.autograd.Function):
+    """A meta learner over constant inputs: the forward runs its no-autograd path; the backward
+    recomputes it `COORDINATE_ROWS` coordinates at a time with autograd and sums each block's
+    parameter gradients, so no activation of the whole episode is ever stored. The same gradients
+    as autograd over everything at once, to float rounding (tests/model/test_layers.py)."""
+
+    @staticmethod
+    def forward(ctx, learner: nn.Module, features: Tensor, *params: Tensor) -> Tensor:  # noqa: ANN001
+        ctx.learner = learner
+        ctx.save_for_backward(features)
+        return learner(features)  # no grad mode here: the fast path
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        (features,) = ctx.saved_tensors
+        learner = ctx.learner
+        params = tuple(learner.parameters())
+        totals = [torch.zeros_like(p) for p in params]
+        for block, grad_block in learner.blocks(features, grad_out):
+            with torch.enable_grad():
+                out = learner.differentiable(block)
+            for total, grad in zip(totals, torch.autograd.grad(out, params, grad_block), strict=True):
+                total += grad
+        return (None, None, *totals)
+
+
 class CoordinateMLP(nn.Module):
     """Meta learner `m`: the same 2 -> 20 -> 20 -> 1 ReLU MLP applied to every gradient coordinate.
 
     Without autograd (registration) it runs `COORDINATE_ROWS` coordinates at a time, each layer one
-    addmm with the ReLU in place: the same values as `net`, which training runs."""
+    addmm with the ReLU in place: the same values as `net`, which training runs on a GPU (on a
+    CPU, a block at a time: `_GradientsByBlock`)."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -204,6 +242,8 @@ class CoordinateMLP(nn.Module):
 
     def forward(self, grad_features: Tensor) -> Tensor:
         """(..., 2) preprocessed gradients -> (...) fast weights."""
+        if _by_blocks_on_cpu(self, grad_features):
+            return _GradientsByBlock.apply(self, grad_features, *self.parameters())
         if _needs_autograd(self, grad_features):
             return self.net(grad_features).squeeze(-1)
         first, _, second, _, last = self.net
@@ -216,6 +256,15 @@ class CoordinateMLP(nn.Module):
             torch.addmm(last.bias, h, last.weight.T, out=out[block])
         return out.view(grad_features.shape[:-1])
 
+    def blocks(self, grad_features: Tensor, grad_out: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """(coordinates, their output's gradient) a block at a time, for `_GradientsByBlock`."""
+        rows, grads = grad_features.reshape(-1, 2), grad_out.reshape(-1)
+        return [(rows[i : i + COORDINATE_ROWS], grads[i : i + COORDINATE_ROWS])
+                for i in range(0, len(rows), COORDINATE_ROWS)]
+
+    def differentiable(self, rows: Tensor) -> Tensor:
+        return self.net(rows).squeeze(-1)
+
 
 class CoordinateLSTM(nn.Module):
     """Meta learner `d`: an LSTM(2 -> 20) + Linear(20 -> 1) run per coordinate over T gradients.
@@ -223,7 +272,8 @@ class CoordinateLSTM(nn.Module):
     Its state starts at zero for every task; the output after the last gradient is Q*. Without
     autograd (registration) it runs `COORDINATE_ROWS` coordinates at a time through the LSTM's
     equations written out (one addmm pair for the four gates a step): the same values as
-    `nn.LSTM`, which training runs, to float rounding, at about a third of its time here."""
+    `nn.LSTM`, which training runs on a GPU, to float rounding, at about a third of its time here
+    (training on a CPU runs these equations by blocks: `differentiable`, `_GradientsByBlock`)."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -232,6 +282,8 @@ class CoordinateLSTM(nn.Module):
 
     def forward(self, grad_features: Tensor) -> Tensor:
         """(T, n_coords, 2) preprocessed gradient sequence -> (n_coords,) fast weights."""
+        if _by_blocks_on_cpu(self, grad_features):
+            return _GradientsByBlock.apply(self, grad_features, *self.parameters())
         if _needs_autograd(self, grad_features):
             # On a GPU, PyTorch's own LSTM kernels, not cuDNN's: over the 1.2 million coordinates of
             # 8 episodes (5 steps, hidden 20) cuDNN's forward and backward took 102 ms on an H200,
@@ -257,3 +309,22 @@ class CoordinateLSTM(nn.Module):
                 h = torch.sigmoid(o).mul_(torch.tanh(c))
             torch.addmm(self.out.bias, h, self.out.weight.T, out=out[block])
         return out.view(n_coords)
+
+    def blocks(self, grad_features: Tensor, grad_out: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """(coordinates' sequences, their output's gradient) a block at a time."""
+        return [(grad_features[:, i : i + COORDINATE_ROWS], grad_out[i : i + COORDINATE_ROWS])
+                for i in range(0, grad_features.shape[1], COORDINATE_ROWS)]
+
+    def differentiable(self, x: Tensor) -> Tensor:
+        """The equations of the no-autograd path, out of place (autograd keeps what they overwrite):
+        (T, rows, 2) -> (rows,)."""
+        lstm = self.lstm
+        w_in, w_hidden = lstm.weight_ih_l0.T, lstm.weight_hh_l0.T
+        bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+        h = x.new_zeros(x.shape[1], lstm.hidden_size)
+        c = torch.zeros_like(h)
+        for t in range(len(x)):
+            i, f, g, o = torch.addmm(bias, x[t], w_in).addmm(h, w_hidden).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        return torch.addmm(self.out.bias, h, self.out.weight.T).squeeze(1)

@@ -200,7 +200,46 @@ def test_coordinate_lstm_without_autograd_gives_nn_lstm_s_values(steps, n_coords
     out = d(seq)
     assert out.requires_grad
     out.sum().backward()
-    assert d.lstm.weight_hh_l0.grad is not None  # training still reaches G through nn.LSTM
+    assert d.lstm.weight_hh_l0.grad is not None  # training still reaches G
+
+
+def _layers(module: CoordinateMLP | CoordinateLSTM, feats: torch.Tensor) -> torch.Tensor:
+    """The learner's layers under autograd over every coordinate at once."""
+    if isinstance(module, CoordinateMLP):
+        return module.net(feats).squeeze(-1)
+    _, (h_last, _) = module.lstm(feats)
+    return module.out(h_last[-1]).squeeze(-1)
+
+
+@pytest.mark.parametrize("learner", ["m", "d"])
+def test_training_on_a_cpu_runs_by_blocks_with_the_gradients_of_autograd_over_everything(learner):
+    torch.manual_seed(0)
+    # Two blocks and part of a third, a column slice as the learners get their parts.
+    if learner == "m":
+        module: CoordinateMLP | CoordinateLSTM = CoordinateMLP(hidden=20)
+        feats = gradient_features(3, 2 * COORDINATE_ROWS + 124)[:, 1:]
+    else:
+        module = CoordinateLSTM(hidden=20)
+        feats = gradient_features(5, 2 * COORDINATE_ROWS + 78)[:, 1:]
+    params = list(module.parameters())
+    expected_out = _layers(module, feats)
+    upstream = torch.randn(expected_out.shape, generator=torch.Generator().manual_seed(1))
+    expected = torch.autograd.grad(expected_out, params, upstream)
+    out = module(feats)
+    assert type(out.grad_fn).__name__ == "_GradientsByBlockBackward"
+    torch.testing.assert_close(out.detach(), expected_out.detach(), rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(out, params, upstream), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_meta_learner_inputs_that_need_a_gradient_get_it_through_the_layers():
+    torch.manual_seed(0)
+    module = CoordinateMLP(hidden=20)
+    feats = gradient_features(2, 10).requires_grad_()
+    out = module(feats)
+    assert type(out.grad_fn).__name__ != "_GradientsByBlockBackward"
+    out.sum().backward()
+    assert feats.grad is not None and feats.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("n, c_in, size",

@@ -46,6 +46,7 @@ def test_the_quick_run_measures_every_condition_uneven_set_calibration_and_digit
     (["--episodes", "1"], "--episodes must be at least 2"),
     (["--way", "51"], "--way must be 2 to 50"),
     (["--stroke", "bold"], "--stroke: invalid choice"),
+    (["--alphabets", "test"], "--alphabets: invalid choice"),
 ])
 def test_nonsense_arguments_are_refused_with_the_reason(args: list[str], named: str, tmp_path: Path) -> None:
     run = robustness(*args, "--out", str(tmp_path / "never.json"))

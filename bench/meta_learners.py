@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 row[name] = {"coordinates": int(feats[0].numel() // 2 if name == "d" else feats.numel() // 2),
                              **timed(fns, (feats,), args.rounds, args.repeats), "max_abs_diff": diff}
                 train = training_ways(model, name)
-                upstream = torch.randn(fns["layers"](feats).shape, generator=torch.Generator().manual_seed(0))
+                out_shape = feats.shape[1:-1] if name == "d" else feats.shape[:-1]  # d: after the last step
+                upstream = torch.randn(out_shape, generator=torch.Generator().manual_seed(0))
                 grads = {way: fn(feats, upstream) for way, fn in train.items()}
                 scale = max(g.abs().max().item() for g in grads["layers"])
                 diff = max((a - b).abs().max().item() for a, b in zip(*grads.values(), strict=True)) / scale

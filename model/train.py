@@ -9,6 +9,9 @@ With `average_decay` the run also keeps an exponential moving average of the slo
 `average/` at every validation: at a constant rate the weights wander about a minimum, and their
 average sits nearer its centre than any one of them (Izmailov et al., 2018, "Averaging weights
 leads to wider optima and better generalization").
+
+SIGINT or SIGTERM (Ctrl-C, `kill`) stops a run after the step or validation under way, with a
+checkpoint of where it stopped; a second signal stops it at once.
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -169,6 +176,37 @@ def augment_of(cfg: TrainConfig) -> Augment:
                    episode_pen=cfg.augment_episode_pen)
 
 
+@dataclass
+class StopRequest:
+    """Whether SIGINT or SIGTERM has asked the run to stop (and which)."""
+
+    signal_name: str | None = None
+
+
+@contextmanager
+def _stop_on_signal() -> Iterator[StopRequest]:
+    """Within it, the first SIGINT or SIGTERM only asks the run to stop (the handlers before it
+    come back for a second one); outside the main thread, where no handler can be set, nothing."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def ask(signum: int, _frame: object) -> None:
+        request.signal_name = signal.Signals(signum).name
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+    for sig in before:
+        signal.signal(sig, ask)
+    try:
+        yield request
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def train(
     cfg: TrainConfig,
     run_dir: str | os.PathLike[str],
@@ -218,48 +256,53 @@ def train(
     window: list[Step] = []  # the steps since the last validation
     loss_fn = batched_loss_fn(model, cfg) if is_batched(cfg) else None
     model.train()
-    while state.step < cfg.episodes:
-        if max_seconds is not None and time.monotonic() - started > max_seconds:
-            break
-        step = train_step(model, optimizer, sampler, rng, cfg, state.lr, loss_fn)
-        window.append(step)
-        if average is not None:
-            average.update_parameters(model)
-        before, state.step = state.step, state.step + step.episodes
-        if bar is not None:
-            bar.update(step.episodes)
-            if state.step // 10 > before // 10:
-                loss, acc = _window_means(window[-50:])
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
-
-        if passed(before, state.step, cfg.val_every) or state.step >= cfg.episodes:
-            val = _validate(model, val_split, cfg)
-            train_loss, train_acc = _window_means(window)
-            record = {
-                "step": state.step,
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-                "lr": state.lr,
-                "val_acc": val["mean"],
-                "val": val,
-                "seconds": state.seconds + time.monotonic() - started,
-            }
+    with _stop_on_signal() as stop:
+        while state.step < cfg.episodes and stop.signal_name is None:
+            if max_seconds is not None and time.monotonic() - started > max_seconds:
+                break
+            step = train_step(model, optimizer, sampler, rng, cfg, state.lr, loss_fn)
+            window.append(step)
             if average is not None:
-                record["val_average"] = _validate(average.module, val_split, cfg)
-                save_weights(average.module, run / "average", extra={
-                    "trained_max_way": cfg.max_train_way, "step": state.step, "val": record["val_average"]})
-            window.clear()
-            with open(run / "history.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            if val["mean"] > state.best_val:
-                state.best_val, state.improved_step = val["mean"], state.step
-                save_weights(model, run / "best",
-                             extra={"trained_max_way": cfg.max_train_way, "step": state.step, "val": val})
-            state.lr = next_learning_rate(cfg, state)
-            plot_curve(run)
-        if passed(before, state.step, cfg.checkpoint_every):
-            _save_last(run / "last", model, optimizer, state, rng, started, average)
+                average.update_parameters(model)
+            before, state.step = state.step, state.step + step.episodes
+            if bar is not None:
+                bar.update(step.episodes)
+                if state.step // 10 > before // 10:
+                    loss, acc = _window_means(window[-50:])
+                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
+
+            if passed(before, state.step, cfg.val_every) or state.step >= cfg.episodes:
+                val = _validate(model, val_split, cfg)
+                train_loss, train_acc = _window_means(window)
+                record = {
+                    "step": state.step,
+                    "train_loss": train_loss,
+                    "train_acc": train_acc,
+                    "lr": state.lr,
+                    "val_acc": val["mean"],
+                    "val": val,
+                    "seconds": state.seconds + time.monotonic() - started,
+                }
+                if average is not None:
+                    record["val_average"] = _validate(average.module, val_split, cfg)
+                    save_weights(average.module, run / "average", extra={"trained_max_way": cfg.max_train_way,
+                                                                        "step": state.step,
+                                                                        "val": record["val_average"]})
+                window.clear()
+                with open(run / "history.jsonl", "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if val["mean"] > state.best_val:
+                    state.best_val, state.improved_step = val["mean"], state.step
+                    save_weights(model, run / "best",
+                                 extra={"trained_max_way": cfg.max_train_way, "step": state.step, "val": val})
+                state.lr = next_learning_rate(cfg, state)
+                plot_curve(run)
+            if passed(before, state.step, cfg.checkpoint_every):
+                _save_last(run / "last", model, optimizer, state, rng, started, average)
     _save_last(run / "last", model, optimizer, state, rng, started, average)
+    if stop.signal_name is not None:
+        print(f"{stop.signal_name}: stopped at episode {state.step:,}, checkpoint in {run / 'last'} "
+              "(--resume continues)", file=sys.stderr, flush=True)
     if not (run / "best" / WEIGHTS_FILE).exists():
         save_weights(model, run / "best",
                      extra={"trained_max_way": cfg.max_train_way, "step": state.step, "val": None})

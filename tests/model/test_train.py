@@ -154,6 +154,33 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_pa
 
 
 
+def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_there(tmp_path, tiny_split, monkeypatch):
+    import signal
+
+    import model.train as training
+
+    real_step, calls = training.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # between checkpoints (every 2): the stop must write one of its own
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(training, "train_step", step_then_signal)
+    handler = signal.getsignal(signal.SIGINT)
+    state = train(_tiny_train_config(50), tmp_path / "run", splits=(tiny_split, tiny_split), progress=False)
+    assert state.step == 3 and len(calls) == 3
+    assert json.loads((tmp_path / "run" / "last" / STATE_FILE).read_text())["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is handler  # the handlers before the run are back
+
+    monkeypatch.setattr(training, "train_step", real_step)
+    resumed = train(_tiny_train_config(4), tmp_path / "run", splits=(tiny_split, tiny_split), progress=False,
+                    resume=True)
+    assert resumed.step == 4
+
+
 def test_the_weight_average_starts_at_the_weights_and_forgets_them_per_episode():
     torch.manual_seed(0)
     model = MetaNet(TINY)
@@ -330,3 +357,31 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_run(tmp_path):
     assert (result["way"], result["shot"], result["episodes"]) == (5, 1, 3)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["ci95"] >= 0.0
     assert result["model_version"].startswith("metanet-")
+
+
+def test_cli_training_stopped_by_sigterm_checkpoints_where_it_stopped_and_exits_cleanly(tmp_path):
+    import signal
+    import time
+
+    data = write_omniglot_npz_dir(tmp_path / "omniglot", seed=0, background=(3, 25), evaluation=(2, 5))
+    run = tmp_path / "run"
+    env = {**os.environ, "METANET_OMNIGLOT_DIR": str(data), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "train", "--run-dir", str(run), "--episodes", "100000",
+         "--channels", "8", "--val-every", "50", "--val-episodes", "2", "--checkpoint-every", "2",
+         "--threads", "1", "--no-progress"],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "last" / STATE_FILE).is_file():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint in 240 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    step = json.loads(out.splitlines()[-1])["step"]
+    assert step < 100000 and json.loads((run / "last" / STATE_FILE).read_text())["step"] == step
+    assert f"SIGTERM: stopped at episode {step:,}" in err

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from api_tests.conftest import SERVER_SETTINGS
 from api_tests.helpers import QUERIES, assert_error, b64, bomb_png, encode, examples, glyph, png, tiny_pixels
@@ -21,6 +22,7 @@ TRUNCATED_PNG_BYTES = encode(glyph("circle"))[:200]
 TEXT_AS_PNG = "data:image/png;base64," + b64(b"Hello, I am a text file wearing a .png extension.\n")
 BOMB = b64(bomb_png(20000))
 UNKNOWN = "0123456789abcdef0123456789abcdef"
+BLANK = b64(encode(Image.new("L", (105, 105), 255)))  # an empty page: no glyph to learn from
 
 
 def support_with(image: Any, at: int = 1) -> dict[str, Any]:
@@ -112,6 +114,17 @@ CASES = [
          json={"images": [{"pixels": [0, 255]}]}),
     case("image_is_a_number", "POST", TASKS, 422, "invalid_image", "examples[2].image",
          json=support_with(12345, at=2)),
+    # 422: support images with nothing drawn (a query may be blank: it is answered)
+    case("blank_support_image", "POST", TASKS, 422, "invalid_image", "examples[1].image",
+         json=support_with(BLANK)),
+    case("blank_support_pixels", "POST", TASKS, 422, "invalid_image", "examples[2].image",
+         json=support_with({"pixels": [[0] * 8] * 8}, at=2)),
+    case("one_off_with_a_blank_support_image", "POST", "/v1/classify", 422, "invalid_image",
+         "support[0].image",
+         json={"support": [{"label": "blank", "image": BLANK}, *examples(("circle", "cross"))],
+               "images": QUERIES}),
+    case("add_examples_with_a_blank_image", "POST", EXAMPLES, 422, "invalid_image", "examples[1].image",
+         json={"examples": [{"label": "circle", "image": PNG}, {"label": "new", "image": BLANK}]}),
     # 422: JSON of the wrong types and shapes
     case("examples_not_a_list", "POST", TASKS, 422, "invalid_input", "examples", json={"examples": "circle"}),
     case("label_is_a_number", "POST", TASKS, 422, "invalid_input", "examples[0].label",

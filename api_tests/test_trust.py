@@ -44,6 +44,18 @@ def test_an_image_of_the_support_set_is_more_similar_to_it_than_one_unlike_it(cl
     assert same > bar and same > scribble
 
 
+def test_a_blank_query_is_answered_with_even_odds_and_no_similarity(client, sentinel) -> None:
+    task = sentinel.tasks[0]  # three labels
+    blank = b64(encode(Image.new("L", (64, 64), 255)))
+    body = {"images": [blank, {"pixels": [[0] * 5] * 5}], "top_k": 3, "min_confidence": 0.5}
+    response = client.post(f"/v1/tasks/{task['task_id']}/classify", json=body)
+    assert response.status_code == 200, response.text
+    for prediction in response.json()["predictions"]:
+        assert prediction["support_similarity"] == 0.0
+        assert [p["probability"] for p in prediction["top_k"]] == pytest.approx([1 / 3] * 3, abs=1e-6)
+        assert prediction["label"] is None  # below any min_confidence over 1/3
+
+
 def photos() -> list[str]:
     """scikit-learn's two sample photographs (a temple, a flower), whole and a crop of each, as JPEG."""
     from sklearn.datasets import load_sample_image

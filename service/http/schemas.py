@@ -57,7 +57,8 @@ class _Body(BaseModel):
 
 class Example(_Body):
     label: Annotated[str, _LABEL]
-    image: Image
+    image: Annotated[Image, Field(description="the example's drawing; a blank image (a single shade "
+                                              "throughout) is a 422 invalid_image")]
 
 
 class TaskCreate(_Body):

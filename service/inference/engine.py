@@ -27,7 +27,7 @@ import torch
 from model.checkpoint import load_model
 from model.errors import InvalidTaskError
 from model.metanet import MetaNet, SupportCheck, TaskMemory
-from service.errors import InvalidInput
+from service.errors import InvalidImage, InvalidInput
 from service.inference import heap
 from service.inference.batcher import Batcher, Call
 from service.inference.decoding import Decoding, Deferred, FieldOf
@@ -224,8 +224,16 @@ class Engine:
 
     async def prepare(self, images: Sequence[ImageInput], field_of: FieldOf) -> np.ndarray:
         """A support set's images -> (n, S, S) float32 model inputs; a bad image raises
-        InvalidImage or ImageTooLarge naming `field_of(index)`."""
-        return await self._decoding.inputs(images, field_of)
+        InvalidImage or ImageTooLarge naming `field_of(index)`, and so does a blank one (a single
+        shade throughout: no ink), which would register as an example with no glyph and pull the
+        task's other examples off their labels. Stored examples are not checked again."""
+        inputs = await self._decoding.inputs(images, field_of)
+        blank = np.flatnonzero(~inputs.reshape(len(inputs), -1).any(axis=1))
+        if len(blank):
+            i = int(blank[0])
+            raise InvalidImage("the image is blank (a single shade throughout): a support example needs "
+                               "a drawing", field=field_of(i), index=i)
+        return inputs
 
     async def register(
         self, support: np.ndarray, labels: Sequence[str], field: str = "examples", offset: int = 0,

@@ -73,11 +73,27 @@ def test_a_non_square_image_keeps_the_glyphs_aspect_ratio():
     assert right - left <= 2  # 10 / 160 of the box's 20 pixels: about 1.25
 
 
-def test_a_faint_thin_glyph_shrunk_to_a_few_pixels_is_still_found():
+def test_a_faint_thin_glyph_shrunk_to_a_few_pixels_is_still_found_and_brought_to_full_ink():
     tiny = np.zeros((10, 10), dtype=np.float32)
     tiny[2:8, 4] = 0.3  # a stroke that never reaches full ink
     out = frame(tiny[None])[0]
-    assert out.max() == pytest.approx(0.3) and box_of(out, 0.15)[:2] == (4, 24)
+    assert out.max() == pytest.approx(1.0) and box_of(out, 0.5)[:2] == (4, 24)
+
+
+def test_a_fine_pen_on_a_large_canvas_frames_as_the_same_glyph_drawn_small():
+    # A 1-pixel stroke across a 400-pixel glyph averages to 0.05 of ink over an input pixel: the
+    # strongest pixel is brought to full ink, and the strokes show where the same shape drawn on
+    # a 40-pixel canvas shows them.
+    large, small = np.zeros((1, 420, 420), np.float32), np.zeros((1, 42, 42), np.float32)
+    large[0, 10:410, 210] = large[0, 210, 10:410] = 1.0  # a cross, 1 pixel wide
+    small[0, 1:41, 21] = small[0, 21, 1:41] = 1.0
+    fine, drawn_small = frame(large), frame(small)
+    assert fine.max() == pytest.approx(1.0)
+    strokes = drawn_small > 0.3
+    assert strokes.sum() >= 2 * 20 and (strokes == (fine > 0.3)).all()
+    assert fine[strokes].min() > 0.3
+    by_torch = frame(torch.from_numpy(large))
+    np.testing.assert_allclose(by_torch.numpy(), fine, atol=1e-5)
 
 
 def test_a_blank_image_frames_to_background():

@@ -49,6 +49,7 @@ def test_the_quick_run_measures_every_condition_uneven_set_calibration_and_digit
     (["--way", "51"], "--way must be 2 to 50"),
     (["--stroke", "bold"], "--stroke: invalid choice"),
     (["--alphabets", "test"], "--alphabets: invalid choice"),
+    (["--fine", "0.1", "--pen", "0.05"], "0 <= fine <= pen <= 1"),
 ])
 def test_nonsense_arguments_are_refused_with_the_reason(args: list[str], named: str, tmp_path: Path) -> None:
     run = robustness(*args, "--out", str(tmp_path / "never.json"))
@@ -79,6 +80,19 @@ def test_stroke_normalisation_erodes_a_wide_pen_to_omniglots_width_and_leaves_a_
     width_before, extent, _ = bench.stroke(l_shape(96, 12).astype(bool))  # the L enlarged 3 times
     width_after, _, _ = bench.stroke(small.astype(bool))
     assert width_before > 1.5 * 0.1 * extent and width_after <= 0.1 * extent + 2
+
+
+def test_fine_zero_frames_a_fine_pen_as_drawn_and_the_default_widens_it(monkeypatch) -> None:
+    from bench import robustness as bench
+    from model.transform import frame
+
+    fine = np.stack([l_shape(420, 1)])
+    greys = (255 * (1 - fine)).astype(np.uint8)
+    widened = bench.framed(greys)
+    np.testing.assert_allclose(widened, frame(np.stack([l_shape(420, 1)])), atol=1e-5)
+    monkeypatch.setitem(bench.FRAMING, "fine", 0.0)
+    as_drawn = bench.framed(greys)
+    assert (as_drawn > 0.5).sum() < (widened > 0.5).sum() / 2  # a line one input pixel wide, or less
 
 
 def test_a_flat_strokes_width_is_measured_as_drawn() -> None:

@@ -25,7 +25,8 @@ says otherwise). Parts, each on the same seeded episodes for every setting it co
 - digits: 10-way 1-shot on scikit-learn's 8x8 handwritten digits, upscaled to 32x32 as a user
   would send them (light ink on dark), one support image a digit and 10 queries.
 
-`--box`, `--centre` and `--stroke` measure framings other than canonical's on the same tasks:
+`--box`, `--centre`, `--fine`, `--pen` and `--stroke` measure framings other than canonical's on the
+same tasks (`--fine 0`: every pen as drawn, no widening of fine strokes):
 docs/model.md's "Input framing" chose canonical's with them. `--alphabets validation` runs the
 Omniglot parts on the background alphabets training holds out for validation instead, so weights
 can be chosen without looking at the evaluation alphabets their figures are reported on.
@@ -55,7 +56,7 @@ from model.calibrate import TaskKind, expected_calibration_error, sample_task  #
 from model.checkpoint import load_model  # noqa: E402
 from model.data import load_split, training_splits  # noqa: E402
 from model.metanet import MetaNet  # noqa: E402
-from model.transform import canonical, frame, ink_maps  # noqa: E402
+from model.transform import FINE, PEN, canonical, frame, ink_maps  # noqa: E402
 
 QUERIES = 5  # queries per class of an Omniglot task
 PARTS = ("conditions", "uneven", "calibration", "digits")
@@ -166,14 +167,16 @@ def mixed(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # canonical's framing; --box, --centre and --stroke compare others
-FRAMING: dict[str, Any] = {"box": 20, "centre": "mass", "stroke": "as drawn"}
+FRAMING: dict[str, Any] = {"box": 20, "centre": "mass", "stroke": "as drawn", "fine": FINE, "pen": PEN}
 
 
 def framed(greys: np.ndarray) -> np.ndarray:
     if FRAMING["stroke"] == "normalised":
-        return np.stack([frame(thinned_to_omniglot(ink), box=FRAMING["box"], centre=FRAMING["centre"])[0]
+        return np.stack([frame(thinned_to_omniglot(ink), box=FRAMING["box"], centre=FRAMING["centre"],
+                               fine=FRAMING["fine"], pen=FRAMING["pen"])[0]
                          for ink in ink_maps(greys)])
-    return canonical(greys, box=FRAMING["box"], centre=FRAMING["centre"])
+    return canonical(greys, box=FRAMING["box"], centre=FRAMING["centre"], fine=FRAMING["fine"],
+                     pen=FRAMING["pen"])
 
 
 # --stroke normalised: the alternative to leaving the pen as drawn. Strokes wider, for the glyph's
@@ -384,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stroke", choices=("as drawn", "normalised"), default="as drawn",
                         help="framing: leave strokes as drawn, or erode those wider than Omniglot's "
                              "to its width (as drawn)")
+    parser.add_argument("--fine", type=float, default=FINE,
+                        help=f"framing: widen strokes finer than this share of the glyph's longer side; "
+                             f"0 leaves every pen as drawn ({FINE})")
+    parser.add_argument("--pen", type=float, default=PEN,
+                        help=f"framing: the width fine strokes are widened to, as a share of the glyph's "
+                             f"longer side ({PEN})")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     conditions = [c for c in args.conditions.split(",") if c]
@@ -393,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--conditions takes some of {', '.join([*CONDITIONS, 'mixed'])}")
     if not 4 <= args.box <= 28:
         parser.error("--box must be 4 to 28")
-    FRAMING.update(box=args.box, centre=args.centre, stroke=args.stroke)
+    if not (0 <= args.fine <= args.pen <= 1):
+        parser.error("--fine and --pen are shares of the glyph's side: 0 <= fine <= pen <= 1")
+    FRAMING.update(box=args.box, centre=args.centre, stroke=args.stroke, fine=args.fine, pen=args.pen)
     heavies = (2, 3, 5)
     if args.quick:
         args.episodes, args.way, heavies = 2, 5, (3,)

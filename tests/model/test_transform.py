@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.transform import BOX, SIZE, canonical, frame, ink_maps
+from model.transform import BOX, FINE, PEN, SIZE, canonical, frame, ink_maps, stroke_widths
 from tests.model.omniglot_fixtures import draw_strokes
 
 
@@ -80,20 +80,50 @@ def test_a_faint_thin_glyph_shrunk_to_a_few_pixels_is_still_found_and_brought_to
     assert out.max() == pytest.approx(1.0) and box_of(out, 0.5)[:2] == (4, 24)
 
 
-def test_a_fine_pen_on_a_large_canvas_frames_as_the_same_glyph_drawn_small():
-    # A 1-pixel stroke across a 400-pixel glyph averages to 0.05 of ink over an input pixel: the
-    # strongest pixel is brought to full ink, and the strokes show where the same shape drawn on
-    # a 40-pixel canvas shows them.
-    large, small = np.zeros((1, 420, 420), np.float32), np.zeros((1, 42, 42), np.float32)
-    large[0, 10:410, 210] = large[0, 210, 10:410] = 1.0  # a cross, 1 pixel wide
-    small[0, 1:41, 21] = small[0, 21, 1:41] = 1.0
-    fine, drawn_small = frame(large), frame(small)
-    assert fine.max() == pytest.approx(1.0)
-    strokes = drawn_small > 0.3
-    assert strokes.sum() >= 2 * 20 and (strokes == (fine > 0.3)).all()
-    assert fine[strokes].min() > 0.3
-    by_torch = frame(torch.from_numpy(large))
-    np.testing.assert_allclose(by_torch.numpy(), fine, atol=1e-5)
+def cross(side: int, arm: int, pen: int) -> np.ndarray:
+    """(1, side, side): a cross centred in the image, its arms `arm` long and `pen` pixels wide."""
+    out = np.zeros((1, side, side), np.float32)
+    lo, hi = (side - arm) // 2, (side + arm) // 2
+    mid = (side - pen) // 2
+    out[0, lo:hi, mid : mid + pen] = out[0, mid : mid + pen, lo:hi] = 1.0
+    return out
+
+
+def test_stroke_widths_measure_the_pen_and_the_glyphs_extent():
+    width, extent = stroke_widths(np.concatenate([cross(420, 400, 1), cross(420, 400, 32)]))
+    assert width[0] == pytest.approx(2, abs=0.01)  # a 1-pixel stroke: all of it boundary
+    assert width[1] == pytest.approx(32, rel=0.1) and extent.tolist() == [400, 400]
+    by_torch = stroke_widths(torch.from_numpy(cross(420, 400, 32)))
+    assert by_torch[0].item() == pytest.approx(width[1], rel=1e-5)
+
+
+def test_a_fine_pen_on_a_large_canvas_frames_as_the_same_glyph_drawn_with_omniglots_pen():
+    # A 1-pixel stroke across a 400-pixel glyph is 0.005 of its extent, Omniglot's pen some 0.08:
+    # averaged as it is, it would reach the input as a faint trace one pixel wide.
+    fine, pen = frame(cross(420, 400, 1)), frame(cross(420, 400, round(PEN * 400)))
+    assert np.abs(fine - pen).mean() < 0.01 and np.abs(fine - pen).max() < 0.15
+    assert ((fine > 0.5) == (pen > 0.5)).all() and fine.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(frame(torch.from_numpy(cross(420, 400, 1))).numpy(), fine, atol=1e-5)
+    # on a 4000-pixel canvas (widened at a lower resolution) and on Omniglot's 105 pixels alike
+    assert np.abs(frame(cross(4000, 3800, 1)) - pen).max() < 0.15
+    omniglot = np.abs(frame(cross(105, 100, 1)) - frame(cross(105, 100, round(PEN * 100))))
+    assert omniglot.mean() < 0.02 and omniglot.max() < 0.25  # 7 pixels wide where the pen is 8
+
+
+def test_strokes_of_omniglots_width_or_wider_are_framed_as_drawn():
+    for pen in (round(FINE * 400) + 1, 32, 80):  # just over the fine pen's limit, Omniglot's, thick
+        ink = cross(420, 400, pen)
+        width, extent = stroke_widths(ink)
+        assert width[0] >= FINE * extent[0]
+        np.testing.assert_allclose(frame(ink), frame(np.pad(ink, ((0, 0), (5, 5), (5, 5)))), atol=1e-6)
+    assert np.abs(frame(cross(420, 400, 21)) - frame(cross(420, 400, 32))).max() > 0.1  # left thinner
+
+
+def test_a_fine_stroke_on_the_edge_widens_outwards_too():
+    edge = np.zeros((1, 100, 100), np.float32)
+    edge[0, 0, :] = edge[0, :, 0] = 1.0  # an L drawn along the image's top and left edges
+    inside = np.pad(edge, ((0, 0), (30, 30), (30, 30)))
+    np.testing.assert_allclose(frame(edge), frame(inside), atol=1e-5)
 
 
 def test_a_blank_image_frames_to_background():

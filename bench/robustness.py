@@ -26,7 +26,8 @@ says otherwise). Parts, each on the same seeded episodes for every setting it co
   would send them (light ink on dark), one support image a digit and 10 queries.
 
 `--box`, `--centre`, `--fine`, `--pen` and `--stroke` measure framings other than canonical's on the
-same tasks (`--fine 0`: every pen as drawn, no widening of fine strokes):
+same tasks (`--fine 0`: every pen as drawn, no widening of fine strokes) in the conditions and
+digits parts; the uneven and calibration parts frame the drawings as `model.data` loads them.
 docs/model.md's "Input framing" chose canonical's with them. `--alphabets validation` runs the
 Omniglot parts on the background alphabets training holds out for validation instead, so weights
 can be chosen without looking at the evaluation alphabets their figures are reported on.
@@ -166,7 +167,8 @@ def mixed(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-# canonical's framing; --box, --centre and --stroke compare others
+# canonical's framing; --box, --centre, --stroke, --fine and --pen compare others (conditions and
+# digits: the uneven and calibration parts use the drawings as loaded, in canonical's framing)
 FRAMING: dict[str, Any] = {"box": 20, "centre": "mass", "stroke": "as drawn", "fine": FINE, "pen": PEN}
 
 

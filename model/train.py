@@ -177,17 +177,17 @@ def augment_of(cfg: TrainConfig) -> Augment:
 
 
 @dataclass
-class StopRequest:
+class _StopRequest:
     """Whether SIGINT or SIGTERM has asked the run to stop (and which)."""
 
     signal_name: str | None = None
 
 
 @contextmanager
-def _stop_on_signal() -> Iterator[StopRequest]:
+def _stop_on_signal() -> Iterator[_StopRequest]:
     """Within it, the first SIGINT or SIGTERM only asks the run to stop (the handlers before it
     come back for a second one); outside the main thread, where no handler can be set, nothing."""
-    request = StopRequest()
+    request = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
         return

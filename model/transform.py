@@ -54,6 +54,10 @@ FINE = 0.05
 PEN = 0.08
 
 
+# (mask, present, (top, bottom, left, right), extent) of each glyph of a batch: see _glyph
+Glyph = tuple[Any, Any, tuple[Any, Any, Any, Any], Any]
+
+
 def canonical(greys: np.ndarray, size: int = SIZE, box: int = BOX, centre: str = "mass",
               fine: float = FINE, pen: float = PEN) -> np.ndarray:
     """Grey levels (n, H, W) of either polarity -> model inputs (n, size, size) float32."""
@@ -74,19 +78,24 @@ def frame(ink: Any, size: int = SIZE, box: int = BOX, centre: str = "mass", fine
     xp = _namespace(ink)
     if xp is np:
         ink = ink.astype(np.float32, copy=False)
-    radius = _widening(ink, xp, fine, pen)
+    glyph = _glyph(ink, xp)
+    radius = _widening(glyph, xp, fine, pen)
     if not bool((radius > 0).any()):
-        return _frame(ink, size, box, centre, xp)
+        return _frame(ink, glyph, size, box, centre, xp)
     out = np.empty((len(ink), size, size), np.float32) if xp is np else ink.new_empty((len(ink), size, size))
     for r in sorted({int(v) for v in radius.tolist()}):
         rows = radius == r
-        out[rows] = _frame(_widened(ink[rows], r, xp) if r else ink[rows], size, box, centre, xp)
+        if r:
+            widened = _widened(ink[rows], r, xp)
+            out[rows] = _frame(widened, _glyph(widened, xp), size, box, centre, xp)
+        else:  # as drawn: the glyphs found above
+            out[rows] = _frame(ink[rows], _rows(glyph, rows), size, box, centre, xp)
     return out
 
 
-def _frame(ink: Any, size: int, box: int, centre: str, xp: Any) -> Any:
+def _frame(ink: Any, glyph: Glyph, size: int, box: int, centre: str, xp: Any) -> Any:
     n, height, width = ink.shape
-    _, present, (top, bottom, left, right), extent = _glyph(ink, xp)
+    _, present, (top, bottom, left, right), extent = glyph
     side = extent * (size / box)  # source pixels the output spans, on each axis
     if centre == "mass":
         total = xp.where(present, ink.sum((1, 2)), 1)
@@ -102,7 +111,12 @@ def _frame(ink: Any, size: int, box: int, centre: str, xp: Any) -> Any:
     return out / xp.where(peak > 0, peak, 1)[:, None, None]  # the strongest pixel full ink
 
 
-def _glyph(ink: Any, xp: Any) -> tuple[Any, Any, tuple[Any, Any, Any, Any], Any]:
+def _rows(glyph: Glyph, rows: Any) -> Glyph:
+    mask, present, sides, extent = glyph
+    return mask[rows], present[rows], tuple(side[rows] for side in sides), extent[rows]
+
+
+def _glyph(ink: Any, xp: Any) -> Glyph:
     """(mask, present, (top, bottom, left, right), extent) of the glyphs of ink maps (n, H, W).
 
     The glyph is the ink at INK_THRESHOLD of the image's strongest or more (a thin stroke shrunk to
@@ -127,18 +141,22 @@ def stroke_widths(ink: Any) -> tuple[Any, Any]:
     paper): w for a long stroke w pixels wide, 2 for a 1-pixel one, whose pixels are all boundary.
     """
     xp = _namespace(ink)
-    mask, _, _, extent = _glyph(ink, xp)
+    return _stroke_widths(_glyph(ink, xp))
+
+
+def _stroke_widths(glyph: Glyph) -> tuple[Any, Any]:
+    mask, _, _, extent = glyph
     inner = mask[:, 1:-1, 1:-1] & mask[:, :-2, 1:-1] & mask[:, 2:, 1:-1]
     inner = inner & mask[:, 1:-1, :-2] & mask[:, 1:-1, 2:]
     area = mask.sum((1, 2)) * 1.0
     boundary = area - inner.sum((1, 2))
-    return 2 * area / xp.where(boundary > 0, boundary, 1), extent
+    return 2 * area / _namespace(mask).where(boundary > 0, boundary, 1), extent
 
 
-def _widening(ink: Any, xp: Any, fine: float, pen: float) -> Any:
-    """The radius, in source pixels, by which each ink map's strokes are widened: to `pen` of the
-    glyph's extent where they are finer than `fine` of it, else 0."""
-    width, extent = stroke_widths(ink)
+def _widening(glyph: Glyph, xp: Any, fine: float, pen: float) -> Any:
+    """The radius, in source pixels, by which each glyph's strokes are widened: to `pen` of its
+    extent where they are finer than `fine` of it, else 0."""
+    width, extent = _stroke_widths(glyph)
     radius = xp.where(width < fine * extent, xp.round((pen * extent - width) / 2), 0)
     return radius.astype(np.int64) if xp is np else radius.long()
 

@@ -87,15 +87,15 @@ def _load(weights_path: Path, config_path: Path, drop: tuple[str, ...] = ()) -> 
 def average_weights(
     sources: list[str | os.PathLike[str]], directory: str | os.PathLike[str]
 ) -> MetaNet:
-    """The element-wise mean of several weight sets of one architecture, written to `directory`.
+    """The element-wise mean of weight sets of one architecture, written to `directory`.
 
     A source is a weights directory, or a safetensors file beside a `config.json` (a training
-    run's `last/average.safetensors`, its moving average). Weights of one run average into a
-    model that sits nearer the centre of the minimum they wander about (Wortsman et al., 2022,
-    "model soups"). The confidence temperatures are reset to 1: calibrate the result.
+    run's `last/average.safetensors`, its moving average: alone, it is written as weights). Weights
+    of one run average into a model that sits nearer the centre of the minimum they wander about
+    (Wortsman et al., 2022, "model soups"). The confidence temperatures are reset to 1: calibrate the result.
     """
-    if len(sources) < 2:
-        raise ValueError("averaging takes two weight sets or more")
+    if not sources:
+        raise ValueError("averaging takes one weight set or more")
     config, states = None, []
     for source in map(Path, sources):
         weights_path = source if source.suffix == ".safetensors" else source / WEIGHTS_FILE

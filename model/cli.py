@@ -242,12 +242,13 @@ def _check_matplotlib() -> None:
 
 def _add_average(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "average", help="write the mean of several weight sets of one architecture (then calibrate it)",
+        "average", help="write the mean of weight sets of one architecture (then calibrate it)",
         description="Average weight sets element-wise into a new weights directory. A source is a "
                     "weights directory or a safetensors file beside a config.json, such as a run's "
-                    "last/average.safetensors. The temperatures start at 1: run metanet calibrate next.",
+                    "last/average.safetensors (given alone, it is written as weights). The "
+                    "temperatures start at 1: run metanet calibrate next.",
     )
-    p.add_argument("sources", nargs="+", help="weights directories or .safetensors files (two or more)")
+    p.add_argument("sources", nargs="+", help="weights directories or .safetensors files")
     p.add_argument("--out", required=True, help="weights directory to write")
     p.set_defaults(func=_average)
 
@@ -256,7 +257,8 @@ def _average(args: argparse.Namespace) -> int:
     from model.checkpoint import average_weights
 
     model = average_weights(args.sources, args.out)
-    print(f"wrote {args.out} ({model.version}), the mean of {len(args.sources)} weight sets; "
+    what = f"the mean of {len(args.sources)} weight sets" if len(args.sources) > 1 else args.sources[0]
+    print(f"wrote {args.out} ({model.version}), {what}; "
           f"calibrate it with: metanet calibrate --weights {args.out}")
     return 0
 

@@ -225,14 +225,25 @@ def test_averaged_weights_are_the_element_wise_mean_at_temperature_one(tmp_path,
     assert meta["averaged_from"] == [str(first), str(tmp_path / "run" / "average.safetensors")]
 
 
-def test_averaging_refuses_other_architectures_a_lone_source_and_missing_files(tmp_path, model):
+def test_a_lone_moving_average_is_written_as_weights_at_temperature_one(tmp_path, model):
+    (tmp_path / "run").mkdir()
+    save_weights(model, tmp_path / "run")
+    average = tmp_path / "run" / "average.safetensors"
+    save_file({**model.state_dict(), "n_averaged": torch.tensor(40)}, str(average))
+    written = average_weights([average], tmp_path / "out").state_dict()
+    for name, tensor in model.state_dict().items():
+        expected = torch.ones_like(tensor) if name == "temperature" else tensor
+        torch.testing.assert_close(written[name], expected, rtol=0, atol=0, msg=name)
+
+
+def test_averaging_refuses_other_architectures_no_source_and_missing_files(tmp_path, model):
     first = save_weights(model, tmp_path / "first")
     wider = save_weights(MetaNet(MetaNetConfig(channels=16, rep_dim=8, hidden_dim=8, max_way=6,
                                                max_examples=12)), tmp_path / "wider")
     with pytest.raises(CheckpointError, match="wider is a different architecture"):
         average_weights([first, wider], tmp_path / "out")
-    with pytest.raises(ValueError, match="two weight sets or more"):
-        average_weights([first], tmp_path / "out")
+    with pytest.raises(ValueError, match="one weight set or more"):
+        average_weights([], tmp_path / "out")
     with pytest.raises(CheckpointError, match="nowhere.safetensors is missing"):
         average_weights([first, tmp_path / "nowhere.safetensors"], tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -141,22 +141,22 @@ def stroke_widths(ink: Any) -> tuple[Any, Any]:
     paper): w for a long stroke w pixels wide, 2 for a 1-pixel one, whose pixels are all boundary.
     """
     xp = _namespace(ink)
-    return _stroke_widths(_glyph(ink, xp))
+    return _stroke_widths(_glyph(ink, xp), xp)
 
 
-def _stroke_widths(glyph: Glyph) -> tuple[Any, Any]:
+def _stroke_widths(glyph: Glyph, xp: Any) -> tuple[Any, Any]:
     mask, _, _, extent = glyph
     inner = mask[:, 1:-1, 1:-1] & mask[:, :-2, 1:-1] & mask[:, 2:, 1:-1]
     inner = inner & mask[:, 1:-1, :-2] & mask[:, 1:-1, 2:]
     area = mask.sum((1, 2)) * 1.0
     boundary = area - inner.sum((1, 2))
-    return 2 * area / _namespace(mask).where(boundary > 0, boundary, 1), extent
+    return 2 * area / xp.where(boundary > 0, boundary, 1), extent
 
 
 def _widening(glyph: Glyph, xp: Any, fine: float, pen: float) -> Any:
     """The radius, in source pixels, by which each glyph's strokes are widened: to `pen` of its
     extent where they are finer than `fine` of it, else 0."""
-    width, extent = _stroke_widths(glyph)
+    width, extent = _stroke_widths(glyph, xp)
     radius = xp.where(width < fine * extent, xp.round((pen * extent - width) / 2), 0)
     return radius.astype(np.int64) if xp is np else radius.long()
 

@@ -64,6 +64,7 @@ def _encodings() -> dict[str, object]:
         "webp_lossless": b64(encode_lossless_webp(drawing)),
         "mode_1_png": b64(encode(drawing.convert("1", dither=0))),
         "rgba_on_transparent": b64(encode(transparent_strokes(drawing))),
+        "white_pen_on_transparent": b64(encode(transparent_strokes(drawing, pen=255))),
         "base64_with_line_breaks": "\n".join(_chunks(b64(encode(drawing)), 76)),
         "pixels_ints": {"pixels": grey.astype(int).tolist()},
         "pixels_floats": {"pixels": (grey / 255.0).tolist()},
@@ -79,9 +80,10 @@ def encode_lossless_webp(img) -> bytes:
     return buf.getvalue()
 
 
-def transparent_strokes(img):
-    """Black strokes on a transparent canvas, as a browser canvas exports them."""
-    rgba = img.convert("RGBA")
+def transparent_strokes(img, pen: int | None = None):
+    """The strokes on a transparent canvas, as a browser canvas exports them: black, or all in
+    one shade `pen` (255: a white pen, as apps with a dark theme draw)."""
+    rgba = img.convert("RGBA") if pen is None else Image.new("RGBA", img.size, (pen, pen, pen, 0))
     alpha = inverted(img)  # opaque where there is ink
     rgba.putalpha(alpha)
     return rgba

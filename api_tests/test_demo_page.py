@@ -7,6 +7,7 @@ system one is driven). Without them the test fails, saying what to install; CI i
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import shutil
@@ -16,8 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
-from api_tests.helpers import REPO, Server
+from api_tests.helpers import REPO, Server, inverted
+from api_tests.helpers import glyph as draw_glyph
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = REPO / "artifacts" / "demo-page.png"
@@ -207,6 +210,41 @@ def test_warnings_none_of_these_and_the_similarity_are_shown(page: Any, server: 
     classify(page, "circle", (0, 0), answer="^None of these")  # a circle between "circle" and "ring"
     assert similarity(page) == pytest.approx(1.0, abs=0.01)  # the very drawing of the support set
     page.screenshot(path=str(SCREENSHOT.with_name("demo-page-warnings.png")), full_page=True)
+    assert problems == []
+
+
+def white_pen_png(glyph: str, shift: tuple[int, int] = (0, 0)) -> bytes:
+    """A glyph in a white pen on a transparent 160 px canvas, as drawing apps with a dark theme
+    export it: on white paper it would not show."""
+    ink = inverted(draw_glyph(glyph, size=PAD, shift=shift))  # opaque where there is ink
+    img = Image.new("RGBA", ink.size, (255, 255, 255, 0))
+    img.putalpha(ink)
+    buffer = io.BytesIO()
+    img.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.browser
+def test_uploads_in_a_white_pen_on_a_transparent_canvas_register_and_classify(
+    page: Any, server: Server, problems: list[str]
+) -> None:
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    cards = page.locator(".class-card")
+    for card, glyph in zip((cards.nth(0), cards.nth(1)), ("bar", "circle"), strict=True):
+        card.locator(".class-name").fill(glyph)
+        files = [{"name": f"{glyph}-{k}.png", "mimeType": "image/png", "buffer": white_pen_png(glyph, shift)}
+                 for k, shift in enumerate(((0, 0), (6, -4)))]
+        card.locator(".upload-input").set_input_files(files)
+        card.locator(".examples img").nth(1).wait_for()
+    page.click("#register")
+    page.locator("#task").filter(has_text="2-way (bar: 2, circle: 2)").wait_for()
+    for glyph in ("circle", "bar"):
+        page.locator("#query-upload").set_input_files(
+            {"name": "query.png", "mimeType": "image/png", "buffer": white_pen_png(glyph, (-5, 3))})
+        page.click("#classify")
+        page.locator("#query-status").filter(has_text=f"Looks like “{glyph}”").wait_for()
+        assert page.locator("#predictions .prediction .label").all_inner_texts()[0] == glyph
     assert problems == []
 
 

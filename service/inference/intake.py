@@ -214,8 +214,15 @@ def _grey(img: Image.Image) -> np.ndarray:
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         return np.asarray(img, dtype=np.float32)  # high bit depth: keep it, ink_maps rescales
     if "A" in img.getbands() or "transparency" in img.info:
-        # Strokes drawn on a transparent canvas: put them on white paper.
+        # Strokes drawn on a transparent canvas: put them on white paper, or on black paper where
+        # white would hide them (a white pen, as apps with a dark theme export their drawings).
         rgba = img.convert("RGBA")
-        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(paper, rgba)
+        on_white = _on_paper(rgba, 255)
+        lo, hi = on_white.getextrema()
+        return np.asarray(on_white if lo < hi else _on_paper(rgba, 0))
     return np.asarray(img.convert("L"))  # uint8: ink_maps reads the levels as they are
+
+
+def _on_paper(rgba: Image.Image, shade: int) -> Image.Image:
+    paper = Image.new("RGBA", rgba.size, (shade, shade, shade, 255))
+    return Image.alpha_composite(paper, rgba).convert("L")

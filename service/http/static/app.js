@@ -4,6 +4,7 @@
 
 const INK = "#111";
 const PAPER = "#fff";
+const DARK_PAPER = "#000";
 const STROKE = 9; // px on a 160 px pad: about Omniglot's stroke width once shrunk to 28 px
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -11,7 +12,8 @@ const $ = (selector, root = document) => root.querySelector(selector);
 // ------------------------------------------------------------------------------ drawing pads
 
 // A canvas to draw on with a mouse, a finger or a pen (pointer events cover all three).
-// Always exported as a PNG with dark ink on white paper: the service detects that polarity.
+// Exported as a PNG: dark ink on white paper, or light on black for an upload whose strokes white
+// would hide; the service detects either polarity.
 class Pad {
   constructor(canvas) {
     this.canvas = canvas;
@@ -26,9 +28,10 @@ class Pad {
     }
   }
 
-  clear() {
-    this.ctx.fillStyle = PAPER;
+  clear(paper = PAPER) {
+    this.ctx.fillStyle = paper;
     this.ctx.fillRect(0, 0, this.canvas.width, this.canvas.height);
+    this.ink = paper === PAPER ? INK : PAPER; // drawing over an upload: a pen that shows on its paper
     this.inked = false;
   }
 
@@ -55,7 +58,7 @@ class Pad {
 
   line([x0, y0], [x1, y1]) {
     const ctx = this.ctx;
-    ctx.strokeStyle = INK;
+    ctx.strokeStyle = this.ink;
     ctx.lineWidth = STROKE;
     ctx.lineCap = "round";
     ctx.lineJoin = "round";
@@ -66,14 +69,27 @@ class Pad {
     this.inked = true;
   }
 
-  // An uploaded image, scaled to fit on white paper (transparent pixels become paper).
+  // An uploaded image, scaled to fit on white paper (transparent pixels become paper), or on black
+  // paper where white hides it all (a white pen on a transparent canvas, as dark themes export).
   drawImage(img) {
-    this.clear();
     const { width, height } = this.canvas;
     const scale = Math.min(width / img.width, height / img.height);
     const w = img.width * scale, h = img.height * scale;
-    this.ctx.drawImage(img, (width - w) / 2, (height - h) / 2, w, h);
+    for (const paper of [PAPER, DARK_PAPER]) {
+      this.clear(paper);
+      this.ctx.drawImage(img, (width - w) / 2, (height - h) / 2, w, h);
+      if (!this.blank()) break;
+    }
     this.inked = true;
+  }
+
+  // Whether the pad is one shade throughout.
+  blank() {
+    const { data } = this.ctx.getImageData(0, 0, this.canvas.width, this.canvas.height);
+    for (let i = 4; i < data.length; i += 4) {
+      if (data[i] !== data[0] || data[i + 1] !== data[1] || data[i + 2] !== data[2]) return false;
+    }
+    return true;
   }
 
   png() {

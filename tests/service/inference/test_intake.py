@@ -121,6 +121,20 @@ def test_strokes_on_a_transparent_canvas_are_put_on_white_paper() -> None:
     np.testing.assert_array_equal(ink_of(b64_file(img)), ink_of(b64_file(drawing())))
 
 
+@pytest.mark.parametrize("pen", [(255, 255, 255), (250, 250, 250), (255, 255, 0)],
+                         ids=["white", "near-white", "yellow"])
+def test_light_strokes_on_a_transparent_canvas_keep_their_ink(pen: tuple[int, int, int]) -> None:
+    """A light pen on a transparent canvas (apps with a dark theme) reads as the same glyph as a
+    dark one: white paper would hide a white pen, so it goes on black paper instead."""
+    img = Image.new("RGBA", (105, 105), (*pen, 0))
+    img.putalpha(Image.eval(drawing(), lambda v: 255 - v))  # the pen's colour throughout, as canvases keep it
+    np.testing.assert_allclose(ink_of(b64_file(img)), ink_of(b64_file(drawing())), atol=2 / 255)
+
+
+def test_a_fully_transparent_image_is_blank() -> None:
+    assert not ink_of(b64_file(Image.new("RGBA", (40, 40), (255, 255, 255, 0)))).any()
+
+
 def test_integer_and_float_pixel_arrays_give_the_same_ink() -> None:
     grey = np.asarray(drawing(28))
     ints = pixel_array(grey.astype(int).tolist())

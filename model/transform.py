@@ -5,7 +5,8 @@ that are already ink = 1 on 0), so the networks see a glyph the same way whateve
 image, where the glyph sits in it, how large it is drawn and which polarity it has:
 
 1. `ink_maps`: grey levels of either polarity -> ink = 1 on background 0 (the paper is the median
-   of the image's border; the ink is stretched to the darkest, or brightest, stroke).
+   of the image's border, made even first where a photograph lit it unevenly; the ink is
+   stretched to the darkest, or brightest, stroke).
 2. `frame`: the glyph's bounding box (pixels of at least `INK_THRESHOLD` of the image's strongest
    ink) is scaled, aspect ratio kept, so its longer side spans `BOX` of the `size` pixels of the
    output, and the glyph is centred in it by its ink's centre of mass; each output pixel is the
@@ -253,17 +254,18 @@ def ink_maps(greys: np.ndarray) -> np.ndarray:
     """Grey levels (n, H, W) on any scale -> ink = 1, background = 0, float32, each image alone.
 
     The background is the median of an image's border (drawings rarely touch the frame); whichever
-    extreme it is nearer to is the paper. Ink is then scaled from the paper's level to the darkest
-    (or brightest) stroke, so a binary Omniglot PNG maps to exactly 1 - grey / 255 and faint scans
-    or 0/1-valued pixel arrays are stretched to full ink.
+    extreme it is nearer to is the paper. Paper lit unevenly, as in a photograph, is made even
+    first (`_even_paper`). Ink is then scaled from the paper's level to the darkest (or brightest)
+    stroke, so a binary Omniglot PNG maps to exactly 1 - grey / 255 and faint scans or 0/1-valued
+    pixel arrays are stretched to full ink.
     """
     x = np.asarray(greys)
     levels = x if x.dtype == np.uint8 else x.astype(np.float32)
-    flat = levels.reshape(len(levels), -1)
-    lo, hi = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
-    border = np.concatenate([levels[:, 0], levels[:, -1], levels[:, :, 0], levels[:, :, -1]], axis=1)
-    paper = np.median(border.astype(np.float32), axis=1).astype(np.float64)
-    dark = paper - lo >= hi - paper  # light paper, dark ink
+    paper, dark, lo, hi = _paper(levels)
+    evened = _even_paper(levels, paper, dark, lo)
+    if evened is not levels:
+        levels = evened
+        paper, dark, lo, hi = _paper(levels)
     blank = hi == lo
     scale = np.where(blank, 1.0, np.where(dark, paper - lo, hi - paper)).astype(np.float32)
     ink = levels.astype(np.float32) - paper.astype(np.float32)[:, None, None]
@@ -271,3 +273,95 @@ def ink_maps(greys: np.ndarray) -> np.ndarray:
     ink /= scale[:, None, None]
     ink[blank] = 0.0
     return np.clip(ink, 0.0, 1.0, out=ink)
+
+
+def _border(levels: np.ndarray) -> np.ndarray:
+    return np.concatenate([levels[:, 0], levels[:, -1], levels[:, :, 0], levels[:, :, -1]], axis=1)
+
+
+def _paper(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(paper level, whether the ink is darker than it, lowest level, highest level) of each image
+    (n, H, W): the paper is the median of its border, the ink the extreme farther from that."""
+    flat = levels.reshape(len(levels), -1)
+    lo, hi = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
+    paper = np.median(_border(levels).astype(np.float32), axis=1).astype(np.float64)
+    return paper, paper - lo >= hi - paper, lo, hi  # (dark: light paper, dark ink)
+
+
+def _even_paper(levels: np.ndarray, paper: np.ndarray, dark: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Images (n, H, W) of dark ink on light paper lit unevenly (a photograph, its light falling
+    off across the page) with the paper made even; other images come back as they are.
+
+    The paper's light is modelled as a plane, level + slopes along the rows and the columns,
+    fitted by least squares to the medians of the border's segments (each side in four, so a
+    stroke that crosses the edge moves none of them) that are paper: those within half the
+    image's contrast of the border's median, then within a quarter of it of the first plane (so a
+    stroke along an edge is left out). The image is divided by the plane, as light falling off
+    dims paper and ink alike. Paper whose light changes by no more than EVEN of the image's contrast
+    (segments all of one level: scans, drawings, screenshots) is returned untouched, as are light
+    strokes on dark paper: screens send those, evenly lit.
+    """
+    n, height, width = levels.shape
+    border = _border(levels)
+    candidates = np.flatnonzero(dark & (border.min(axis=1) < border.max(axis=1)))  # not one level
+    if min(height, width) < 2 * SEGMENTS or len(candidates) == 0:
+        return levels
+    paper, lo = paper[candidates], lo[candidates]
+    contrast = paper - lo
+    z, rows, cols = _border_segments(levels[candidates])
+    plane = np.broadcast_to(paper[:, None], z.shape)
+    for share in (0.5, 0.25):
+        keep = np.abs(z - plane) <= share * contrast[:, None]
+        level, row0, col0, slopes = _plane(z, keep, rows, cols)
+        plane = (level[:, None] + slopes[:, :1] * (rows - row0[:, None])
+                 + slopes[:, 1:] * (cols - col0[:, None]))
+    drop = np.abs(slopes[:, 0]) * (height - 1) + np.abs(slopes[:, 1]) * (width - 1)  # corner to corner
+    uneven = np.flatnonzero((drop > EVEN * contrast) & (level > 0))
+    if len(uneven) == 0:
+        return levels
+    out = levels.astype(np.float32)
+    r, c = np.arange(height, dtype=np.float64)[:, None], np.arange(width, dtype=np.float64)[None]
+    for i in uneven:  # divided by the light that falls on the paper, never by less than a quarter of it
+        surface = level[i] + slopes[i, 0] * (r - row0[i]) + slopes[i, 1] * (c - col0[i])
+        out[candidates[i]] *= (level[i] / np.maximum(surface, level[i] / 4)).astype(np.float32)
+    return out
+
+
+SEGMENTS = 4  # each side of the border in this many segments, for the fit of the paper's light
+EVEN = 1e-3  # paper whose light changes by less than this share of the contrast is left as it is
+
+
+def _border_segments(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The median level of each segment of each image's border (n, 4 SEGMENTS), and each
+    segment's middle (rows, cols) (4 SEGMENTS,)."""
+    _, height, width = levels.shape
+    # (the side's levels, whether it is a row (else a column), and which row or column)
+    sides = [(levels[:, 0], True, 0), (levels[:, -1], True, height - 1),
+             (levels[:, :, 0], False, 0), (levels[:, :, -1], False, width - 1)]
+    medians, rows, cols = [], [], []
+    for side, is_row, at in sides:
+        for part in np.array_split(np.arange(side.shape[1]), SEGMENTS):
+            medians.append(np.median(side[:, part].astype(np.float64), axis=1))
+            middle = (part[0] + part[-1]) / 2
+            rows.append(at if is_row else middle)
+            cols.append(middle if is_row else at)
+    return np.stack(medians, axis=1), np.array(rows, np.float64), np.array(cols, np.float64)
+
+
+def _plane(z: np.ndarray, keep: np.ndarray, rows: np.ndarray,
+           cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares planes through the kept border levels z (n, B) at (rows, cols) (B,): each
+    image's (mean level, mean row, mean column, (row slope, column slope)). Centred sums, so kept
+    levels all alike give slopes of exactly 0; too few kept pixels to fix a slope give 0 too."""
+    count = np.maximum(keep.sum(axis=1), 1)
+    mean = lambda v: (keep * v).sum(axis=1) / count  # noqa: E731
+    level, row0, col0 = mean(z), mean(rows), mean(cols)
+    dz, dr, dc = keep * (z - level[:, None]), keep * (rows - row0[:, None]), keep * (cols - col0[:, None])
+    srr, scc, src = (dr * dr).sum(1), (dc * dc).sum(1), (dr * dc).sum(1)
+    srz, scz = (dr * dz).sum(1), (dc * dz).sum(1)
+    det = srr * scc - src * src
+    ok = det > 1e-9 * np.maximum(srr * scc, 1)
+    det = np.where(ok, det, 1)
+    slopes = np.stack([np.where(ok, (scc * srz - src * scz) / det, 0),
+                       np.where(ok, (srr * scz - src * srz) / det, 0)], axis=1)
+    return level, row0, col0, slopes

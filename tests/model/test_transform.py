@@ -148,6 +148,45 @@ def test_ink_maps_stretch_each_image_from_its_paper_to_its_strongest_stroke():
     assert ink_maps(np.full((1, 5, 5), 7, dtype=np.uint8)).max() == 0.0  # blank
 
 
+def _lit(grey: np.ndarray, falloff: float, axis: int) -> np.ndarray:
+    """grey (H, W) photographed with the light falling off by `falloff` along an axis."""
+    along = np.linspace(0, 1, grey.shape[axis])
+    light = 1 - falloff * (along[:, None] if axis == 0 else along[None, :])
+    return (grey * light).astype(np.float32)
+
+
+def _ring(size: int = 60) -> np.ndarray:
+    """Dark ink (40) on light paper (235): a ring, as a drawing of a glyph."""
+    rows, cols = np.mgrid[0:size, 0:size]
+    radius = np.hypot(rows - size / 2, cols - size / 2)
+    return np.where(np.abs(radius - size / 4) < 2, 40.0, 235.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_paper_lit_unevenly_is_made_even_before_the_ink_is_found(axis: int):
+    drawing = _ring()
+    photographed = _lit(drawing, 0.4, axis)  # the far edge's paper (141) is darker than half the way to ink
+    even = ink_maps(drawing[None])[0]
+    np.testing.assert_allclose(ink_maps(photographed[None])[0], even, atol=1e-4)
+    np.testing.assert_allclose(canonical(photographed[None]), canonical(drawing[None]), atol=1e-4)
+    # Found on the uneven paper as it is, the glyph would be the ring and a third of the page.
+    assert (ink_maps(photographed[None])[0] >= 0.5).sum() == (even >= 0.5).sum()
+
+
+def test_even_paper_and_edge_strokes_leave_the_levels_as_they_are():
+    drawing = _ring().astype(np.uint8)
+    drawing[:, -1] = 40  # a stroke along the right edge: not a sign of uneven light
+    drawing[0, 10:14] = 120  # an antialiased stroke crossing the top edge
+    np.testing.assert_array_equal(ink_maps(drawing[None])[0], (235 - drawing.astype(np.float32)) / 195)
+
+
+def test_light_strokes_on_dark_paper_are_not_evened():
+    drawing = _lit(255 - _ring(), 0.4, 1)  # screens send these, evenly lit: no plane is divided out
+    paper = np.median(np.concatenate([drawing[0], drawing[-1], drawing[:, 0], drawing[:, -1]]))
+    expected = np.clip((drawing - paper) / (drawing.max() - paper), 0, 1)
+    np.testing.assert_allclose(ink_maps(drawing[None])[0], expected, atol=1e-6)
+
+
 def test_frame_refuses_what_is_not_an_array():
     with pytest.raises(TypeError, match="numpy array or a torch tensor"):
         frame([[0.0]])

@@ -301,7 +301,7 @@ def _even_paper(levels: np.ndarray, paper: np.ndarray, dark: np.ndarray, lo: np.
     (segments all of one level: scans, drawings, screenshots) is returned untouched, as are light
     strokes on dark paper: screens send those, evenly lit.
     """
-    n, height, width = levels.shape
+    _, height, width = levels.shape
     border = _border(levels)
     candidates = np.flatnonzero(dark & (border.min(axis=1) < border.max(axis=1)))  # not one level
     if min(height, width) < 2 * SEGMENTS or len(candidates) == 0:
@@ -352,7 +352,7 @@ def _plane(z: np.ndarray, keep: np.ndarray, rows: np.ndarray,
            cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Least-squares planes through the kept border levels z (n, B) at (rows, cols) (B,): each
     image's (mean level, mean row, mean column, (row slope, column slope)). Centred sums, so kept
-    levels all alike give slopes of exactly 0; too few kept pixels to fix a slope give 0 too."""
+    levels all alike give slopes of 0 (to rounding); kept segments too few to fix a slope give 0."""
     count = np.maximum(keep.sum(axis=1), 1)
     mean = lambda v: (keep * v).sum(axis=1) / count  # noqa: E731
     level, row0, col0 = mean(z), mean(rows), mean(cols)

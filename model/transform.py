@@ -261,11 +261,12 @@ def ink_maps(greys: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(greys)
     levels = x if x.dtype == np.uint8 else x.astype(np.float32)
-    paper, dark, lo, hi = _paper(levels)
-    evened = _even_paper(levels, paper, dark, lo)
+    border = _border(levels)
+    paper, dark, lo, hi = _paper(levels, border)
+    evened = _even_paper(levels, border, paper, dark, lo)
     if evened is not levels:
         levels = evened
-        paper, dark, lo, hi = _paper(levels)
+        paper, dark, lo, hi = _paper(levels, _border(levels))
     blank = hi == lo
     scale = np.where(blank, 1.0, np.where(dark, paper - lo, hi - paper)).astype(np.float32)
     ink = levels.astype(np.float32) - paper.astype(np.float32)[:, None, None]
@@ -279,16 +280,18 @@ def _border(levels: np.ndarray) -> np.ndarray:
     return np.concatenate([levels[:, 0], levels[:, -1], levels[:, :, 0], levels[:, :, -1]], axis=1)
 
 
-def _paper(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _paper(levels: np.ndarray, border: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(paper level, whether the ink is darker than it, lowest level, highest level) of each image
-    (n, H, W): the paper is the median of its border, the ink the extreme farther from that."""
+    (n, H, W) with its border (`_border`): the paper is the border's median, the ink the extreme
+    farther from that."""
     flat = levels.reshape(len(levels), -1)
     lo, hi = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
-    paper = np.median(_border(levels).astype(np.float32), axis=1).astype(np.float64)
+    paper = np.median(border.astype(np.float32), axis=1).astype(np.float64)
     return paper, paper - lo >= hi - paper, lo, hi  # (dark: light paper, dark ink)
 
 
-def _even_paper(levels: np.ndarray, paper: np.ndarray, dark: np.ndarray, lo: np.ndarray) -> np.ndarray:
+def _even_paper(levels: np.ndarray, border: np.ndarray, paper: np.ndarray, dark: np.ndarray,
+                lo: np.ndarray) -> np.ndarray:
     """Images (n, H, W) of dark ink on light paper lit unevenly (a photograph, its light falling
     off across the page) with the paper made even; other images come back as they are.
 
@@ -302,7 +305,6 @@ def _even_paper(levels: np.ndarray, paper: np.ndarray, dark: np.ndarray, lo: np.
     strokes on dark paper: screens send those, evenly lit.
     """
     _, height, width = levels.shape
-    border = _border(levels)
     candidates = np.flatnonzero(dark & (border.min(axis=1) < border.max(axis=1)))  # not one level
     if min(height, width) < 2 * SEGMENTS or len(candidates) == 0:
         return levels

@@ -29,7 +29,7 @@ def test_the_quick_run_measures_every_condition_uneven_set_calibration_and_digit
         "plain", "inverted polarity", "small in the frame (40%)", "off-centre (half size in a corner)",
         "thick pen", "thin pen", "fine pen (1-pixel strokes)",
         "fine pen on a 4x canvas (1-pixel strokes at 420x420)", "turned up to 15 degrees", "sent at 28x28",
-        "photographed on unevenly lit paper (JPEG)", "mixed"]
+        "photographed on unevenly lit paper (JPEG)", "scanned with dust (three 2x2 specks)", "mixed"]
     for row in result["conditions"].values():
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["ece"] <= 1 and 0 <= row["support_self"] <= 1
         assert row["episodes"] == 2

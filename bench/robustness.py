@@ -15,7 +15,8 @@ says otherwise). Parts, each on the same seeded episodes for every setting it co
   strokes), with a thin pen (eroded by a pixel), with a fine pen (the strokes' 1-pixel skeleton,
   at 105x105 and drawn at 420x420, where a stroke is a 290th of the glyph's size), turned by up
   to 15 degrees either way, sent as 28x28 images, photographed (light falling off by 40% across
-  the page, sensor noise and JPEG), and mixed (each image of an episode under a condition of its
+  the page, sensor noise and JPEG), scanned with dust (three specks of 2x2 pixels at random on
+  the page), and mixed (each image of an episode under a condition of its
   own, as a user's support and queries are). Accuracy with a 95% interval, ECE,
   and the share of support images classified as their own label.
 - uneven support sets (5- and 20-way 1-shot with one class at 2, 3 or 5 shots): the one-shot
@@ -165,6 +166,16 @@ def photographed(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.stack(out)
 
 
+def dusty(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each drawing scanned with dust on the glass: three specks of 2x2 pixels, as dark as the ink,
+    at random on the page."""
+    page = ink.astype(bool)
+    for drawing in page:
+        for top, left in rng.integers(0, np.array(drawing.shape) - 1, (3, 2)):
+            drawing[top : top + 2, left : left + 2] = True
+    return plain(page.astype(np.uint8), rng)
+
+
 CONDITIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "plain": plain, "inverted polarity": inverted, "small in the frame (40%)": small,
     "off-centre (half size in a corner)": off_centre, "thick pen": thick_pen, "thin pen": thin_pen,
@@ -172,6 +183,7 @@ CONDITIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] =
     "fine pen on a 4x canvas (1-pixel strokes at 420x420)": fine_pen_large_canvas,
     "turned up to 15 degrees": turned, "sent at 28x28": sent_at_28,
     "photographed on unevenly lit paper (JPEG)": photographed,
+    "scanned with dust (three 2x2 specks)": dusty,
 }
 
 

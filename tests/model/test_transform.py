@@ -155,11 +155,11 @@ def _lit(grey: np.ndarray, falloff: float, axis: int) -> np.ndarray:
     return (grey * light).astype(np.float32)
 
 
-def _ring(size: int = 60) -> np.ndarray:
-    """Dark ink (40) on light paper (235): a ring, as a drawing of a glyph."""
+def _ring(size: int = 60, pen: float = 4) -> np.ndarray:
+    """Dark ink (40) on light paper (235): a ring drawn with a pen `pen` pixels wide, as a glyph."""
     rows, cols = np.mgrid[0:size, 0:size]
     radius = np.hypot(rows - size / 2, cols - size / 2)
-    return np.where(np.abs(radius - size / 4) < 2, 40.0, 235.0).astype(np.float32)
+    return np.where(np.abs(radius - size / 4) < pen / 2, 40.0, 235.0).astype(np.float32)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -176,7 +176,7 @@ def test_paper_lit_unevenly_is_made_even_before_the_ink_is_found(axis: int):
 def test_even_paper_and_edge_strokes_leave_the_levels_as_they_are():
     drawing = _ring().astype(np.uint8)
     drawing[:, -1] = 40  # a stroke along the right edge: not a sign of uneven light
-    drawing[0, 10:14] = 120  # an antialiased stroke crossing the top edge
+    drawing[0:3, 10:14] = 120  # an antialiased stroke crossing the top edge
     np.testing.assert_array_equal(ink_maps(drawing[None])[0], (235 - drawing.astype(np.float32)) / 195)
 
 
@@ -185,6 +185,61 @@ def test_light_strokes_on_dark_paper_are_not_evened():
     paper = np.median(np.concatenate([drawing[0], drawing[-1], drawing[:, 0], drawing[:, -1]]))
     expected = np.clip((drawing - paper) / (drawing.max() - paper), 0, 1)
     np.testing.assert_allclose(ink_maps(drawing[None])[0], expected, atol=1e-6)
+
+
+def _dust(drawing: np.ndarray, places: list[tuple[int, int]], side: int = 2) -> np.ndarray:
+    """The drawing with specks of side x side pixels, as dark as its ink, at (top, left) each."""
+    out = drawing.copy()
+    for top, left in places:
+        out[top : top + side, left : left + side] = 40.0
+    return out
+
+
+def test_dust_specks_on_the_paper_are_left_out_of_the_glyph():
+    drawing = _ring(pen=6)
+    dusty = _dust(drawing, [(2, 2), (3, 50), (55, 30)])
+    np.testing.assert_array_equal(ink_maps(dusty[None]), ink_maps(drawing[None]))
+    np.testing.assert_array_equal(canonical(dusty[None]), canonical(drawing[None]))
+
+
+def test_a_specks_faint_rim_goes_with_it():
+    drawing = _ring(pen=6)
+    dusty = _dust(drawing, [(4, 4)])
+    dusty[3:7, 3:7] = np.minimum(dusty[3:7, 3:7], 200.0)  # the rim a scan or JPEG blurs about it
+    dusty[4:6, 4:6] = 40.0
+    np.testing.assert_array_equal(ink_maps(dusty[None]), ink_maps(drawing[None]))
+
+
+def test_a_characters_dot_drawn_with_its_pen_stays():
+    drawing = _ring(pen=6)
+    rows, cols = np.mgrid[0:60, 0:60]
+    dotted = np.where(np.hypot(rows - 6, cols - 30) < 3, 40.0, drawing).astype(np.float32)  # a pen's touch
+    ink = ink_maps(dotted[None])[0]
+    np.testing.assert_array_equal(ink, (235 - dotted) / 195)
+    assert box_of(ink)[0] == box_of(235 - dotted)[0] == 4  # the glyph's box takes the dot in
+
+
+def test_much_dust_leaves_the_pens_width_and_the_glyph_as_they_are():
+    drawing = _ring(pen=6)
+    grains = np.random.default_rng(0).integers(1, 58, (150, 2))
+    grains = [(r, c) for r, c in grains if (drawing[r - 1 : r + 2, c - 1 : c + 2] == 235).all()]
+    salted = _dust(drawing, grains, side=1)  # on the paper, none touching the ring
+    assert len(grains) > 100
+    ink = ink_maps(salted[None])[0]
+    np.testing.assert_array_equal(ink, ink_maps(drawing[None])[0])
+
+
+def test_each_image_tells_specks_by_its_own_pen():
+    fine, broad = _ring(pen=3), _ring(pen=8)
+    # A 3x3 piece is a dot for the fine pen (9 pixels, a pen's touch) and dust for the broad one;
+    # the blank page beside them holds no piece at all.
+    blank = np.full_like(fine, 235)
+    pieces = np.stack([_dust(fine, [(2, 2)], side=3), blank, _dust(broad, [(2, 2)], side=3)])
+    ink = ink_maps(pieces)
+    np.testing.assert_array_equal(ink[0], (235 - pieces[0]) / 195)
+    assert ink[1].max() == 0
+    np.testing.assert_array_equal(ink[2], ink_maps(broad[None])[0])
+    np.testing.assert_array_equal(ink_maps(pieces[1:])[1], ink[2])  # two pieces for two images
 
 
 def test_frame_refuses_what_is_not_an_array():

@@ -46,13 +46,15 @@ def served(*image: str | bytes | np.ndarray) -> np.ndarray:
 
 
 def omniglot_like(height: int = 105, width: int = 105, seed: int = 0) -> np.ndarray:
-    """A binary drawing (ink = 1) as Omniglot's: strokes of a few pixels and some specks."""
+    """A binary drawing (ink = 1) as Omniglot's: strokes of a few pixels and some dots of the pen
+    (3x3: a speck much smaller than a touch of the pen would be dust, which the service leaves out)."""
     rng = np.random.default_rng(seed)
     ink = np.zeros((height, width), dtype=np.uint8)
     ink[height // 4 : 3 * height // 4, width // 2 : width // 2 + 4] = 1
     ink[height // 2 : height // 2 + 3, width // 5 : 4 * width // 5] = 1
-    rows = rng.integers(height // 5, height - height // 5, 30)
-    ink[rows, rng.integers(width // 5, width - width // 5, 30)] = 1
+    rows = rng.integers(height // 5, height - height // 5 - 2, 30)
+    for row, col in zip(rows, rng.integers(width // 5, width - width // 5 - 2, 30), strict=True):
+        ink[row : row + 3, col : col + 3] = 1
     return ink
 
 

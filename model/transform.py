@@ -294,7 +294,7 @@ def _without_specks(ink: np.ndarray) -> np.ndarray:
     pixels (at INK_THRESHOLD) than SPECK times the square of the stroke width.
 
     Dust on a scan or noise in a photograph is such a piece; left in, it stretches the glyph's box
-    and shrinks the glyph (three 2-pixel specks on an Omniglot drawing cost 4 points). A pen
+    and shrinks the glyph (three 2x2 specks on an Omniglot drawing cost 4 points). A pen
     touched to the paper once leaves a dot of about the square of its width (0.79 of it for a
     round pen), so a character's dots stay: 4 of Omniglot's 13,180 evaluation drawings hold a
     piece under SPECK, each a stray pixel, and their smallest dot drawn on purpose is 0.36. A
